@@ -1,0 +1,32 @@
+"""Command line: python -m mrg_core {inspect,report,train,evaluate,finetune} ...
+
+Each sub-command lives in mrg_core/cli/<name>.py and exposes main(argv) -> exit status, so a
+command's imports (torch, Java...) load only when that command runs.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "inspect": "Print non-identifying metadata of studies; optionally write a preview PNG.",
+    "report": "Probability and draft report for each study, one JSON object per study.",
+    "train": "Train a model from a JSON config.",
+    "evaluate": "Caption metrics, clinical correctness and classifier metrics on a split.",
+    "finetune": "Fine-tune a model on corrections stored in the database.",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m mrg_core COMMAND [ARGS]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<9} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(f"mrg_core.cli.{argv[0]}")
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

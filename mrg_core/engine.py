@@ -1,0 +1,168 @@
+"""The one facade the app, the CLI and the benchmarks call.
+
+It owns one model and one store and turns files into analysed studies, drafts and saved
+corrections. Nothing here knows about widgets; nothing in ui/ knows about torch or SQL.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mrg_core.io import LoadLimits, load_study
+from mrg_core.paths import DEFAULT_MODEL_DIR, REPO_ROOT
+from mrg_core.storage import DraftRecord, SaveResult, Store
+from mrg_core.study import Study
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSettings:
+    """Where the model and the database live. Every field has an environment variable."""
+
+    model_dir: Path | None = DEFAULT_MODEL_DIR
+    database_url: str = f"sqlite:///{REPO_ROOT / 'mrg_studio.db'}"
+    device: str | None = None  # None = CUDA when present, else CPU
+    limits: LoadLimits = field(default_factory=LoadLimits)
+
+    @classmethod
+    def from_env(cls) -> EngineSettings:
+        s = cls()
+        if os.environ.get("MRG_MODEL_DIR"):
+            s.model_dir = Path(os.environ["MRG_MODEL_DIR"])
+        if os.environ.get("MRG_DB_URL"):
+            s.database_url = os.environ["MRG_DB_URL"]
+        if os.environ.get("MRG_DEVICE"):
+            s.device = os.environ["MRG_DEVICE"]
+        return s
+
+
+@dataclass
+class Analysis:
+    """What the page shows before any text: probability, saliency, and whether to trust it."""
+
+    probability: float
+    threshold: float
+    label: int
+    labels: dict[str, float]
+    heatmaps: list[np.ndarray]
+    domain_warning: str | None
+    seconds: float
+
+
+class ModelNotLoaded(RuntimeError):
+    """Raised when a model call is made while no model is loaded."""
+
+
+class Engine:
+    def __init__(self, model, store: Store, limits: LoadLimits | None = None):
+        self.model = model
+        self.store = store
+        self.limits = limits or LoadLimits()
+        # One generation at a time per model: torch threads are already busy with one draft.
+        self._model_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> Engine:
+        model = None
+        if settings.model_dir is not None and (Path(settings.model_dir) / "config.json").is_file():
+            from mrg_core.models import ReportModel
+
+            t0 = time.perf_counter()
+            model = ReportModel.from_pretrained(settings.model_dir, device=settings.device)
+            log.info("model loaded from %s in %.2f s", settings.model_dir, time.perf_counter() - t0)
+        else:
+            log.warning("no model found at %s: the app runs without drafts", settings.model_dir)
+        return cls(model, Store(settings.database_url), settings.limits)
+
+    # ----- model information -------------------------------------------------------------
+    @property
+    def model_info(self) -> dict | None:
+        return None if self.model is None else dict(self.model.info)
+
+    def _require_model(self):
+        if self.model is None:
+            raise ModelNotLoaded("No model is loaded: studies can be viewed and reports written "
+                                 "by hand, but no probability or draft can be made.")
+        return self.model
+
+    # ----- studies ----------------------------------------------------------------------------
+    def load(self, sources: Sequence) -> Study:
+        """Files → Study. Raises mrg_core.io.StudyLoadError with a readable message."""
+        return load_study(list(sources), self.limits)
+
+    def domain_warning(self, study: Study) -> str | None:
+        """Plain words when the study is not what the model was trained on."""
+        if self.model is None:
+            return None
+        trained = self.model.info.get("trained_on", {}) or {}
+        want_mod, want_part = trained.get("modality"), trained.get("body_part")
+        problems = []
+        mod = study.modality
+        if want_mod and mod and mod.upper() != want_mod.upper():
+            problems.append(f"this study is {mod}, the model was trained on {want_mod} only")
+        part = study.body_part
+        if want_part and part and part.upper() != want_part.upper():
+            problems.append(f"body part is {part}, the model was trained on {want_part} only")
+        if want_mod and mod is None:
+            problems.append(f"the image has no DICOM modality; the model expects {want_mod} "
+                            f"({trained.get('description', 'see the model card')})")
+        if not problems:
+            return None
+        return ("Out of domain: " + "; ".join(problems) +
+                ". The probability and draft below are unreliable for this study.")
+
+    def analyze(self, study: Study) -> Analysis:
+        model = self._require_model()
+        t0 = time.perf_counter()
+        with self._model_lock:
+            pred, maps = model.analyze(study)
+        return Analysis(probability=float(pred.probability), threshold=float(pred.threshold),
+                        label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
+                        domain_warning=self.domain_warning(study),
+                        seconds=time.perf_counter() - t0)
+
+    def stream_report(self, study: Study, settings=None) -> Iterator[str]:
+        """Yield text pieces as they are decoded; concatenated they are the draft."""
+        from mrg_core.models import GenerationSettings
+
+        model = self._require_model()
+        settings = settings or GenerationSettings()
+        with self._model_lock:
+            yield from model.stream_report(study, settings)
+
+    def draft_record(self, text: str, analysis: Analysis | None, settings=None,
+                     timings: dict | None = None) -> DraftRecord:
+        """What the store keeps about a draft: who made it, how, and what it said."""
+        info = self.model_info or {"name": "none", "version": "none"}
+        return DraftRecord(
+            model_name=str(info.get("name")), model_version=str(info.get("version")),
+            text=text,
+            probability=None if analysis is None else analysis.probability,
+            threshold=None if analysis is None else analysis.threshold,
+            settings={} if settings is None else dict(vars(settings)),
+            timings=timings or {})
+
+    # ----- corrections -----------------------------------------------------------------------
+    def save(self, study: Study, draft: DraftRecord, final_text: str, reviewer: str,
+             label: int | None = None) -> SaveResult:
+        """One transaction; raises storage.InvalidCorrection or storage.StoreUnavailable."""
+        return self.store.save_review(study, draft, final_text, reviewer, label=label)
+
+    def history(self, study: Study):
+        return self.store.history(study.content_hash)
+
+    # ----- added for ui/ (UI owner): the overlay picture for the viewer ----------------------
+    @staticmethod
+    def overlay(display: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4) -> np.ndarray:
+        """Grey uint8 view + Grad-CAM map in [0, 1] → RGB uint8 (see mrg_core.explain)."""
+        from mrg_core.explain import overlay
+
+        return overlay(display, heatmap, opacity)

@@ -1,0 +1,194 @@
+"""DICOM -> Views with pydicom: modality LUT (HU for CT), VOI LUT / window, MONOCHROME1.
+
+Order of work: read the header, check geometry against the limits, check the pixel data is
+all there and decodable, then decode. Nothing outside deid.ALLOWED leaves this module.
+"""
+from __future__ import annotations
+
+from io import BytesIO
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+
+from ..study import CT_WINDOWS, View
+from .deid import safe_meta
+from .errors import StudyLoadError
+from .limits import Budget
+from .pixels import finite_or_none, linear_window, minmax_window, rgb_to_grey
+
+GREY = ("MONOCHROME1", "MONOCHROME2")
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+# Words in decoder / reader errors that mean "the data stops early" rather than "bad data".
+_TRUNCATION_HINTS = ("truncat", "end of file", "eof", "insufficient", "not enough", "too short",
+                     "missing", "less than the expected", "shorter")
+
+
+def _fail(code: str, name: str, exc: BaseException | None = None) -> StudyLoadError:
+    if exc is not None and code == "corrupt":
+        text = str(exc).lower()
+        if isinstance(exc, EOFError) or any(h in text for h in _TRUNCATION_HINTS):
+            code = "truncated"
+    return StudyLoadError(code, name=name)
+
+
+def read_dataset(data: bytes, name: str, has_preamble: bool):
+    """Parse the header (pixels stay raw bytes). Random bytes -> not_an_image."""
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+    except MemoryError as exc:
+        raise StudyLoadError("too_large", name=name) from exc
+    except (InvalidDicomError, Exception) as exc:  # noqa: BLE001 - pydicom raises many types
+        if not has_preamble:
+            raise StudyLoadError("not_an_image", name=name) from exc
+        raise _fail("corrupt", name, exc) from exc
+    if "PixelData" not in ds:
+        # force=True turns any bytes into *some* dataset: only call it DICOM if it says so.
+        looks_dicom = any(k in ds for k in ("SOPClassUID", "Modality", "Rows",
+                                            "StudyInstanceUID", "SeriesInstanceUID"))
+        code = "no_pixel_data" if looks_dicom else "corrupt" if has_preamble else "not_an_image"
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            code = "unsupported_format"
+        raise StudyLoadError(code, name=name)
+    return ds
+
+
+def _geometry(ds, name: str) -> tuple[int, int, int, int]:
+    """(rows, columns, frames, samples) after checking the header describes a usable image."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+        bits_alloc, bits_stored = int(ds.BitsAllocated), int(ds.get("BitsStored") or 0)
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
+    except Exception as exc:  # noqa: BLE001 - missing or unparsable required attribute
+        raise StudyLoadError("corrupt", name=name) from exc
+    if frames < 0:
+        raise StudyLoadError("corrupt", name=name)
+    if spp == 1 and photometric in GREY:
+        ok_bits = bits_alloc in (8, 16, 32)
+    elif spp == 3 and photometric in COLOUR:
+        ok_bits = bits_alloc in (8, 16)
+    else:
+        ok_bits = False
+    if not ok_bits or not 1 <= bits_stored <= bits_alloc:
+        raise StudyLoadError("unsupported_format", name=name)
+    return rows, cols, frames, spp
+
+
+def _check_pixel_data(ds, name: str, rows: int, cols: int, frames: int, spp: int) -> None:
+    """Native data must be long enough; compressed data needs an installed decoder."""
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if tsyntax is not None and tsyntax.is_compressed:
+        try:
+            decoder = get_decoder(tsyntax)
+        except NotImplementedError as exc:
+            raise StudyLoadError("unsupported_compression", name=name) from exc
+        if not decoder.is_available:
+            raise StudyLoadError("unsupported_compression", name=name)
+        return
+    try:
+        n = len(ds.PixelData)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail("corrupt", name, exc) from exc
+    expected = rows * cols * frames * spp * int(ds.BitsAllocated) // 8
+    if n < expected:
+        raise StudyLoadError("truncated", name=name)
+
+
+def _decode(ds, name: str, frames: int) -> np.ndarray:
+    """All frames as (frames, rows, cols[, 3])."""
+    try:
+        arr = ds.pixel_array
+    except MemoryError as exc:
+        raise StudyLoadError("too_large", name=name) from exc
+    except Exception as exc:  # noqa: BLE001 - plugin errors have no common base class
+        raise _fail("corrupt", name, exc) from exc
+    return arr[np.newaxis] if frames == 1 else arr
+
+
+def _voi_output_range(ds) -> tuple[float, float]:
+    """The output range of pydicom's apply_voi_lut (PS3.3 C.11.2.1.2), to scale it to 0..255."""
+    seq = ds.get("VOILUTSequence")
+    if seq and "WindowCenter" not in ds:
+        return 0.0, float(2 ** int(seq[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    lo, hi = (0, 2**bits - 1) if int(ds.PixelRepresentation) == 0 else \
+        (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, icpt = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + icpt, hi * slope + icpt))
+    return float(lo), float(hi)
+
+
+def _first(value) -> float:
+    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+
+
+def _grey_view(ds, frame: np.ndarray, index: int) -> View:
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    modality = str(ds.get("Modality") or "").upper()
+    try:
+        values = finite_or_none(np.asarray(apply_modality_lut(frame, ds), dtype=np.float32))
+    except Exception:  # noqa: BLE001 - a damaged rescale/LUT: fall back to stored values
+        values = None
+    if values is None:
+        values = frame.astype(np.float32)
+    is_ct = modality == "CT" and str(ds.get("RescaleType") or "HU").upper() == "HU"
+    units = "HU" if is_ct else "raw"
+
+    window, display = None, None
+    if is_ct:
+        # The model and the lung-first reading workflow expect the lung window, whatever
+        # window the scanner stored; View.windowed() re-windows on demand.
+        window = CT_WINDOWS["lung"]
+        display = linear_window(values, *window)
+    elif "VOILUTSequence" in ds or "WindowCenter" in ds:
+        try:
+            out = np.asarray(apply_voi_lut(values.astype(np.float64), ds, index=0))
+            lo, hi = _voi_output_range(ds)
+            scaled = (out - lo) / max(hi - lo, 1e-6)
+            if np.isfinite(scaled).all():
+                display = (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
+                if "WindowCenter" in ds:
+                    window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+        except Exception:  # noqa: BLE001 - bad window or LUT: use the min/max window below
+            display, window = None, None
+    if display is None:
+        window = minmax_window(values)
+        display = linear_window(values, *window)
+    if photometric == "MONOCHROME1":  # high values are dark: invert after the VOI step
+        display = 255 - display
+    meta = safe_meta(ds, frame.shape[0], frame.shape[1], index, units)
+    return View(values=values, display=display, meta=meta, window=window)
+
+
+def _colour_view(ds, frame: np.ndarray, index: int) -> View:
+    """pydicom returns RGB (YBR converted); keep luma only: the model reads grey."""
+    grey = rgb_to_grey(frame)
+    if frame.dtype.itemsize == 1:
+        window = None
+        display = (grey + 0.5).astype(np.uint8)
+    else:
+        window = minmax_window(grey)
+        display = linear_window(grey, *window)
+    meta = safe_meta(ds, frame.shape[0], frame.shape[1], index, "raw")
+    return View(values=grey, display=display, meta=meta, window=window)
+
+
+def decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool = True) -> list[View]:
+    ds = read_dataset(data, name, has_preamble)
+    rows, cols, frames, spp = _geometry(ds, name)
+    budget.reserve(rows, cols, frames, name)
+    _check_pixel_data(ds, name, rows, cols, frames, spp)
+    arr = _decode(ds, name, frames)
+    if arr.shape[0] != frames or arr.shape[1:3] != (rows, cols):
+        raise StudyLoadError("corrupt", name=name)
+    make = _colour_view if spp == 3 else _grey_view
+    try:
+        return [make(ds, arr[i], i) for i in range(frames)]
+    except MemoryError as exc:
+        raise StudyLoadError("too_large", name=name) from exc

@@ -1,0 +1,97 @@
+"""All model settings, as plain dataclasses that round-trip through JSON (config.json)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from mrg_core.preprocess import PreprocessConfig
+
+
+@dataclass
+class EncoderConfig:
+    """Visual encoder: a transformers vision backbone with one input channel (grey)."""
+
+    kind: str = "resnet"  # "resnet" | "convnext" | "swin" | "vit"
+    pretrained_path: str | None = None  # local HF folder; 3-channel weights get the grey repeated
+    hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    embedding_size: int = 32  # resnet stem width / swin embed_dim
+    num_heads: list[int] = field(default_factory=lambda: [2, 4, 8, 8])  # swin / vit (last)
+    patch_size: int = 4  # convnext / swin stem; vit uses 4x this
+    window_size: int = 7  # swin
+    layer_type: str = "basic"  # resnet "basic" | "bottleneck"
+    fusion: str = "mean"  # multi-view fusion: "mean" | "attention"
+    n_visual_tokens: int = 16  # pooled to a grid (4x4 for 16) then projected to the LM width
+    dropout: float = 0.1  # before the classifier head
+    backbone_config: dict | None = None  # filled at build time from pretrained weights (reload)
+
+
+@dataclass
+class LMConfig:
+    path: str | None = None  # local causal-LM folder; None = random init of the size below
+    family: str = "gpt2"  # "gpt2" | "llama" | "qwen2"
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_positions: int = 512
+    freeze: bool = True
+
+
+@dataclass
+class PromptConfig:
+    length: int = 8  # L soft tokens
+    book_size: int = 4  # K prompts in the promptbook
+    position: str = "after_visual"  # "after_visual" | "before_visual"
+
+
+@dataclass
+class MedVLMConfig:
+    num_queries: int = 16
+    qformer_layers: int = 2
+    qformer_heads: int = 4
+    label_embed_dim: int = 32
+    adapter: str = "lora"  # "lora" | "prefix" | "unfreeze" | "none"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # None = per family (gpt2 c_attn, llama/qwen2 q,v)
+    prefix_length: int = 8
+    unfreeze_layers: list[int] = field(default_factory=lambda: [-1])
+
+
+@dataclass
+class ReportModelConfig:
+    method: str = "prompt"  # "prompt" | "promptbook" | "medvlm"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    medvlm: MedVLMConfig = field(default_factory=MedVLMConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    instruction: str = "Describe the findings of this chest CT slice."
+    labels: list[str] = field(default_factory=lambda: ["pneumonia"])
+    threshold: float = 0.5
+    cls_weight: float = 1.0
+    max_report_tokens: int = 160
+    name: str = "mrg-studio"
+    version: str = "0.0.0"
+    trained_on: dict = field(default_factory=lambda: {
+        "modality": "CT", "body_part": "CHEST",
+        "description": "Chest CT slices with free-text findings (COV-CTR style)."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReportModelConfig":
+        nested = {"encoder": EncoderConfig, "lm": LMConfig, "prompt": PromptConfig,
+                  "medvlm": MedVLMConfig, "preprocess": PreprocessConfig}
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue  # older files: keep the default
+            v = d[f.name]
+            if f.name in nested and isinstance(v, dict):
+                known = {g.name for g in dataclasses.fields(nested[f.name])}
+                v = nested[f.name](**{k: x for k, x in v.items() if k in known})
+            kwargs[f.name] = v
+        return cls(**kwargs)

@@ -1,0 +1,129 @@
+"""Decoding with a KV cache: the prefix (visual tokens, prompts, instruction) runs once through
+the LM as inputs_embeds, then one token per step with the cache.
+
+`first` is the module for the prefix pass (the peft wrapper when there is one: prefix tuning
+injects its learned key/values there), `step` the plain causal LM that continues from the cache
+(see STACK_NOTES: peft's generate() cannot take inputs_embeds with prefix tuning).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 120
+    num_beams: int = 1  # > 1: beam search (no sampling); the text streams after the search
+    repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 3
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def make_processors(s: GenerationSettings, sampling: bool) -> LogitsProcessorList:
+    procs = LogitsProcessorList()
+    if s.repetition_penalty and s.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+    if s.no_repeat_ngram_size and s.no_repeat_ngram_size > 0:
+        procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
+    if sampling:
+        if s.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(s.temperature))
+        if s.top_p < 1.0:
+            procs.append(TopPLogitsWarper(s.top_p))
+    return procs
+
+
+class KVDecoder:
+    def __init__(self, first, step):
+        self.first, self.step_model = first, step
+
+    def prefill(self, embeds: torch.Tensor):
+        out = self.first(inputs_embeds=embeds, use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values
+
+    def step(self, tokens: torch.Tensor, cache):
+        out = self.step_model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float(), out.past_key_values
+
+
+def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, bos_id: int,
+                  eos_id: int, max_new: int) -> Iterator[int]:
+    """Greedy (or sampled) tokens, one at a time, until EOS or max_new."""
+    procs = make_processors(s, s.do_sample)
+    logits, cache = dec.prefill(embeds)
+    ids = torch.tensor([[bos_id]], device=embeds.device)  # penalties see the report only
+    gen = None
+    if s.do_sample:
+        gen = torch.Generator(device=embeds.device).manual_seed(int(s.seed))
+    for _ in range(max_new):
+        scores = procs(ids, logits) if procs else logits
+        if s.do_sample:
+            tok = torch.multinomial(torch.softmax(scores, -1), 1, generator=gen)[:, 0]
+        else:
+            tok = scores.argmax(-1)
+        t = int(tok)
+        if t == eos_id:
+            return
+        yield t
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        logits, cache = dec.step(tok, cache)
+
+
+def beam_search(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, bos_id: int,
+                eos_id: int, max_new: int) -> list[int]:
+    """Beam search with cache reordering; scores are length-normalised log-probabilities."""
+    nb = s.num_beams
+    procs = make_processors(s, sampling=False)
+    logits, cache = dec.prefill(embeds)
+    cache.batch_repeat_interleave(nb)
+    logits = logits.expand(nb, -1)
+    ids = torch.full((nb, 1), bos_id, device=embeds.device)
+    beam_scores = torch.full((nb,), float("-inf"), device=embeds.device)
+    beam_scores[0] = 0.0  # all beams start identical: keep one alive so they do not duplicate
+    finished: list[tuple[float, list[int]]] = []
+    vocab = logits.shape[-1]
+    for _ in range(max_new):
+        scores = torch.log_softmax(procs(ids, logits.clone()), -1) + beam_scores[:, None]
+        top_s, top_i = scores.view(-1).topk(2 * nb)
+        nxt: list[tuple[float, int, int]] = []
+        for rank, (sc, i) in enumerate(zip(top_s.tolist(), top_i.tolist())):
+            if sc == float("-inf"):
+                break
+            b, t = divmod(i, vocab)
+            if t == eos_id:
+                if rank < nb:
+                    finished.append((sc / ids.shape[1], ids[b, 1:].tolist()))
+            else:
+                nxt.append((sc, b, t))
+            if len(nxt) == nb:
+                break
+        if not nxt:
+            break
+        if len(finished) >= nb:
+            worst = sorted(f[0] for f in finished)[-nb]
+            if nxt[0][0] / (ids.shape[1]) <= worst:  # running beams cannot win any more
+                break
+        while len(nxt) < nb:
+            nxt.append((float("-inf"), nxt[0][1], nxt[0][2]))
+        beam_idx = torch.tensor([b for _, b, _ in nxt], device=ids.device)
+        toks = torch.tensor([t for _, _, t in nxt], device=ids.device)
+        beam_scores = torch.tensor([sc for sc, _, _ in nxt], device=ids.device)
+        ids = torch.cat([ids[beam_idx], toks[:, None]], dim=1)
+        cache.reorder_cache(beam_idx)
+        logits, cache = dec.step(toks, cache)
+    else:
+        for b in range(nb):
+            if beam_scores[b] > float("-inf"):
+                finished.append((float(beam_scores[b]) / (ids.shape[1] - 1), ids[b, 1:].tolist()))
+    if not finished:
+        return ids[0, 1:].tolist()
+    return max(finished, key=lambda f: f[0])[1]

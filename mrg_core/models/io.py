@@ -1,0 +1,102 @@
+"""Save / load a ReportModel as a Hugging Face style folder, fully offline.
+
+    config.json        ReportModelConfig
+    model.safetensors  encoder, bridge (projections, prompts, Q-Former), classifier, and every
+                       trainable LM tensor (LoRA / prefix weights, unfrozen layers)
+    lm/                the base causal LM (save_pretrained), omitted when config.lm.path names
+                       a frozen LM without adapter: then the path is the reference
+    tokenizer/         the tokenizer
+    README.md          model card
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mrg_core.models.config import ReportModelConfig
+
+
+def _lm_is_reference_only(cfg: ReportModelConfig) -> bool:
+    no_adapter = cfg.method != "medvlm" or cfg.medvlm.adapter == "none"
+    return bool(cfg.lm.path) and cfg.lm.freeze and no_adapter
+
+
+def default_card(model) -> str:
+    i = model.info
+    t = i["trained_on"]
+    return (f"# {i['name']} {i['version']}\n\n"
+            f"Radiology report generation model (method: `{i['method']}`), MRG Studio.\n\n"
+            f"- Trained on: {t.get('modality')} / {t.get('body_part')}. {t.get('description', '')}\n"
+            f"- Decision threshold for pneumonia: {i['threshold']}\n"
+            f"- Parameters: {i['n_params']:,} ({i['n_trainable']:,} trainable)\n\n"
+            "Drafts are for review by a radiologist; not a diagnosis.\n")
+
+
+def _save_base_lm(model, folder: Path) -> None:
+    """The causal LM without adapter tensors (LoRA's `base_layer` names folded back)."""
+    base = model.base_lm
+    sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+          if "lora_" not in k}
+    clean = type(base)(copy.deepcopy(base.config))
+    missing, unexpected = clean.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise RuntimeError(f"unexpected LM tensors while saving: {unexpected[:5]}")
+    clean.save_pretrained(folder)
+
+
+def save_model(model, folder, card: str | None = None) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k.startswith("lm.") and k not in trainable:
+            continue  # frozen LM weights live in lm/ (or at config.lm.path)
+        key = (v.data_ptr(), tuple(v.shape))
+        if key in seen:  # tied weights: store once, load_state_dict re-ties
+            continue
+        seen.add(key)
+        tensors[k] = v.detach().to("cpu").contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if not _lm_is_reference_only(cfg):
+        _save_base_lm(model, folder / "lm")
+    model.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "README.md").write_text(card if card is not None else default_card(model))
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(folder, device=None):
+    from mrg_core.models.report_model import ReportModel
+
+    folder = Path(folder)
+    cfg = ReportModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    lm_dir = folder / "lm" if (folder / "lm").is_dir() else cfg.lm.path
+    if lm_dir is None:
+        raise FileNotFoundError(f"{folder} has no lm/ folder and its config names no LM path")
+    lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True)
+    # the encoder architecture comes from backbone_config; its weights from model.safetensors
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.encoder.pretrained_path = None
+    model = ReportModel.build(build_cfg, tokenizer, lm=lm)
+    model.config = cfg
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    bad = [k for k in missing if not k.startswith("lm.") or k in trainable]
+    if unexpected or bad:
+        raise RuntimeError(f"weights do not match the config: missing {bad[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return model.to(resolve_device(device)).eval()

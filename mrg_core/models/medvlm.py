@@ -1,0 +1,35 @@
+"""MedVLM discrimination-enhanced bridge.
+
+The classifier's probabilities are embedded, concatenated to every visual token and projected
+back to the token width, so the report decoder sees what the classifier decided. A small
+query transformer (learned queries cross-attending to those tokens) gives N LM-space tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from mrg_core.models.config import MedVLMConfig
+from mrg_core.models.encoder import EncoderOutput
+
+
+class MedVLMBridge(nn.Module):
+    def __init__(self, cfg: MedVLMConfig, feat_dim: int, lm_dim: int, n_labels: int):
+        super().__init__()
+        self.label_embed = nn.Sequential(nn.Linear(n_labels, cfg.label_embed_dim), nn.GELU())
+        self.fuse = nn.Linear(feat_dim + cfg.label_embed_dim, feat_dim)
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, feat_dim) * 0.02)
+        heads = math.gcd(cfg.qformer_heads, feat_dim)
+        layer = nn.TransformerDecoderLayer(feat_dim, heads, dim_feedforward=2 * feat_dim,
+                                           dropout=0.1, batch_first=True, norm_first=True)
+        self.qformer = nn.TransformerDecoder(layer, cfg.qformer_layers)
+        self.out = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, lm_dim))
+
+    def forward(self, enc: EncoderOutput) -> torch.Tensor:
+        probs = torch.sigmoid(enc.logits)
+        lab = self.label_embed(probs).unsqueeze(1).expand(-1, enc.tokens.shape[1], -1)
+        memory = self.fuse(torch.cat([enc.tokens, lab], dim=-1))
+        q = self.queries.unsqueeze(0).expand(enc.tokens.shape[0], -1, -1)
+        return self.out(self.qformer(q, memory))

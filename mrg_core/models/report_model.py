@@ -1,0 +1,277 @@
+"""ReportModel: image(s) -> pneumonia probability, Grad-CAM, and a streamed draft report.
+
+Sequence fed to the causal LM (inputs_embeds):
+
+    [visual tokens][customized prompts]   (or prompts first)     method "prompt" / "promptbook"
+    [query-transformer tokens]                                    method "medvlm"
+    [instruction tokens][BOS] report [EOS]
+
+Only report tokens and EOS are scored; everything before is context (labels -100).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import PeftModel
+
+from mrg_core.models.adapters import LORA_TARGETS, apply_adapter, freeze
+from mrg_core.models.config import ReportModelConfig
+from mrg_core.models.encoder import EncoderOutput, VisualEncoder
+from mrg_core.models.generation import GenerationSettings, KVDecoder, beam_search, sample_tokens
+from mrg_core.models.language_model import build_lm, lm_hidden_size, lm_max_positions
+from mrg_core.models.medvlm import MedVLMBridge
+from mrg_core.models.prompts import PromptBridge
+from mrg_core.preprocess import heatmap_to_view, study_to_tensor
+from mrg_core.text import clean_report, detokenize
+
+CACHE_SIZE = 32
+
+
+@dataclass
+class Prediction:
+    probability: float  # of the first label (pneumonia)
+    threshold: float
+    label: int  # 1 when probability >= threshold
+    labels: dict[str, float]  # every label's probability
+
+
+@dataclass
+class EncodedStudy:
+    logits: torch.Tensor  # [1, n_labels]
+    prefix: torch.Tensor  # [1, P, D] LM-space tokens before the instruction
+    view_weights: torch.Tensor  # [1, V]
+
+
+class ReportModel(nn.Module):
+    def __init__(self, config: ReportModelConfig, tokenizer, lm: nn.Module):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        n_labels = len(config.labels)
+        self.encoder = VisualEncoder(config.encoder, config.preprocess.image_size, n_labels)
+        feat, width = self.encoder.feat_dim, lm_hidden_size(lm)
+        self.family = lm.config.model_type if lm.config.model_type in LORA_TARGETS else config.lm.family
+        if config.method in ("prompt", "promptbook"):
+            self.bridge = PromptBridge(config.prompt, feat, width, config.method == "promptbook")
+            lm = freeze(lm) if config.lm.freeze else lm
+        elif config.method == "medvlm":
+            self.bridge = MedVLMBridge(config.medvlm, feat, width, n_labels)
+            lm = apply_adapter(lm, config.medvlm, self.family)
+            if not config.lm.freeze:
+                for p in lm.parameters():
+                    p.requires_grad_(True)
+        else:
+            raise ValueError(f"unknown method {config.method!r}")
+        self.lm = lm
+        self.instruction_ids: list[int] = tokenizer(
+            clean_report(config.instruction), add_special_tokens=False)["input_ids"]
+        self._cache: OrderedDict[str, EncodedStudy] = OrderedDict()
+
+    @classmethod
+    def build(cls, config: ReportModelConfig, tokenizer, lm: nn.Module | None = None) -> "ReportModel":
+        return cls(config, tokenizer, lm if lm is not None else build_lm(config.lm, tokenizer))
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def base_lm(self) -> nn.Module:
+        """The transformers causal LM inside any peft wrapper (LoRA layers stay injected)."""
+        return self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+
+    @property
+    def n_virtual_tokens(self) -> int:
+        m = self.config.medvlm
+        return m.prefix_length if self.config.method == "medvlm" and m.adapter == "prefix" else 0
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._cache.clear()  # weights are about to change: cached features go stale
+        return super().train(mode)
+
+    @contextlib.contextmanager
+    def _eval(self):
+        was = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            if was:
+                self.train(True)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def _visual_prefix(self, enc: EncoderOutput) -> torch.Tensor:
+        return self.bridge(enc)
+
+    # ------------------------------------------------------------------ training
+    def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[instruction][BOS] report [EOS], right-padded: (input_ids, attention_mask, labels)."""
+        tok = self.tokenizer
+        cleaned = [clean_report(r) for r in reports]
+        rep = tok(cleaned, add_special_tokens=False)["input_ids"]
+        head = self.instruction_ids + [tok.bos_token_id]
+        seqs = [head + r[: self.config.max_report_tokens] + [tok.eos_token_id] for r in rep]
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            labels[i, len(head): len(s)] = torch.tensor(s[len(head):])
+        return ids, mask, labels
+
+    def compute_loss(self, pixel_values: torch.Tensor, reports: list[str],
+                     labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        dev = self.device
+        enc = self.encoder(pixel_values.to(dev))
+        prefix = self._visual_prefix(enc)
+        ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports))
+        b, p = prefix.shape[:2]
+        embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
+        attn = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=dev), mask], dim=1)
+        logits = self.lm(inputs_embeds=embeds, attention_mask=attn).logits
+        # position t predicts token t+1: drop the prefix's logits, keep the text's
+        logits = logits[:, p:-1]
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                  lm_labels[:, 1:].reshape(-1), ignore_index=-100)
+        y = labels.to(dev, torch.float32).view(b, -1)
+        known = ~torch.isnan(y)  # NaN = label unknown for this study: not scored
+        cls_loss = (F.binary_cross_entropy_with_logits(enc.logits[known], y[known])
+                    if known.any() else enc.logits.sum() * 0.0)
+        return {"loss": lm_loss + self.config.cls_weight * cls_loss,
+                "lm_loss": lm_loss, "cls_loss": cls_loss}
+
+    # ------------------------------------------------------------------ inference
+    def _remember(self, key: str, enc: EncoderOutput) -> EncodedStudy:
+        with torch.inference_mode():
+            e = EncodedStudy(enc.logits.detach(), self._visual_prefix(enc).detach(),
+                             enc.view_weights.detach())
+        self._cache[key] = e
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return e
+
+    def encode(self, study) -> EncodedStudy:
+        hit = self._cache.get(study.content_hash)
+        if hit is not None:
+            self._cache.move_to_end(study.content_hash)
+            return hit
+        x = study_to_tensor(study, self.config.preprocess)[None].to(self.device)
+        with self._eval(), torch.inference_mode():
+            return self._remember(study.content_hash, self.encoder(x))
+
+    def _prediction(self, logits: torch.Tensor) -> Prediction:
+        probs = torch.sigmoid(logits.float())[0].tolist()
+        labels = dict(zip(self.config.labels, probs))
+        p = probs[self._target_index]
+        return Prediction(probability=p, threshold=self.config.threshold,
+                          label=int(p >= self.config.threshold), labels=labels)
+
+    @property
+    def _target_index(self) -> int:
+        labels = [lab.lower() for lab in self.config.labels]
+        return labels.index("pneumonia") if "pneumonia" in labels else 0
+
+    def analyze(self, study) -> tuple[Prediction, list[np.ndarray]]:
+        """One encoder forward + backward: probability, Grad-CAM per view, and the encode cache."""
+        from mrg_core.explain import grad_cam  # explain imports models: import late
+
+        s = self.config.preprocess.image_size
+        x = study_to_tensor(study, self.config.preprocess)[None].to(self.device)
+        seen: dict[str, EncoderOutput] = {}
+
+        def forward(px: torch.Tensor) -> torch.Tensor:
+            seen["enc"] = self.encoder(px)
+            return seen["enc"].logits
+
+        with self._eval(), torch.inference_mode(False), torch.enable_grad():
+            cams = grad_cam(forward, self.encoder.spatial, x.requires_grad_(True),
+                            target=self._target_index, size=(s, s))
+        enc = seen["enc"]
+        enc = EncoderOutput(enc.global_feat.detach(), enc.tokens.detach(), enc.logits.detach(),
+                            enc.view_weights.detach())
+        with self._eval():
+            self._remember(study.content_hash, enc)
+        maps = [np.clip(heatmap_to_view(cams[i], v.display.shape, self.config.preprocess), 0, 1)
+                for i, v in enumerate(study.views)]
+        return self._prediction(enc.logits), maps
+
+    def predict(self, study) -> Prediction:
+        return self._prediction(self.encode(study).logits)
+
+    def explain(self, study) -> list[np.ndarray]:
+        return self.analyze(study)[1]
+
+    def _report_tokens(self, study, settings: GenerationSettings) -> Iterator[int]:
+        enc = self.encode(study)
+        dev = self.device
+        head = torch.tensor([self.instruction_ids + [self.tokenizer.bos_token_id]], device=dev)
+        embeds = torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
+        room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
+        max_new = max(0, min(settings.max_new_tokens, room))
+        dec = KVDecoder(self.lm, self.base_lm)
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if settings.num_beams > 1:
+            yield from beam_search(dec, embeds, settings, bos, eos, max_new)
+        else:
+            yield from sample_tokens(dec, embeds, settings, bos, eos, max_new)
+
+    @torch.inference_mode()
+    def stream_report(self, study, settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Yield display text pieces as tokens are decoded (detokenized, sentence case).
+
+        Greedy/sampling streams token by token. Beam search (num_beams > 1) can only know its
+        winner at the end: the pieces of the final beam are then yielded one token at a time.
+        "".join(pieces) == generate_report(study, settings) always.
+        """
+        settings = settings or GenerationSettings()
+        was = self.training
+        self.eval()
+        try:
+            ids: list[int] = []
+            shown = ""
+            for t in self._report_tokens(study, settings):
+                ids.append(t)
+                text = detokenize(self.tokenizer.decode(ids, skip_special_tokens=True))
+                if len(text) > len(shown) and text.startswith(shown):
+                    piece, shown = text[len(shown):], text
+                    yield piece
+            final = detokenize(self.tokenizer.decode(ids, skip_special_tokens=True))
+            if len(final) > len(shown) and final.startswith(shown):
+                yield final[len(shown):]
+        finally:
+            if was:
+                self.train(True)
+
+    def generate_report(self, study, settings: GenerationSettings | None = None) -> str:
+        return "".join(self.stream_report(study, settings))
+
+    # ------------------------------------------------------------------ save / load / info
+    def save_pretrained(self, folder, card: str | None = None) -> None:
+        from mrg_core.models.io import save_model
+        save_model(self, folder, card)
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None) -> "ReportModel":
+        from mrg_core.models.io import load_model
+        return load_model(folder, device)
+
+    @property
+    def info(self) -> dict:
+        c = self.config
+        return {"name": c.name, "version": c.version, "method": c.method,
+                "trained_on": dict(c.trained_on), "threshold": c.threshold,
+                "n_params": sum(p.numel() for p in self.parameters()),
+                "n_trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}

@@ -1,0 +1,16 @@
+"""Where things live. Data is reached through a configurable path, never copied into the repo."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = REPO_ROOT / "assets"
+DEFAULT_MODEL_DIR = ASSETS_DIR / "model"
+SAMPLES_DIR = ASSETS_DIR / "samples"
+
+
+def data_dir() -> Path:
+    """Shared data folder: $MRG_DATA_DIR, else ../shared/data beside the repository."""
+    env = os.environ.get("MRG_DATA_DIR")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"

@@ -1,0 +1,131 @@
+"""A finished report as plain text, JSON, or a FHIR R4 DiagnosticReport.
+
+Pure functions over plain values: no model, no database, no patient identifiers. What comes in
+is the radiologist's text, the model's probability/threshold, `Engine.model_info` and
+`Study.summary()` (already free of PS3.15 attributes).
+"""
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timezone
+
+DISCLAIMER = "Draft produced with a research demo model, not for clinical use."
+FHIR_STATUSES = frozenset({"registered", "partial", "preliminary", "final", "amended",
+                           "corrected", "appended", "cancelled", "entered-in-error", "unknown"})
+# Our own extension (an absolute URI is required; example.org is FHIR's placeholder domain).
+AI_EXTENSION_URL = "http://example.org/fhir/StructureDefinition/mrg-studio-ai-draft"
+
+
+def _aware(dt: datetime | None) -> datetime:
+    """Timezone-aware timestamp to the second (naive values are taken as UTC)."""
+    dt = dt or datetime.now(timezone.utc)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.replace(microsecond=0)
+
+
+def _study_facts(study_summary: dict | None) -> dict:
+    """Modality / body part / number of views: enough to describe the study, nothing more."""
+    if not study_summary:
+        return {}
+    views = study_summary.get("views") or [{}]
+    first = views[0]
+    return {"n_views": study_summary.get("n_views", len(views)),
+            "modality": first.get("modality"), "body_part": first.get("body_part")}
+
+
+def _model_facts(model_info: dict | None) -> dict:
+    info = model_info or {}
+    return {"name": str(info.get("name") or "none"), "version": str(info.get("version") or "none")}
+
+
+def _probability_line(probability: float | None, threshold: float | None) -> str | None:
+    if probability is None:
+        return None
+    line = f"Pneumonia probability {probability:.2f}"
+    if threshold is not None:
+        call = "positive" if probability >= threshold else "negative"
+        line += f" (threshold {threshold:.2f} → {call})"
+    return line
+
+
+def to_text(final_text: str, probability: float | None = None, threshold: float | None = None,
+            model_info: dict | None = None, effective: datetime | None = None,
+            study_summary: dict | None = None, reviewer: str | None = None) -> str:
+    """Human-readable report: the text first, then how it was made."""
+    model, study = _model_facts(model_info), _study_facts(study_summary)
+    lines = ["RADIOLOGY REPORT", "", final_text.strip(), "", "---"]
+    if study:
+        part = " ".join(x for x in (study.get("modality"), study.get("body_part")) if x)
+        lines.append(f"Study: {part or 'unknown modality'}, {study['n_views']} view(s)")
+    if reviewer:
+        lines.append(f"Reviewed by: {reviewer}")
+    lines.append(f"Date: {_aware(effective).isoformat()}")
+    prob = _probability_line(probability, threshold)
+    if prob:
+        lines.append(prob)
+    lines.append(f"Model: {model['name']} {model['version']}")
+    lines.append(DISCLAIMER)
+    return "\n".join(lines) + "\n"
+
+
+def to_json(final_text: str, probability: float | None = None, threshold: float | None = None,
+            model_info: dict | None = None, effective: datetime | None = None,
+            study_summary: dict | None = None, reviewer: str | None = None,
+            draft_text: str | None = None) -> str:
+    """Machine-readable report (UTF-8 JSON text)."""
+    doc = {
+        "report": final_text,
+        "draft": draft_text,
+        "reviewer": reviewer,
+        "effective": _aware(effective).isoformat(),
+        "probability": probability,
+        "threshold": threshold,
+        "positive": None if probability is None or threshold is None
+        else bool(probability >= threshold),
+        "model": dict(model_info or {}) or _model_facts(None),
+        "study": study_summary or {},
+        "disclaimer": DISCLAIMER,
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=2, default=str)
+
+
+def to_fhir_diagnostic_report(final_text: str, probability: float | None = None,
+                              threshold: float | None = None, model_info: dict | None = None,
+                              status: str = "final", effective: datetime | None = None,
+                              study_summary: dict | None = None,
+                              issued: datetime | None = None) -> dict:
+    """FHIR R4 DiagnosticReport (no subject: the app holds no patient identity)."""
+    if status not in FHIR_STATUSES:
+        raise ValueError(f"not a FHIR R4 DiagnosticReport status: {status!r}")
+    model, study = _model_facts(model_info), _study_facts(study_summary)
+    ext = [{"url": "modelName", "valueString": model["name"]},
+           {"url": "modelVersion", "valueString": model["version"]}]
+    if probability is not None:
+        ext.append({"url": "pneumoniaProbability", "valueDecimal": round(float(probability), 4)})
+    if threshold is not None:
+        ext.append({"url": "threshold", "valueDecimal": round(float(threshold), 4)})
+    ext.append({"url": "disclaimer", "valueString": DISCLAIMER})
+    code_text = "Diagnostic imaging study"
+    if study.get("modality"):
+        code_text += f" ({study['modality']}" + (f" {study['body_part']})" if study.get(
+            "body_part") else ")")
+    return {
+        "resourceType": "DiagnosticReport",
+        "status": status,
+        "category": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+            "code": "RAD", "display": "Radiology"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4",
+                             "display": "Diagnostic imaging study"}],
+                 "text": code_text},
+        "effectiveDateTime": _aware(effective).isoformat(),
+        "issued": _aware(issued).isoformat(),
+        "conclusion": final_text.strip(),
+        "presentedForm": [{
+            "contentType": "text/plain; charset=utf-8",
+            "data": base64.b64encode(final_text.encode("utf-8")).decode("ascii"),
+            "title": "Radiology report"}],
+        "extension": [{"url": AI_EXTENSION_URL, "extension": ext}],
+    }

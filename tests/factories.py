@@ -1,0 +1,201 @@
+"""Test-file factories: real DICOM / PNG / JPEG files written with pydicom and Pillow.
+
+Other test modules (storage, app) import write_phi_dicom to prove no patient data leaks.
+"""
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.uid import RLELossless
+
+from mrg_core.io.deid import BASIC_PROFILE
+from mrg_core.samples import CR_IMAGE_STORAGE, CT_IMAGE_STORAGE, new_dataset
+
+SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def ct_hu_pattern(rows: int = 64, cols: int = 64) -> np.ndarray:
+    """Known HU values: air top-left, lung, water, soft tissue, bone in bands."""
+    hu = np.full((rows, cols), -1000, np.int16)
+    bands = [-1000, -850, 0, 40, 700, 1500]
+    for i, v in enumerate(bands):
+        hu[:, i * cols // len(bands):(i + 1) * cols // len(bands)] = v
+    return hu
+
+
+def write_ct_signed(path, hu: np.ndarray | None = None, slope: float = 2.0,
+                    intercept: float = -1024.0) -> np.ndarray:
+    """16-bit *signed* CT with a rescale: stored = (HU - intercept) / slope. Returns the HU."""
+    hu = ct_hu_pattern() if hu is None else hu
+    ds = new_dataset(CT_IMAGE_STORAGE, "CT", f"ct-signed-{path}")
+    stored = np.round((hu.astype(np.float64) - intercept) / slope).astype(np.int16)
+    ds.set_pixel_data(stored, "MONOCHROME2", 16)
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "HU"
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # ignored: CT opens in the lung window
+    ds.PixelSpacing = [0.5, 0.6]
+    ds.save_as(path, enforce_file_format=True)
+    return hu
+
+
+def write_mono1(path, rows: int = 32, cols: int = 48, window: bool = True) -> np.ndarray:
+    """12-bit MONOCHROME1 CR: a horizontal ramp 0..4095 (left = low = bright)."""
+    ds = new_dataset(CR_IMAGE_STORAGE, "CR", f"mono1-{path}")
+    arr = np.tile(np.linspace(0, 4095, cols).round().astype(np.uint16), (rows, 1))
+    ds.set_pixel_data(arr, "MONOCHROME1", 12)
+    if window:
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.ViewPosition = "PA"
+    ds.save_as(path, enforce_file_format=True)
+    return arr
+
+
+def write_mono2(path, arr: np.ndarray, bits: int, modality: str = "DX", **attrs) -> None:
+    ds = new_dataset(CR_IMAGE_STORAGE, modality, f"mono2-{path}")
+    ds.set_pixel_data(arr, "MONOCHROME2", bits)
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_multiframe(path, frames: int = 5, rows: int = 16, cols: int = 20) -> np.ndarray:
+    """Multi-frame 8-bit MONOCHROME2; frame i is filled with 10 * (i + 1) plus a gradient."""
+    ds = new_dataset(SC_IMAGE_STORAGE, "OT", f"mf-{path}")
+    arr = np.stack([np.full((rows, cols), 10 * (i + 1), np.uint8) for i in range(frames)])
+    arr[:, 0, 0] = 0
+    ds.set_pixel_data(arr, "MONOCHROME2", 8)
+    ds.save_as(path, enforce_file_format=True)
+    return arr
+
+
+def write_rle_pair(uncompressed_path, rle_path, rows: int = 40, cols: int = 30) -> None:
+    """The same 16-bit image twice: uncompressed and RLE Lossless."""
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 4096, (rows, cols)).astype(np.uint16)
+    ds = new_dataset(CR_IMAGE_STORAGE, "CR", "rle")
+    ds.set_pixel_data(arr, "MONOCHROME2", 12, generate_instance_uid=False)
+    ds.save_as(uncompressed_path, enforce_file_format=True)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    ds.save_as(rle_path, enforce_file_format=True)
+
+
+def write_rgb(path, rows: int = 12, cols: int = 10) -> np.ndarray:
+    ds = new_dataset(SC_IMAGE_STORAGE, "OT", "rgb")
+    arr = np.zeros((rows, cols, 3), np.uint8)
+    arr[..., 0], arr[..., 1], arr[..., 2] = 200, 100, 50
+    ds.set_pixel_data(arr, "RGB", 8)
+    ds.save_as(path, enforce_file_format=True)
+    return arr
+
+
+def write_no_pixels(path) -> None:
+    ds = new_dataset("1.2.840.10008.5.1.4.1.1.88.11", "SR", "sr")  # a basic text SR
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_truncated(path) -> None:
+    """A valid file cut in the middle of its pixel data."""
+    buf = BytesIO()
+    write_mono1(buf)
+    data = buf.getvalue()
+    Path(path).write_bytes(data[: len(data) - 1000])
+
+
+def write_corrupt(path) -> None:
+    """DICM preamble followed by garbage."""
+    rng = np.random.default_rng(3)
+    Path(path).write_bytes(b"\0" * 128 + b"DICM" + rng.bytes(3000))
+
+
+def write_huge_header(path, rows: int = 60000, cols: int = 60000, frames: int = 1) -> None:
+    """Header claims rows x cols x frames but holds only a few bytes of pixels."""
+    buf = BytesIO()
+    write_mono1(buf, rows=4, cols=4)
+    import pydicom
+
+    ds = pydicom.dcmread(BytesIO(buf.getvalue()))
+    ds.Rows, ds.Columns = rows, cols
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.save_as(path)
+
+
+def save_image(path, arr: np.ndarray, mode: str | None = None, fmt: str = "PNG", **kw) -> None:
+    im = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
+    im.save(path, format=fmt, **kw)
+
+
+# ---- patient data markers ------------------------------------------------------------------
+
+def _marker_value(keyword: str, vr: str, n: int):
+    """(value, marker string or None). Text VRs carry 'PHI-MARKER-<keyword>'; dates, times and
+    UIDs carry distinctive values that are markers too."""
+    text = f"PHI-MARKER-{keyword}"
+    if vr in ("LO", "LT", "ST", "UT", "UC", "SH"):
+        text = text[:16] if vr == "SH" else text[:64] if vr == "LO" else text
+        return text, text
+    if vr == "PN":
+        return text[:64], text[:64]
+    if vr == "CS":
+        return "PHIMARK" + str(n).zfill(3), "PHIMARK" + str(n).zfill(3)
+    if vr == "AE":
+        return f"PHIAE{n:03d}", f"PHIAE{n:03d}"
+    if vr == "UI":
+        uid = f"1.2.826.0.1.3680043.9.7777.{n}.31337"
+        return uid, uid
+    if vr == "DA":
+        d = f"1893{(n % 12) + 1:02d}{(n % 27) + 1:02d}"
+        return d, d
+    if vr == "TM":
+        t = f"{n % 24:02d}1717.{n:06d}"
+        return t, t
+    if vr == "DT":
+        t = f"18930303{n % 24:02d}1717.{n:06d}"
+        return t, t
+    if vr == "AS":
+        return "077Y", None
+    if vr == "DS":
+        return f"{n}.31337", f"{n}.31337"
+    if vr in ("US", "SS", "UL", "SL"):
+        return 31337, None
+    if vr in ("OB", "OW", "UN"):
+        return text.encode().ljust(len(text) + len(text) % 2, b" "), text
+    if vr == "SQ":
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator = f"PHI{n}", "99PHI"
+        item.CodeMeaning = text
+        return [item], text
+    return None, None
+
+
+def write_phi_dicom(path) -> list[str]:
+    """A valid, loadable CT image whose every settable PS3.15 basic-profile attribute holds a
+    distinctive marker. Returns the marker strings (none may ever leave the loader)."""
+    ds = new_dataset(CT_IMAGE_STORAGE, "CT", "phi")
+    ds.set_pixel_data(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096,
+                      "MONOCHROME2", 12, generate_instance_uid=False)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    markers = []
+    skip = {"DataSetTrailingPadding", "MediaStorageSOPInstanceUID"}  # not ordinary elements
+    for n, keyword in enumerate(BASIC_PROFILE):
+        tag = tag_for_keyword(keyword)
+        if keyword in skip or tag >> 16 in (0x0000, 0x0002):  # command / file-meta groups
+            continue
+        vr = dictionary_VR(tag_for_keyword(keyword)).split(" or ")[0]
+        value, marker = _marker_value(keyword, vr, n)
+        if value is None:
+            continue
+        setattr(ds, keyword, value)
+        if marker:
+            markers.append(marker)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    # a private block too: the allow-list must ignore it
+    block = ds.private_block(0x0011, "PHI MARKER CREATOR", create=True)
+    block.add_new(0x01, "LO", "PHI-MARKER-private")
+    markers.append("PHI-MARKER-private")
+    ds.save_as(path, enforce_file_format=True)
+    return sorted(set(markers))

@@ -1,0 +1,404 @@
+"""What each button does, as plain functions: call the engine, format the result.
+
+No gradio, torch or SQL here, so every step of the page can be tested without a browser.
+`ui/layout.py` maps these results onto widgets.
+"""
+from __future__ import annotations
+
+import difflib
+import html
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mrg_core import report_export
+from mrg_core.engine import Engine, ModelNotLoaded
+from mrg_core.io import StudyLoadError
+from mrg_core.paths import SAMPLES_DIR
+from mrg_core.storage import InvalidCorrection, StoreError
+from mrg_core.study import CT_WINDOWS
+
+from .state import Session
+
+log = logging.getLogger(__name__)
+
+FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg"]
+SAMPLE_SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
+WINDOW_PRESETS = ["default", *CT_WINDOWS, "custom"]  # default = the file's own window
+NO_MODEL = ("**No model loaded.** Studies can be viewed and reports written and saved by "
+            "hand; no probability, heat map or draft is made.")
+NOT_CLINICAL = "Research demo, not for clinical use."
+
+
+# ----------------------------------------------------------------------------- header
+
+def model_info_markdown(engine: Engine) -> str:
+    info = engine.model_info
+    if info is None:
+        return f"{NO_MODEL} {NOT_CLINICAL}"
+    trained = info.get("trained_on") or {}
+    if isinstance(trained, dict):
+        what = " ".join(str(trained[k]) for k in ("modality", "body_part") if trained.get(k))
+        if trained.get("description"):
+            what = f"{what} ({trained['description']})" if what else str(trained["description"])
+    else:
+        what = str(trained)
+    parts = [f"Model **{_md(info.get('name', '?'))}** version {_md(info.get('version', '?'))}"]
+    if what:
+        parts.append(f"trained on {_md(what)}")
+    if info.get("threshold") is not None:
+        parts.append(f"threshold {float(info['threshold']):.2f}")
+    return " · ".join(parts) + f" · **{NOT_CLINICAL}**"
+
+
+def list_samples(folder: Path = SAMPLES_DIR) -> list[tuple[str, str]]:
+    """(label, path) for the bundled synthetic sample files."""
+    if not folder.is_dir():
+        return []
+    return [(p.name, str(p)) for p in sorted(folder.iterdir()) if p.suffix.lower()
+            in SAMPLE_SUFFIXES]
+
+
+# ----------------------------------------------------------------------------- load + analyse
+
+@dataclass
+class Loaded:
+    ok: bool
+    message: str  # Markdown: what was loaded, or why not
+    n_views: int = 0
+    is_ct: bool = False  # values are Hounsfield units: offer CT window presets
+
+
+def load_files(engine: Engine, session: Session, files) -> Loaded:
+    """Uploaded paths (or (name, bytes) pairs) → the session's study. Never raises."""
+    files = [f for f in (files or []) if f]
+    if not files:
+        return Loaded(False, "Choose one or more DICOM, PNG or JPEG files first.")
+    try:
+        study = engine.load(files)
+    except StudyLoadError as exc:
+        return Loaded(False, f"**Could not load the study.** {_md(exc.message)}")
+    except Exception:  # never a traceback on the page
+        log.exception("unexpected error while loading a study")
+        return Loaded(False, "**Could not load the study.** The file could not be read; "
+                             "please export it again as DICOM, PNG or JPEG.")
+    names = ", ".join(_name(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
+    session.reset_study(study, names)
+    return Loaded(True, f"Loaded {_md(names)}: {study_description(study)}.",
+                  n_views=len(study.views), is_ct=_is_ct(study))
+
+
+def load_sample(engine: Engine, session: Session, path: str | None) -> Loaded:
+    if not path:
+        return Loaded(False, "Pick a sample first.")
+    return load_files(engine, session, [path])
+
+
+def study_description(study) -> str:
+    m = study.views[0].meta
+    kind = " ".join(x for x in (m.modality, m.body_part, m.view_position) if x)
+    kind = kind or m.source_format.upper()
+    n = len(study.views)
+    return f"{kind}, {n} view{'s' if n != 1 else ''}, {m.columns}×{m.rows} px"
+
+
+@dataclass
+class AnalysisView:
+    warning: str | None  # out-of-domain alert (shown above the probability), or None
+    probability: str  # Markdown
+
+
+def analyze(engine: Engine, session: Session) -> AnalysisView:
+    if session.study is None:
+        return AnalysisView(None, "")
+    if session.analysis is not None:  # already analysed (e.g. a failed load kept the study)
+        a = session.analysis
+        return AnalysisView(a.domain_warning, probability_text(a.probability, a.threshold))
+    if engine.model is None:
+        return AnalysisView(None, NO_MODEL)
+    try:
+        session.analysis = a = engine.analyze(session.study)
+    except ModelNotLoaded:
+        return AnalysisView(None, NO_MODEL)
+    except Exception:
+        log.exception("analysis failed")
+        return AnalysisView(engine.domain_warning(session.study),
+                            "**The model could not analyse this study.** The images can still "
+                            "be read and a report written by hand.")
+    return AnalysisView(a.domain_warning, probability_text(a.probability, a.threshold))
+
+
+def warning_html(warning: str | None) -> str:
+    return (f'<div class="mrg-alert" role="alert">⚠ {html.escape(warning)}</div>'
+            if warning else "")
+
+
+def probability_text(probability: float, threshold: float) -> str:
+    call = "positive" if probability >= threshold else "negative"
+    return f"Pneumonia probability {probability:.2f} (threshold {threshold:.2f} → {call})"
+
+
+# ----------------------------------------------------------------------------- viewer
+
+def render_view(engine: Engine, session: Session, index: int = 0, preset: str = "default",
+                centre: float | None = None, width: float | None = None,
+                show_overlay: bool = True, opacity: float = 0.4) -> np.ndarray | None:
+    """RGB uint8 image of one view: windowed, with the Grad-CAM heat map when asked."""
+    if session.study is None:
+        return None
+    views = session.study.views
+    i = min(max(int(index or 0), 0), len(views) - 1)
+    grey = _windowed(views[i], preset, centre, width)
+    maps = session.analysis.heatmaps if session.analysis is not None else None
+    if show_overlay and maps is not None and i < len(maps) and maps[i] is not None:
+        return engine.overlay(grey, maps[i], float(opacity))
+    return np.stack([grey] * 3, axis=-1)
+
+
+def _windowed(view, preset, centre, width) -> np.ndarray:
+    if view.meta.units != "HU" or preset in (None, "default"):
+        return view.display
+    if preset == "custom":
+        c0, w0 = view.window or CT_WINDOWS["lung"]
+        centre = c0 if centre is None else float(centre)
+        width = w0 if width is None or float(width) <= 0 else float(width)
+        return view.windowed(centre, width)
+    return view.windowed(*CT_WINDOWS[preset])
+
+
+def _is_ct(study) -> bool:
+    return any(v.meta.units == "HU" for v in study.views)
+
+
+# ----------------------------------------------------------------------------- draft
+
+@dataclass
+class StreamUpdate:
+    editor: str | None  # new editor text, or None = leave the editor alone
+    latest: str | None  # text for the read-only "Latest draft" box, or None = hidden/unchanged
+    notice: str
+    done: bool = False
+
+
+KEPT_NOTICE = ("Your text in the editor was kept. The new draft is in **Latest draft** below; "
+               "use *Replace editor with latest draft* if you want it.")
+
+
+def note_edit(session: Session, text: str) -> None:
+    """The editor's input event (user keystrokes only): remember edits made during a stream."""
+    if session.streaming and _norm(text) != _norm(session.editor_shadow):
+        session.user_edited = True
+        session.user_text = text
+
+
+def request_stop(session: Session) -> None:
+    session.stop_requested = True
+
+
+def stream_draft(engine: Engine, session: Session, editor_text: str = "",
+                 settings=None) -> Iterator[StreamUpdate]:
+    """Stream a draft. It goes into the editor only while the editor holds nothing but model
+    text; once the user has their own text there (typed before or during the stream), the draft
+    goes to the "Latest draft" box and the user's text is left as it is."""
+    if session.study is None:
+        yield StreamUpdate(None, None, "Load a study first.", done=True)
+        return
+    if engine.model is None:
+        yield StreamUpdate(None, None, NO_MODEL, done=True)
+        return
+    into_editor = not (editor_text or "").strip() or _norm(editor_text) == _norm(
+        session.editor_shadow)
+    session.stream_count += 1
+    me = session.stream_count
+    session.streaming, session.stop_requested, session.user_edited = True, False, False
+    session.latest = ""
+    text, t0, first, n = "", time.perf_counter(), None, 0
+    pieces = engine.stream_report(session.study, settings)
+    stopped = False
+    try:
+        yield StreamUpdate(
+            "" if into_editor else None, None if into_editor else "",
+            "Generating draft…" if into_editor else f"Generating draft… {KEPT_NOTICE}")
+        if into_editor:
+            session.editor_shadow = ""
+        for piece in pieces:
+            if session.stop_requested or session.stream_count != me:
+                stopped = True
+                break
+            text += piece
+            n += 1
+            first = first or time.perf_counter() - t0
+            if into_editor and session.user_edited:
+                # The user typed while we streamed: give their text back once, then stay out.
+                into_editor = False
+                session.latest = text
+                yield StreamUpdate(session.user_text, text, f"Generating draft… {KEPT_NOTICE}")
+            elif into_editor:
+                session.editor_shadow = text
+                yield StreamUpdate(text, None, "Generating draft…")
+            else:
+                session.latest = text
+                yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}")
+    except Exception:
+        log.exception("draft generation failed")
+        yield StreamUpdate(None, None, "**The draft could not be generated.** Any text in the "
+                                       "editor is kept; you can write the report by hand.",
+                           done=True)
+        return
+    finally:
+        pieces.close()  # releases the engine's model lock at once on Stop / cancel
+        if session.stream_count == me:
+            session.streaming = False
+            session.draft, session.draft_settings = text, settings
+            session.draft_timings = {"generate_s": round(time.perf_counter() - t0, 3),
+                                     "first_piece_s": round(first or 0.0, 3), "pieces": n}
+    state = "stopped" if stopped else "ready"
+    where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
+    yield StreamUpdate(None, None, f"Draft {state} {where}: {len(text.split())} words in "
+                                   f"{session.draft_timings['generate_s']:.1f} s. Review and "
+                                   "edit it, then Save.", done=True)
+
+
+def stop_message(session: Session) -> str:
+    """Stop button (the layout also cancels the running stream)."""
+    request_stop(session)
+    return "Draft stopped. The text so far is kept: edit it, or Generate again."
+
+
+def regenerate_settings(session: Session):
+    """Regenerate = sample a different draft (a new seed each time); Generate stays greedy."""
+    from mrg_core.models import GenerationSettings  # a plain dataclass
+
+    return GenerationSettings(do_sample=True, temperature=0.8, top_p=0.9,
+                              seed=session.stream_count + 1)
+
+
+def take_latest(session: Session) -> str:
+    """The user asked to replace the editor with the latest draft."""
+    session.editor_shadow = session.latest or session.draft
+    return session.editor_shadow
+
+
+def _norm(text: str | None) -> str:
+    return (text or "").replace("\r\n", "\n").strip()
+
+
+# ----------------------------------------------------------------------------- save + history
+
+@dataclass
+class SaveOutcome:
+    ok: bool
+    message: str  # Markdown
+
+
+def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> SaveOutcome:
+    """Save the editor text as a correction of the current draft. Never touches the editor."""
+    if session.study is None:
+        return SaveOutcome(False, "**Not saved.** Load a study first.")
+    if session.streaming and not session.stop_requested:
+        return SaveOutcome(False, "**Not saved.** A draft is still being generated; press Stop "
+                                  "or wait for it to finish, then Save.")
+    draft = engine.draft_record(session.draft, session.analysis, session.draft_settings,
+                                session.draft_timings)
+    try:
+        result = engine.save(session.study, draft, final_text or "", reviewer or "")
+    except (InvalidCorrection, StoreError) as exc:
+        return SaveOutcome(False, f"**Not saved.** {_md(exc.message)}")
+    except Exception:
+        log.exception("unexpected error while saving")
+        return SaveOutcome(False, "**Not saved.** Something went wrong while saving. Your text "
+                                  "was not lost — copy it and try Save again.")
+    session.last_save = result
+    when = result.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return SaveOutcome(True, f"Saved as correction #{result.correction_id} ({when}).")
+
+
+def history_markdown(engine: Engine, session: Session, max_diffs: int = 5) -> str:
+    """The study's saved versions, newest first, each with its draft → final diff."""
+    if session.study is None:
+        return "No study loaded."
+    try:
+        entries = engine.history(session.study)
+    except StoreError as exc:
+        return f"History unavailable: {_md(exc.message)}"
+    if not entries:
+        return "No saved versions of this study yet."
+    rows = ["| # | saved (UTC) | reviewer | model | probability |", "|---|---|---|---|---|"]
+    for e in entries:
+        prob = "–" if e.probability is None else f"{e.probability:.2f}"
+        rows.append(f"| {e.correction_id} | {e.created_at:%Y-%m-%d %H:%M:%S} | "
+                    f"{_md(e.reviewer)} | {_md(e.model_version)} | {prob} |")
+    parts = ["\n".join(rows)]
+    for e in entries[:max_diffs]:
+        parts.append(f"**Correction #{e.correction_id}** — model draft → saved report")
+        parts.append(_fenced(diff_text(e.draft_text, e.final_text), "diff"))
+    return "\n\n".join(parts)
+
+
+def diff_text(draft: str, final: str) -> str:
+    if not (draft or "").strip():
+        return "(no model draft: written by hand)\n" + "\n".join(
+            "+" + line for line in (final or "").splitlines())
+    lines = difflib.unified_diff((draft or "").splitlines(), (final or "").splitlines(),
+                                 "model draft", "saved report", lineterm="")
+    return "\n".join(lines) or "(saved unchanged)"
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_files(engine: Engine, session: Session, final_text: str, reviewer: str,
+                 folder: str | Path) -> tuple[list[str], str]:
+    """Write the report as .txt, .json and FHIR .json; returns (paths, message)."""
+    if session.study is None:
+        return [], "Load a study first."
+    if not (final_text or "").strip():
+        return [], "The report is empty: nothing to export."
+    a = session.analysis
+    common = dict(probability=None if a is None else a.probability,
+                  threshold=None if a is None else a.threshold,
+                  model_info=engine.model_info, study_summary=session.study.summary())
+    save = session.last_save
+    effective = save.created_at if save is not None else None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"report_{session.study.content_hash[:10]}"
+    txt = folder / f"{stem}.txt"
+    txt.write_text(report_export.to_text(final_text, effective=effective, reviewer=reviewer,
+                                         **common), encoding="utf-8")
+    js = folder / f"{stem}.json"
+    js.write_text(report_export.to_json(final_text, effective=effective, reviewer=reviewer,
+                                        draft_text=session.draft, **common), encoding="utf-8")
+    status = "final" if save is not None else "preliminary"
+    fhir = folder / f"{stem}.fhir.json"
+    fhir.write_text(report_export.json.dumps(report_export.to_fhir_diagnostic_report(
+        final_text, status=status, effective=effective, **common), indent=2,
+        ensure_ascii=False), encoding="utf-8")
+    note = "" if save is not None else " (not saved yet: FHIR status 'preliminary')"
+    return [str(txt), str(js), str(fhir)], f"Export files ready{note}."
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _name(source) -> str:
+    if isinstance(source, tuple):
+        return str(source[0])
+    if isinstance(source, (bytes, bytearray)):
+        return "uploaded file"
+    return Path(str(source)).name
+
+
+def _md(text) -> str:
+    """Escape user/model text for a Markdown table or paragraph."""
+    s = html.escape(str(text), quote=False)
+    for ch in "\\`*_|[]#":
+        s = s.replace(ch, "\\" + ch)
+    return s.replace("\n", " ")
+
+
+def _fenced(text: str, lang: str = "") -> str:
+    fence = "````" if "```" in text else "```"
+    return f"{fence}{lang}\n{text}\n{fence}"

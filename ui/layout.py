@@ -1,0 +1,195 @@
+"""The one page: widgets, and which handler each event calls. Logic lives in ui/handlers.py."""
+from __future__ import annotations
+
+import tempfile
+
+import gradio as gr
+
+from mrg_core.engine import Engine
+
+from . import handlers as h
+from .state import Session
+
+CSS = """
+#mrg-header h1 {margin: 0; font-size: 1.5rem;}
+#mrg-header p {margin: 0.15rem 0 0; opacity: 0.8;}
+.mrg-alert {border: 2px solid #b45309; background: #fef3c7; color: #78350f; border-radius: 8px;
+            padding: 0.7rem 0.9rem; font-weight: 600;}
+#probability {font-size: 1.15rem;}
+#probability p {font-weight: 600;}
+#history table {font-size: 0.9rem;}
+"""
+
+
+def theme() -> gr.themes.Base:
+    # System fonts only: nothing is fetched from the internet.
+    return gr.themes.Soft(primary_hue="blue", neutral_hue="slate",
+                          font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+                          font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
+
+
+def launch_kwargs(engine: Engine) -> dict:
+    """Options every launch of this page needs (app.py and the tests use them)."""
+    return {"css": CSS, "theme": theme(), "share": False,
+            "max_file_size": engine.limits.max_file_bytes, "footer_links": []}
+
+
+def build_app(engine: Engine, auth=None) -> gr.Blocks:
+    """`auth` (list of (user, password)) is applied at launch; here it only makes the signed-in
+    user the default reviewer name."""
+    export_dir = tempfile.mkdtemp(prefix="mrg_export_")
+
+    with gr.Blocks(title="MRG Studio", analytics_enabled=False) as demo:
+        session = gr.State(Session)  # a callable: one fresh Session per browser tab
+
+        gr.Markdown("# MRG Studio\nChest study → pneumonia probability, Grad-CAM and a draft "
+                    "report for the radiologist to correct.", elem_id="mrg-header")
+        gr.Markdown(h.model_info_markdown(engine), elem_id="model-info")
+
+        with gr.Row(equal_height=False):
+            # ------------------------------------------------------------ left: load + look
+            with gr.Column(scale=5):
+                with gr.Group():
+                    files = gr.File(label="Study files (DICOM, PNG or JPEG; several = one study)",
+                                    file_count="multiple", file_types=h.FILE_TYPES,
+                                    height=120, elem_id="upload")
+                    with gr.Row():
+                        samples = h.list_samples()
+                        sample = gr.Dropdown(samples, value=samples[0][1] if samples else None,
+                                             label="Synthetic sample study", scale=3,
+                                             elem_id="sample")
+                        sample_btn = gr.Button("Load sample", scale=1, elem_id="load-sample")
+                load_msg = gr.Markdown(elem_id="load-message")
+                image = gr.Image(label="View", type="numpy", interactive=False, height=520,
+                                 format="png", buttons=["fullscreen"], elem_id="viewer")
+                view_idx = gr.Slider(1, 2, value=1, step=1, label="View / slice",
+                                     visible=False, elem_id="view-index")
+                with gr.Row():
+                    show_overlay = gr.Checkbox(True, label="Grad-CAM overlay", elem_id="overlay")
+                    opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Overlay opacity")
+                with gr.Group(visible=False) as ct_box:
+                    preset = gr.Radio(h.WINDOW_PRESETS, value="default",
+                                      label="CT window (default = the file's own window)")
+                    with gr.Row(visible=False) as custom_row:
+                        centre = gr.Number(-600, label="Window centre (HU)")
+                        width = gr.Number(1500, label="Window width (HU)", minimum=1)
+
+            # ------------------------------------------------------------ right: read + report
+            with gr.Column(scale=5):
+                warning = gr.HTML(visible=False, elem_id="domain-warning")
+                probability = gr.Markdown(elem_id="probability")
+                with gr.Row():
+                    gen_btn = gr.Button("Generate draft", variant="primary", elem_id="generate")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                    regen_btn = gr.Button("Regenerate", elem_id="regenerate")
+                notice = gr.Markdown(elem_id="draft-notice")
+                editor = gr.Textbox(label="Report (editable)", lines=12, max_lines=30,
+                                    interactive=True, autoscroll=False, elem_id="editor",
+                                    placeholder="Generate a draft, or write the report here.")
+                with gr.Group(visible=False) as latest_box:
+                    latest = gr.Textbox(label="Latest draft (read-only; your text above was kept)",
+                                        lines=6, interactive=False, elem_id="latest-draft")
+                    use_latest = gr.Button("Replace editor with latest draft", size="sm")
+                with gr.Row():
+                    reviewer = gr.Textbox(label="Reviewer", placeholder="Your name", scale=3,
+                                          elem_id="reviewer")
+                    save_btn = gr.Button("Save report", variant="primary", scale=1,
+                                         elem_id="save")
+                save_msg = gr.Markdown(elem_id="save-message")
+                with gr.Accordion("Export", open=False):
+                    export_btn = gr.Button("Prepare export files", size="sm", elem_id="export")
+                    with gr.Row():
+                        dl_txt = gr.DownloadButton("Text", visible=False, size="sm")
+                        dl_json = gr.DownloadButton("JSON", visible=False, size="sm")
+                        dl_fhir = gr.DownloadButton("FHIR R4", visible=False, size="sm")
+                    export_msg = gr.Markdown()
+                with gr.Accordion("History of this study", open=True):
+                    history = gr.Markdown("No study loaded.", elem_id="history")
+
+        # ---------------------------------------------------------------- wiring
+        view_inputs = [session, view_idx, preset, centre, width, show_overlay, opacity]
+
+        def render(s, idx, pre, c, w, ov, op):
+            return h.render_view(engine, s, int(idx or 1) - 1, pre, c, w, ov, op)
+
+        def on_loaded(s, res: h.Loaded):
+            if not res.ok:
+                kept = " The previous study is still shown." if s.study is not None else ""
+                return (s, res.message + kept, gr.update(), gr.update(), gr.update(),
+                        gr.update(), gr.update(), gr.update(), gr.update())
+            return (s, res.message,
+                    gr.update(visible=res.n_views > 1, maximum=max(res.n_views, 2), value=1),
+                    gr.update(visible=res.is_ct), gr.update(value=""),  # editor: new study
+                    gr.update(visible=False), "", "", "Analysing…")
+
+        load_outputs = [session, load_msg, view_idx, ct_box, editor, latest_box, notice,
+                        save_msg, probability]
+
+        def analyze(s):
+            a = h.analyze(engine, s)
+            return gr.update(visible=bool(a.warning), value=h.warning_html(a.warning)), \
+                a.probability
+
+        def after_load(event):
+            (event.then(render, view_inputs, image, show_progress="hidden")
+             .then(analyze, session, [warning, probability])
+             .then(render, view_inputs, image, show_progress="hidden")
+             .then(lambda s: h.history_markdown(engine, s), session, history))
+
+        after_load(files.upload(lambda s, f: on_loaded(s, h.load_files(engine, s, f)),
+                                [session, files], load_outputs))
+        after_load(sample_btn.click(lambda s, p: on_loaded(s, h.load_sample(engine, s, p)),
+                                    [session, sample], load_outputs))
+
+        for ctl in (view_idx, show_overlay, opacity, centre, width):
+            ctl.change(render, view_inputs, image, show_progress="hidden")
+        preset.change(lambda p: gr.update(visible=p == "custom"), preset, custom_row,
+                      queue=False).then(render, view_inputs, image, show_progress="hidden")
+
+        # Draft streaming: the editor stays editable (no progress overlay on it).
+        def stream(s, text, settings=None):
+            inner = h.stream_draft(engine, s, text, settings)
+            try:
+                for u in inner:
+                    yield (gr.update() if u.editor is None else u.editor,
+                           gr.update() if u.latest is None else u.latest,
+                           gr.update() if u.latest is None else gr.update(visible=True),
+                           u.notice)
+            finally:
+                inner.close()
+
+        def regenerate(s, text):
+            yield from stream(s, text, h.regenerate_settings(s))
+
+        stream_outputs = [editor, latest, latest_box, notice]
+        gen_ev = gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
+                               concurrency_id="model")
+        regen_ev = regen_btn.click(regenerate, [session, editor], stream_outputs,
+                                   show_progress="hidden", concurrency_id="model")
+        stop_btn.click(h.stop_message, session, notice, queue=False, cancels=[gen_ev, regen_ev])
+        editor.input(h.note_edit, [session, editor], None, queue=False, show_progress="hidden")
+        use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False)), session,
+                         [editor, latest_box], queue=False)
+
+        def save(s, text, who):
+            out = h.save(engine, s, text, who)
+            return out.message, h.history_markdown(engine, s) if out.ok else gr.update()
+
+        save_btn.click(save, [session, editor, reviewer], [save_msg, history],
+                       concurrency_id="db")
+
+        def export(s, text, who):
+            paths, msg = h.export_files(engine, s, text, who, export_dir)
+            if not paths:
+                hide = gr.update(visible=False)
+                return hide, hide, hide, msg
+            return (*(gr.update(value=p, visible=True) for p in paths), msg)
+
+        export_btn.click(export, [session, editor, reviewer], [dl_txt, dl_json, dl_fhir,
+                                                              export_msg])
+
+        if auth:  # signed-in user = default reviewer name
+            def who(request: gr.Request):
+                return getattr(request, "username", None) or ""
+            demo.load(who, None, reviewer, queue=False)
+    return demo

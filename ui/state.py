@@ -1,0 +1,38 @@
+"""Per-browser-session state, kept in one gr.State (the same object is handed to every event of a
+session, so the stream generator sees edits recorded by the editor's input event)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Session:
+    study: Any = None  # mrg_core.study.Study
+    analysis: Any = None  # mrg_core.engine.Analysis
+    study_label: str = ""  # what the user loaded (file names), for messages and export names
+
+    # The model's latest draft (complete, or cut short by Stop) and how it was made.
+    draft: str = ""
+    draft_settings: Any = None
+    draft_timings: dict = field(default_factory=dict)
+    stream_count: int = 0  # drafts started; a stream stops when a newer one starts
+
+    # Editor ownership: what the app last wrote into the editor. Any other editor text is the
+    # user's and is never overwritten by a stream.
+    editor_shadow: str = ""
+    streaming: bool = False
+    stop_requested: bool = False
+    user_edited: bool = False  # the user typed while a draft was streaming into the editor
+    user_text: str = ""  # their text at the last keystroke
+    latest: str = ""  # a draft that went to the "Latest draft" box instead of the editor
+
+    last_save: Any = None  # storage.SaveResult
+
+    def reset_study(self, study, label: str) -> None:
+        """A new study: forget everything tied to the previous one. The page clears the editor
+        too, so one study's report can never be saved against another."""
+        self.study, self.analysis, self.study_label = study, None, label
+        self.draft, self.draft_settings, self.draft_timings = "", None, {}
+        self.latest, self.last_save, self.editor_shadow = "", None, ""
+        self.stream_count += 1  # an unfinished stream of the old study stops
