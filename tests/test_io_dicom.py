@@ -108,7 +108,7 @@ def test_samples_load(tmp_path):
     assert abs(float(np.median(covid.values[240:260, 130:150])) + 850) < 60  # right lung
     assert abs(float(np.median(covid.values[368:376, 276:282])) - 700) < 80  # vertebral cortex
     ggo = ((covid.values > -650) & (covid.values < -350)).sum()
-    assert ggo > 3 * ((normal.values > -650) & (normal.values < -350)).sum()
+    assert ggo - ((normal.values > -650) & (normal.values < -350)).sum() > 1500
     cr = load_study(SAMPLES_DIR / "cr_phantom_pa.dcm").views[0]
     assert cr.meta.photometric == "MONOCHROME1" and cr.meta.view_position == "PA"
     assert cr.display[250, 120] < cr.display[250, 240]  # lung darker than spine

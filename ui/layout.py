@@ -40,7 +40,7 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
     export_dir = tempfile.mkdtemp(prefix="mrg_export_")
 
     with gr.Blocks(title="MRG Studio", analytics_enabled=False) as demo:
-        session = gr.State(Session)  # a callable: one fresh Session per browser tab
+        session = gr.State(_new_session)  # a callable: one fresh Session per browser tab
 
         gr.Markdown("# MRG Studio\nChest study → pneumonia probability, Grad-CAM and a draft "
                     "report for the radiologist to correct.", elem_id="mrg-header")
@@ -193,3 +193,7 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
                 return getattr(request, "username", None) or ""
             demo.load(who, None, reviewer, queue=False)
     return demo
+
+
+def _new_session() -> Session:
+    return Session()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from io import BytesIO
 
+import warnings
+
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+import pydicom.config
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from ..study import CT_WINDOWS, View
@@ -17,6 +19,11 @@ from .deid import safe_meta
 from .errors import StudyLoadError
 from .limits import Budget
 from .pixels import finite_or_none, linear_window, minmax_window, rgb_to_grey
+
+# pydicom's read-time validation warns *and logs* invalid values verbatim, which for a damaged
+# PatientName would put patient data into the application log. We never trust header values
+# anyway (everything used is re-checked or sanitised here), so validation on read is off.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
@@ -39,7 +46,7 @@ def read_dataset(data: bytes, name: str, has_preamble: bool):
         ds = pydicom.dcmread(BytesIO(data), force=True)
     except MemoryError as exc:
         raise StudyLoadError("too_large", name=name) from exc
-    except (InvalidDicomError, Exception) as exc:  # noqa: BLE001 - pydicom raises many types
+    except Exception as exc:  # noqa: BLE001 - InvalidDicomError, struct.error, ValueError...
         if not has_preamble:
             raise StudyLoadError("not_an_image", name=name) from exc
         raise _fail("corrupt", name, exc) from exc
@@ -80,7 +87,11 @@ def _geometry(ds, name: str) -> tuple[int, int, int, int]:
 def _check_pixel_data(ds, name: str, rows: int, cols: int, frames: int, spp: int) -> None:
     """Native data must be long enough; compressed data needs an installed decoder."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if tsyntax is not None and tsyntax.is_compressed:
+    try:
+        compressed = tsyntax is not None and tsyntax.is_compressed
+    except Exception as exc:  # noqa: BLE001 - not a transfer syntax UID at all
+        raise StudyLoadError("corrupt", name=name) from exc
+    if compressed:
         try:
             decoder = get_decoder(tsyntax)
         except NotImplementedError as exc:
@@ -180,6 +191,12 @@ def _colour_view(ds, frame: np.ndarray, index: int) -> View:
 
 
 def decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool = True) -> list[View]:
+    with warnings.catch_warnings():  # pydicom warnings may quote header values: keep them in
+        warnings.simplefilter("ignore")
+        return _decode_dicom(data, name, budget, has_preamble)
+
+
+def _decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool) -> list[View]:
     ds = read_dataset(data, name, has_preamble)
     rows, cols, frames, spp = _geometry(ds, name)
     budget.reserve(rows, cols, frames, name)

@@ -46,12 +46,14 @@ def build_backbone(cfg: EncoderConfig, image_size: int) -> nn.Module:
                                         depths=list(cfg.depths), layer_type=cfg.layer_type))
     if cfg.kind == "convnext":
         return ConvNextModel(ConvNextConfig(num_channels=1, patch_size=cfg.patch_size,
+                                            num_stages=len(cfg.hidden_sizes),
                                             hidden_sizes=list(cfg.hidden_sizes),
                                             depths=list(cfg.depths), image_size=image_size))
     if cfg.kind == "swin":
         return SwinModel(SwinConfig(num_channels=1, image_size=image_size,
                                     patch_size=cfg.patch_size, embed_dim=cfg.embedding_size,
-                                    depths=list(cfg.depths), num_heads=list(cfg.num_heads),
+                                    depths=list(cfg.depths),
+                                    num_heads=list(cfg.num_heads)[: len(cfg.depths)],
                                     window_size=cfg.window_size), add_pooling_layer=False)
     if cfg.kind == "vit":
         width = cfg.hidden_sizes[-1]

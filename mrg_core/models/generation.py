@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+from transformers import (LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor,
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
@@ -28,8 +28,23 @@ class GenerationSettings:
     seed: int = 0
 
 
-def make_processors(s: GenerationSettings, sampling: bool) -> LogitsProcessorList:
+class SuppressIds(LogitsProcessor):
+    """Never emit these ids ([PAD], [BOS], [UNK]: nothing a report can contain)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = sorted(set(ids))
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.ids] = float("-inf")
+        return scores
+
+
+def make_processors(s: GenerationSettings, sampling: bool,
+                    suppress: list[int] | None = None) -> LogitsProcessorList:
     procs = LogitsProcessorList()
+    if suppress:
+        procs.append(SuppressIds(suppress))
     if s.repetition_penalty and s.repetition_penalty != 1.0:
         procs.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
     if s.no_repeat_ngram_size and s.no_repeat_ngram_size > 0:
@@ -56,9 +71,9 @@ class KVDecoder:
 
 
 def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, bos_id: int,
-                  eos_id: int, max_new: int) -> Iterator[int]:
+                  eos_id: int, max_new: int, suppress: list[int] | None = None) -> Iterator[int]:
     """Greedy (or sampled) tokens, one at a time, until EOS or max_new."""
-    procs = make_processors(s, s.do_sample)
+    procs = make_processors(s, s.do_sample, suppress)
     logits, cache = dec.prefill(embeds)
     ids = torch.tensor([[bos_id]], device=embeds.device)  # penalties see the report only
     gen = None
@@ -79,10 +94,10 @@ def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, b
 
 
 def beam_search(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, bos_id: int,
-                eos_id: int, max_new: int) -> list[int]:
+                eos_id: int, max_new: int, suppress: list[int] | None = None) -> list[int]:
     """Beam search with cache reordering; scores are length-normalised log-probabilities."""
     nb = s.num_beams
-    procs = make_processors(s, sampling=False)
+    procs = make_processors(s, sampling=False, suppress=suppress)
     logits, cache = dec.prefill(embeds)
     cache.batch_repeat_interleave(nb)
     logits = logits.expand(nb, -1)
@@ -92,7 +107,7 @@ def beam_search(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, bos
     finished: list[tuple[float, list[int]]] = []
     vocab = logits.shape[-1]
     for _ in range(max_new):
-        scores = torch.log_softmax(procs(ids, logits.clone()), -1) + beam_scores[:, None]
+        scores = torch.log_softmax(procs(ids, logits), -1) + beam_scores[:, None]
         top_s, top_i = scores.view(-1).topk(2 * nb)
         nxt: list[tuple[float, int, int]] = []
         for rank, (sc, i) in enumerate(zip(top_s.tolist(), top_i.tolist())):

@@ -222,11 +222,12 @@ class ReportModel(nn.Module):
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
         dec = KVDecoder(self.lm, self.base_lm)
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if settings.num_beams > 1:
-            yield from beam_search(dec, embeds, settings, bos, eos, max_new)
-        else:
-            yield from sample_tokens(dec, embeds, settings, bos, eos, max_new)
+        tok = self.tokenizer
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)
+                    if i is not None and i != eos]
+        search = beam_search if settings.num_beams > 1 else sample_tokens
+        yield from search(dec, embeds, settings, bos, eos, max_new, suppress)
 
     @torch.inference_mode()
     def stream_report(self, study, settings: GenerationSettings | None = None) -> Iterator[str]:

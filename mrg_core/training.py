@@ -1,0 +1,541 @@
+"""Training: tokenizer → compact causal LM pretraining → report model (frozen LM), with accelerate.
+
+    python -m mrg_core train --config configs/default.json [--resume] [--out DIR] [--device auto]
+    accelerate launch -m mrg_core train --config configs/default.json      # several GPUs
+
+Output folder (TrainConfig.out_dir):
+    lm/            tokenizer + pretrained causal LM (reused when present; skipped when the
+                   config names an existing LM folder, e.g. a real pretrained GPT-2)
+    last/          accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
+    best/          the best model on val, ReportModel.save_pretrained (the app loads this)
+    history.json   per-epoch losses and val metrics (training-curve plots)
+    train_config.json
+
+Data rules: the tokenizer and LM see COV-CTR *train* reports (+ IU X-ray report text, another
+dataset); model selection uses val only; test is never read here.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Example, ImageCache, load_splits
+from .paths import data_dir
+from .text import clean_report, train_tokenizer
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class DataConfig:
+    kind: str = "covctr"  # "covctr" | "r2gen" | "corrections"
+    root: str | None = None  # COV-CTR folder (None → $MRG_DATA_DIR/covctr)
+    annotation: str | None = None  # r2gen annotation.json
+    images: str | None = None  # r2gen images root
+    folder: str | None = None  # corrections export
+    val_fraction: float = 0.15  # corrections only (no split of their own)
+    # Extra LM text: IU X-ray reports CSV ("default" → $MRG_DATA_DIR/iu_reports/iu_reports.csv,
+    # null → none). A missing default file is skipped, a missing explicit path is an error.
+    iu_reports: str | None = "default"
+    max_train: int | None = None  # caps for smoke runs
+    max_val: int | None = None
+
+    def spec(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class LMPretrainConfig:
+    path: str | None = None  # existing LM folder (with its tokenizer): no tokenizer/LM training
+    tokenizer_kind: str = "wordlevel"
+    vocab_size: int = 2000
+    min_frequency: int = 2
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 32
+    max_length: int = 128
+    warmup_ratio: float = 0.05
+    covctr_repeat: int = 3  # target-domain (CT) text counts this many times vs IU X-ray text
+    max_texts: int | None = None  # cap (smoke runs)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict = field(default_factory=dict)  # ReportModelConfig.to_dict() fields
+    lm_pretrain: LMPretrainConfig = field(default_factory=LMPretrainConfig)
+    epochs: int = 20
+    batch_size: int = 16
+    # learning rate per parameter group; a key matches parameters whose name contains it
+    # (first match in this order), "default" takes the rest
+    lr: dict = field(default_factory=lambda: {"encoder": 1e-3, "bridge": 1e-3, "lm": 2e-4,
+                                              "default": 1e-3})
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 42
+    eval_every: int = 1  # epochs between validations
+    patience: int = 5  # validations without improvement before stopping (0 = never stop)
+    select_metric: str = "val_loss"  # "val_loss" (min) | "val_auc" | "val_bleu4" (max)
+    augment: bool = True
+    amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16); CPU: fp32
+    balance: str = "auto"  # "auto" | "sampler" | "none": class-balanced sampling
+    eval_generate: int = 8  # val studies generated each validation for a quick BLEU/ROUGE
+    num_threads: int | None = None  # torch CPU threads (None = torch default)
+    out_dir: str = "runs/default"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"description", "_comment"}
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        d["lm_pretrain"] = LMPretrainConfig(**d.get("lm_pretrain", {}))
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- text + LM
+
+def iu_report_texts(path: str | Path) -> list[str]:
+    """IU X-ray findings + impression per report; de-identification marks (XXXX) dropped."""
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            text = " ".join(t for t in (row.get("findings"), row.get("impression")) if t)
+            text = re.sub(r"\bX{2,}\b", " ", text)
+            if text.strip():
+                out.append(text)
+    return out
+
+
+def lm_texts(cfg: TrainConfig, train: list[Example]) -> list[str]:
+    """Cleaned LM training text: training-split reports (repeated) + optional IU reports."""
+    own = [clean_report(ex.report) for ex in train if ex.has_report]
+    texts = own * max(1, cfg.lm_pretrain.covctr_repeat)
+    iu = cfg.data.iu_reports
+    if iu:
+        path = data_dir() / "iu_reports" / "iu_reports.csv" if iu == "default" else Path(iu)
+        if path.is_file():
+            texts += [clean_report(t) for t in iu_report_texts(path)]
+        elif iu != "default":
+            raise FileNotFoundError(f"IU reports file {path} not found")
+    texts = [t for t in texts if t]
+    if cfg.lm_pretrain.max_texts:
+        random.Random(cfg.seed).shuffle(texts)
+        texts = texts[: cfg.lm_pretrain.max_texts]
+    return texts
+
+
+def pretrain_lm(cfg: TrainConfig, lm_cfg, texts: list[str], out: Path, accelerator,
+                instruction: str = "") -> list[dict]:
+    """Train a word-level tokenizer and a small causal LM (build_lm) on report text; save both
+    to `out`. `instruction` (the report model's prompt text) joins the tokenizer's vocabulary
+    only. Returns per-epoch loss rows."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .models.language_model import build_lm
+
+    p = cfg.lm_pretrain
+    # the model's instruction must tokenize without [UNK]: show it min_frequency times
+    extra = [clean_report(instruction)] * p.min_frequency if instruction else []
+    tokenizer = train_tokenizer(texts + extra, vocab_size=p.vocab_size,
+                                min_frequency=p.min_frequency, kind=p.tokenizer_kind)
+    lm = build_lm(lm_cfg, tokenizer)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [[bos] + ids[: p.max_length - 2] + [eos]
+               for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def collate(batch: list[list[int]]):
+        n = max(len(s) for s in batch)
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(batch):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        return ids, mask, ids.masked_fill(mask == 0, -100)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(encoded, batch_size=p.batch_size, shuffle=True,
+                                         collate_fn=collate, generator=g)
+    opt = torch.optim.AdamW(lm.parameters(), lr=p.lr, weight_decay=0.01)
+    total = max(1, p.epochs * len(loader))
+    sched = get_cosine_schedule_with_warmup(opt, int(p.warmup_ratio * total), total)
+    lm, opt, loader, sched = accelerator.prepare(lm, opt, loader, sched)
+    rows = []
+    lm.train()
+    for epoch in range(p.epochs):
+        losses = []
+        bar = tqdm(loader, desc=f"LM pretrain {epoch + 1}/{p.epochs}",
+                   disable=not accelerator.is_local_main_process)
+        for ids, mask, labels in bar:
+            loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(lm.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            losses.append(loss.detach().item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
+    out.mkdir(parents=True, exist_ok=True)
+    lm = accelerator.unwrap_model(lm)
+    accelerator.free_memory()  # forget lm/opt/sched: save_state must hold the report model only
+    lm.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "pretrain_history.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def load_lm(folder: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    return tokenizer, lm
+
+
+# ----------------------------------------------------------------------------- report model
+
+class LossModule(nn.Module):
+    """forward() = the ReportModel's training loss, so DDP/accelerate wrap a plain forward.
+
+    Studies without a report (COV-CTR has some) must not teach the LM to emit EOS at once: they
+    go through the encoder only and add to the classification loss.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, reports: list[str], labels):
+        has = torch.tensor([bool(r.strip()) for r in reports])
+        if bool(has.all()):
+            return self.model.compute_loss(pixel_values, reports, labels)
+        n = len(reports)
+        dev = pixel_values.device
+        zero = pixel_values.new_zeros(())
+        out = {"loss": zero, "lm_loss": zero, "cls_loss": zero}
+        cls_sum = zero
+        if bool(has.any()):
+            idx = has.nonzero().flatten().to(dev)
+            out = self.model.compute_loss(pixel_values[idx], [r for r, h in zip(reports, has) if h],
+                                          labels[idx])
+            cls_sum = out["cls_loss"] * int(has.sum())
+        idx = (~has).nonzero().flatten().to(dev)
+        logits = self.model.encoder(pixel_values[idx]).logits.float()
+        y = labels[idx].to(dev, torch.float32).view(len(idx), -1)
+        known = ~torch.isnan(y)
+        if known.any():
+            bce = F.binary_cross_entropy_with_logits(logits[known], y[known], reduction="sum")
+            cls_sum = cls_sum + bce / max(y.shape[1], 1)
+        cls = cls_sum / n
+        w = float(getattr(self.model.config, "cls_weight", 1.0))
+        return {"loss": out["lm_loss"] + w * cls, "lm_loss": out["lm_loss"], "cls_loss": cls}
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example], cache: ImageCache):
+        self.examples, self.cache = examples, cache
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        ex = self.examples[i]
+        return self.cache.get(ex), ex.report, float("nan") if ex.label < 0 else float(ex.label)
+
+
+def collate(batch):
+    views = max(x.shape[0] for x, _, _ in batch)
+    pix = torch.stack([torch.cat([x, x[-1:].expand(views - x.shape[0], *x.shape[1:])])
+                       for x, _, _ in batch])
+    return pix, [r for _, r, _ in batch], torch.tensor([y for _, _, y in batch])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled (or class-balanced, with replacement) order drawn from seed + epoch, so a resumed
+    run sees the same order as an uninterrupted one."""
+
+    def __init__(self, labels: list[int], seed: int, balanced: bool):
+        self.labels, self.seed, self.balanced, self.epoch = labels, seed, balanced, 0
+        y = np.array(labels)
+        counts = {c: max(int((y == c).sum()), 1) for c in set(labels)}
+        self.weights = torch.tensor([1.0 / counts[c] for c in labels], dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        if self.balanced:
+            return iter(torch.multinomial(self.weights, len(self.labels), True, generator=g).tolist())
+        return iter(torch.randperm(len(self.labels), generator=g).tolist())
+
+
+def label_balance(examples: list[Example]) -> dict:
+    y = np.array([ex.label for ex in examples if ex.label >= 0])
+    pos = float(y.mean()) if len(y) else float("nan")
+    return {"n": int(len(y)), "n_positive": int(y.sum()) if len(y) else 0, "positive_rate": pos}
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    keys = [k for k in cfg.lr if k != "default"]
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        dotted = f".{name}."  # "lm" matches the module path segment lm, not "...elm..."
+        key = next((k for k in keys if f".{k}." in dotted), "default")
+        groups.setdefault(key, []).append(p)
+    default = cfg.lr.get("default", 1e-3)
+    return [{"params": ps, "lr": cfg.lr.get(k, default), "name": k} for k, ps in groups.items()]
+
+
+def _target_index(model) -> int:
+    labels = [lab.lower() for lab in model.config.labels]
+    return labels.index("pneumonia") if "pneumonia" in labels else 0
+
+
+@torch.no_grad()
+def validate(model, loss_module, loader, examples: list[Example], cache: ImageCache,
+             n_generate: int, accelerator) -> dict:
+    """Val loss (teacher forcing), AUC/accuracy of the image classifier, and BLEU-4/ROUGE-L on
+    the first n_generate val studies with a report (quick, no METEOR)."""
+    from sklearn.metrics import roc_auc_score
+
+    from .evaluation.caption import CaptionScorer
+
+    model.eval()
+    sums = {"loss": 0.0, "lm_loss": 0.0, "cls_loss": 0.0}
+    n = 0
+    probs, ys = [], []
+    t = _target_index(model)
+    for pix, reports, labels in loader:
+        pix = pix.to(accelerator.device)
+        with accelerator.autocast():
+            out = loss_module(pix, reports, labels)
+            logits = model.encoder(pix).logits
+        for k in sums:
+            sums[k] += float(out[k]) * len(reports)
+        n += len(reports)
+        probs += torch.sigmoid(logits[:, t].float()).tolist()
+        ys += labels.tolist()
+    row = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    y, p = np.array(ys), np.array(probs)
+    keep = ~np.isnan(y)
+    y, p = y[keep].astype(int), p[keep]
+    row["val_auc"] = float(roc_auc_score(y, p)) if len(set(y)) == 2 else None
+    row["val_accuracy"] = float(((p >= model.config.threshold) == y).mean()) if len(y) else None
+    if n_generate > 0:
+        chosen = [ex for ex in examples if ex.has_report][:n_generate]
+        hyps = {ex.id: model.generate_report(cache.load_study(ex)) for ex in chosen}
+        scores = CaptionScorer(meteor=False).score({ex.id: list(ex.references) for ex in chosen},
+                                                   hyps)
+        row["val_bleu4"], row["val_rouge_l"] = scores["BLEU_4"], scores["ROUGE_L"]
+        row["val_sample"] = next(iter(hyps.values()), "")
+    model.train()
+    return row
+
+
+def _better(metric: str, new: float | None, best: float | None) -> bool:
+    if new is None or (isinstance(new, float) and math.isnan(new)):
+        return False
+    if best is None:
+        return True
+    return new < best if metric.endswith("loss") else new > best
+
+
+def make_accelerator(cfg: TrainConfig, device: str = "auto"):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    mp = "no"
+    if cfg.amp and not cpu:
+        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # a batch made only of report-less studies leaves the prompt/LM path unused
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp])
+
+
+def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
+    """Run the whole pipeline; returns the history dict (also written to history.json)."""
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .models import ReportModel, ReportModelConfig
+
+    t0 = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = make_accelerator(cfg, device)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    splits = load_splits(cfg.data.spec())
+    train_ex = splits["train"][: cfg.data.max_train] if cfg.data.max_train else splits["train"]
+    val_ex = splits["val"][: cfg.data.max_val] if cfg.data.max_val else splits["val"]
+    if not val_ex:
+        raise ValueError("the validation split is empty: model selection needs val")
+
+    # (a)+(b) tokenizer and LM -------------------------------------------------------------
+    model_cfg = ReportModelConfig.from_dict(cfg.model)
+    lm_dir = Path(cfg.lm_pretrain.path) if cfg.lm_pretrain.path else out / "lm"
+    lm_rows: list[dict] = []
+    if cfg.lm_pretrain.path and not lm_dir.is_dir():
+        raise FileNotFoundError(f"LM folder {lm_dir} not found")
+    if not (lm_dir / "config.json").is_file():
+        if main:
+            texts = lm_texts(cfg, train_ex)
+            accelerator.print(f"LM pretraining on {len(texts)} report texts")
+            lm_cfg = model_cfg.lm
+            lm_cfg.path = None
+            lm_rows = pretrain_lm(cfg, lm_cfg, texts, lm_dir, accelerator,
+                                  instruction=model_cfg.instruction)
+        accelerator.wait_for_everyone()
+    elif (lm_dir / "pretrain_history.json").is_file():
+        lm_rows = json.loads((lm_dir / "pretrain_history.json").read_text())
+    tokenizer, lm = load_lm(lm_dir)
+    model_cfg.lm.path = None  # weights travel inside the saved model folder, not by this path
+    model = ReportModel.build(model_cfg, tokenizer, lm=lm)
+
+    # (c) report model ----------------------------------------------------------------------
+    cache = ImageCache(model_cfg.preprocess)
+    cache.preload(train_ex + val_ex)
+    balance = label_balance(train_ex)
+    rate = balance["positive_rate"]
+    balanced = cfg.balance == "sampler" or (
+        cfg.balance == "auto" and not math.isnan(rate) and not 0.35 <= rate <= 0.65)
+    balance["sampler"] = "balanced" if balanced else "shuffle"
+    accelerator.print(f"train label balance: {balance}")
+    sampler = EpochSampler([max(ex.label, 0) for ex in train_ex], cfg.seed, balanced)
+    train_loader = torch.utils.data.DataLoader(ExampleDataset(train_ex, cache),
+                                               batch_size=cfg.batch_size, sampler=sampler,
+                                               collate_fn=collate, drop_last=False)
+    val_loader = torch.utils.data.DataLoader(ExampleDataset(val_ex, cache),
+                                             batch_size=cfg.batch_size, collate_fn=collate)
+    loss_module = LossModule(model)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    total = max(1, cfg.epochs * math.ceil(len(train_ex) / cfg.batch_size
+                                          / accelerator.num_processes))
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
+    loss_module, opt, train_loader, sched = accelerator.prepare(loss_module, opt, train_loader,
+                                                                sched)
+    model = accelerator.unwrap_model(loss_module).model
+
+    state = {"epoch": 0, "best": None, "best_epoch": None, "bad": 0, "epochs": []}
+    last = out / "last"
+    if resume and (last / "trainer_state.json").is_file():
+        accelerator.load_state(str(last))
+        state = json.loads((last / "trainer_state.json").read_text())
+        accelerator.print(f"resumed after epoch {state['epoch']}")
+    n_params = {"total": sum(p.numel() for p in model.parameters()),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    history = {"name": cfg.name, "label_balance": balance, "params": n_params,
+               "lm_pretrain": lm_rows, "select_metric": cfg.select_metric}
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "cls_loss": 0.0}
+        n, te = 0, time.time()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not accelerator.is_local_main_process)
+        for pix, reports, labels in bar:
+            if cfg.augment:
+                pix = _augment(pix)
+            out_d = loss_module(pix, reports, labels)
+            accelerator.backward(out_d["loss"])
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            for k in sums:
+                sums[k] += out_d[k].detach().item() * len(reports)
+            n += len(reports)
+            bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),
+               **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            row |= validate(model, loss_module, val_loader, val_ex, cache, cfg.eval_generate,
+                            accelerator)
+            metric = row.get(cfg.select_metric)
+            if _better(cfg.select_metric, metric, state["best"]):
+                state["best"], state["best_epoch"], state["bad"] = metric, epoch + 1, 0
+                row["best"] = True
+                if main:
+                    model.save_pretrained(out / "best", card=_card(cfg, row))
+            else:
+                state["bad"] += 1
+        state["epochs"].append(row)
+        state["epoch"] = epoch + 1
+        accelerator.print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                      for k, v in row.items() if k != "val_sample"}))
+        accelerator.save_state(str(last))
+        if main:
+            (last / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _write_history(out, history, state)
+        accelerator.wait_for_everyone()
+        if cfg.patience and state["bad"] >= cfg.patience:
+            accelerator.print(f"early stop: no {cfg.select_metric} gain in {cfg.patience} checks")
+            break
+    history["seconds_this_run"] = round(time.time() - t0, 1)
+    if main:
+        _write_history(out, history, state)
+    return _history(history, state)
+
+
+def _augment(pix: torch.Tensor) -> torch.Tensor:
+    from .preprocess import augment_batch
+
+    return augment_batch(pix)
+
+
+def _history(history: dict, state: dict) -> dict:
+    return history | {"epochs": state["epochs"], "best_epoch": state["best_epoch"],
+                      "best_metric": state["best"]}
+
+
+def _write_history(out: Path, history: dict, state: dict) -> None:
+    h = _history(history, state)
+    (out / "history.json").write_text(json.dumps(h, indent=2))
+    if (out / "best").is_dir():  # the model folder carries its own curves (evaluate plots them)
+        (out / "best" / "history.json").write_text(json.dumps(h, indent=2))
+
+
+def _card(cfg: TrainConfig, row: dict) -> str:
+    keep = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+    return (f"Trained with `python -m mrg_core train` (config `{cfg.name}`), data "
+            f"{cfg.data.kind}; selected on val by {cfg.select_metric} at epoch {row['epoch']}.\n\n"
+            f"Validation at selection: {json.dumps(keep)}\n")

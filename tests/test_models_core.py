@@ -1,0 +1,145 @@
+"""Shapes, one optimizer step, what is frozen and what trains, for every method x LM family."""
+import copy
+
+import pytest
+import torch
+
+from mrg_core.models import ReportModel, ReportModelConfig, tiny_config
+from mrg_core.models.config import EncoderConfig
+from mrg_core.models.factory import SAMPLE_REPORTS
+from mrg_core.text import train_tokenizer
+
+REPORTS = ["The lungs are clear bilaterally.", "Patchy consolidation in the right lower lobe."]
+CASES = ([(m, f, "none") for m in ("prompt", "promptbook") for f in ("gpt2", "llama", "qwen2")]
+         + [("medvlm", f, a) for f in ("gpt2", "llama", "qwen2")
+            for a in ("lora", "prefix", "unfreeze")])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(SAMPLE_REPORTS, min_frequency=1)
+
+
+def build(tokenizer, method="prompt", family="gpt2", adapter="lora", **enc):
+    cfg = tiny_config(method, family, adapter)
+    for k, v in enc.items():
+        setattr(cfg.encoder, k, v)
+    torch.manual_seed(0)
+    return ReportModel.build(cfg, tokenizer)
+
+
+def lm_group(name: str) -> str:
+    if not name.startswith("lm."):
+        return name.split(".")[0]
+    return "adapter" if ("lora_" in name or "prompt_encoder" in name) else "lm"
+
+
+@pytest.mark.parametrize("method,family,adapter", CASES)
+def test_one_step_trains_only_what_it_should(tokenizer, method, family, adapter):
+    model = build(tokenizer, method, family, adapter).train()
+    x = torch.randn(2, 2, 1, 64, 64)
+    enc = model.encoder(x)
+    prefix = model.bridge(enc)
+    width = model.lm.get_input_embeddings().weight.shape[1]
+    n_prefix = 4 + 4 if method != "medvlm" else 4  # visual tokens + prompt length / queries
+    assert prefix.shape == (2, n_prefix, width) and enc.logits.shape == (2, 1)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = model.compute_loss(x, REPORTS, torch.tensor([0.0, 1.0]))
+    assert set(out) == {"loss", "lm_loss", "cls_loss"} and torch.isfinite(out["loss"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out["loss"].backward()
+    opt.step()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trainable  # frozen weights are bit-identical
+    groups = {lm_group(n) for n in changed}
+    assert {"encoder", "bridge"} <= groups
+    lm_trainable = {n for n in trainable if n.startswith("lm.")}
+    if method != "medvlm":
+        assert not lm_trainable
+    elif adapter in ("lora", "prefix"):
+        assert lm_trainable and all(lm_group(n) == "adapter" for n in lm_trainable)
+        assert "adapter" in groups
+    elif adapter == "unfreeze":
+        assert lm_trainable and "lm" in groups
+        n_layers = 2
+        assert all(f".{n_layers - 1}." in n for n in lm_trainable)  # only the last block
+
+
+def test_customized_prompts_depend_on_the_image(tokenizer):
+    for method in ("prompt", "promptbook"):
+        model = build(tokenizer, method).eval()
+        feats = model.encoder(torch.randn(2, 1, 1, 64, 64)).global_feat
+        prompts, weights = model.bridge.prompts(feats)
+        assert prompts.shape == (2, 4, 64)
+        assert not torch.allclose(prompts[0], prompts[1])
+        if method == "promptbook":
+            assert torch.allclose(weights.sum(-1), torch.ones(2))
+            assert (weights.max(-1).values < 0.999).all()  # a mixture, not one-hot
+            assert not torch.allclose(weights[0], weights[1])
+
+
+def test_prompt_position_is_configurable(tokenizer):
+    model = build(tokenizer, "prompt").eval()
+    model.bridge.position = "before_visual"
+    enc = model.encoder(torch.randn(1, 1, 1, 64, 64))
+    prompts, _ = model.bridge.prompts(enc.global_feat)
+    assert torch.allclose(model.bridge(enc)[:, :4], prompts)
+    model.bridge.position = "after_visual"
+    assert torch.allclose(model.bridge(enc)[:, 4:], prompts)
+
+
+def test_instruction_tokens_are_not_scored(tokenizer):
+    model = build(tokenizer)
+    ids, mask, labels = model.tokenize_reports(["The lungs are clear.", "No effusion"])
+    n_head = len(model.instruction_ids) + 1  # instruction + BOS
+    assert n_head > 1
+    assert (labels[:, :n_head] == -100).all()
+    assert ids[0, n_head - 1] == tokenizer.bos_token_id
+    n0 = int(mask[0].sum())
+    assert torch.equal(labels[0, n_head:n0], ids[0, n_head:n0])
+    assert ids[0, n0 - 1] == tokenizer.eos_token_id
+    n1 = int(mask[1].sum())
+    assert (labels[1, n1:] == -100).all() and (ids[1, n1:] == tokenizer.pad_token_id).all()
+
+
+def test_reports_truncated_and_labels_may_be_multi_or_unknown(tokenizer):
+    model = build(tokenizer)
+    model.config.max_report_tokens = 3
+    ids, mask, labels = model.tokenize_reports(["the lungs are clear bilaterally ."])
+    assert int((labels != -100).sum()) == 4  # 3 report tokens + EOS
+    out = model.compute_loss(torch.randn(2, 1, 1, 64, 64), ["a", "b"],
+                             torch.tensor([[1.0], [float("nan")]]))
+    assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("kind", ["convnext", "swin", "vit"])
+def test_other_encoder_kinds(tokenizer, kind):
+    enc = dict(kind=kind, hidden_sizes=[16, 32], depths=[1, 1], embedding_size=16,
+               num_heads=[2, 2], window_size=4, fusion="attention")
+    model = build(tokenizer, "prompt", **enc).train()
+    out = model.compute_loss(torch.randn(2, 3, 1, 64, 64), REPORTS, torch.tensor([0.0, 1.0]))
+    out["loss"].backward()
+    e = model.encoder(torch.randn(2, 3, 1, 64, 64))
+    assert torch.allclose(e.view_weights.sum(-1), torch.ones(2))
+    assert e.tokens.shape[:2] == (2, 4)
+
+
+def test_pretrained_rgb_encoder_folder(tokenizer, tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+    ResNetModel(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[16, 32],
+                             depths=[1, 1])).save_pretrained(tmp_path / "rgb")
+    model = build(tokenizer, "prompt", pretrained_path=str(tmp_path / "rgb"))
+    assert model.encoder.in_channels == 3 and model.config.encoder.backbone_config
+    out = model.compute_loss(torch.randn(1, 1, 1, 64, 64), REPORTS[:1], torch.tensor([1.0]))
+    assert torch.isfinite(out["loss"])
+
+
+def test_config_json_round_trip():
+    import json
+    cfg = tiny_config("medvlm", "qwen2", "prefix")
+    cfg.encoder = EncoderConfig(kind="swin", fusion="attention")
+    back = ReportModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.to_dict() == copy.deepcopy(cfg).to_dict()

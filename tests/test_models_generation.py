@@ -1,0 +1,107 @@
+"""Decoding: KV cache == full recomputation, streaming == non-streaming, prefix tuning is used."""
+import numpy as np
+import pytest
+import torch
+
+from mrg_core.models import GenerationSettings, tiny_model
+from mrg_core.study import study_from_arrays
+
+PLAIN = dict(repetition_penalty=1.0, no_repeat_ngram_size=0)
+
+
+@pytest.fixture(scope="module")
+def study():
+    rng = np.random.default_rng(0)
+    return study_from_arrays([rng.integers(0, 256, (80, 60)).astype(np.uint8)])
+
+
+def tokens(model, study, **kw):
+    with torch.inference_mode():
+        return list(model._report_tokens(study, GenerationSettings(**kw)))
+
+
+def full_recompute_greedy(model, study, n):
+    """Reference: no cache, the whole sequence through the (peft) LM at every step."""
+    enc = model.encode(study)
+    head = torch.tensor([model.instruction_ids + [model.tokenizer.bos_token_id]])
+    tok = model.tokenizer
+    never = [tok.pad_token_id, tok.bos_token_id, tok.unk_token_id]  # suppressed in decoding
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            ids = torch.cat([head, torch.tensor([out], dtype=torch.long)], dim=1)
+            embeds = torch.cat([enc.prefix, model._embed(ids)], dim=1)
+            logits = model.lm(inputs_embeds=embeds).logits[0, -1]
+            logits[never] = float("-inf")
+            t = int(logits.argmax())
+            if t == model.tokenizer.eos_token_id:
+                break
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("method,family,adapter", [
+    ("prompt", "gpt2", "lora"), ("promptbook", "llama", "lora"), ("medvlm", "qwen2", "lora"),
+    ("medvlm", "gpt2", "prefix"), ("medvlm", "llama", "prefix")])
+def test_kv_cache_matches_full_recomputation(study, method, family, adapter):
+    model = tiny_model(method, family, adapter=adapter)
+    got = tokens(model, study, max_new_tokens=12, **PLAIN)
+    assert got == full_recompute_greedy(model, study, 12)[: len(got)]
+    assert len(got) <= 12
+
+
+@pytest.mark.parametrize("method,adapter", [("prompt", "lora"), ("medvlm", "prefix")])
+@pytest.mark.parametrize("settings", [
+    dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3),
+    dict(max_new_tokens=20, do_sample=True, temperature=0.8, top_p=0.9, seed=3)])
+def test_stream_equals_generate(study, method, adapter, settings):
+    model = tiny_model(method, "gpt2", adapter=adapter)
+    s = GenerationSettings(**settings)
+    pieces = list(model.stream_report(study, s))
+    text = model.generate_report(study, s)
+    assert "".join(pieces) == text and text.strip()
+    if s.num_beams == 1:
+        assert len(pieces) > 1  # really streamed, token by token
+
+
+def test_sampling_is_seeded(study):
+    model = tiny_model("prompt", "gpt2")
+    a = GenerationSettings(max_new_tokens=15, do_sample=True, seed=1)
+    b = GenerationSettings(max_new_tokens=15, do_sample=True, seed=2)
+    assert model.generate_report(study, a) == model.generate_report(study, a)
+    assert tokens(model, study, max_new_tokens=15, do_sample=True, seed=1) != \
+        tokens(model, study, max_new_tokens=15, do_sample=True, seed=2) or \
+        model.generate_report(study, a) != model.generate_report(study, b)
+
+
+def test_no_repeat_ngram_is_applied(study):
+    model = tiny_model("prompt", "gpt2")
+    toks = tokens(model, study, max_new_tokens=40, repetition_penalty=1.0, no_repeat_ngram_size=2)
+    bigrams = list(zip(toks, toks[1:]))
+    assert len(bigrams) == len(set(bigrams))
+
+
+def test_prefix_tuning_generation_uses_the_prefix(study):
+    model = tiny_model("medvlm", "gpt2", adapter="prefix")
+    before = tokens(model, study, max_new_tokens=15, **PLAIN)
+    assert before == tokens(model, study, max_new_tokens=15, **PLAIN)
+    emb = model.lm.prompt_encoder["default"].embedding.weight
+    afters = []
+    for seed in (1, 2):
+        with torch.no_grad():
+            emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)) * 3)
+        afters.append(tokens(model, study, max_new_tokens=15, **PLAIN))
+    assert any(a != before for a in afters)
+
+
+def test_encoder_runs_once_per_study(study):
+    model = tiny_model("prompt", "gpt2")
+    calls = []
+    model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.analyze(study)
+    model.predict(study)
+    model.generate_report(study, GenerationSettings(max_new_tokens=5))
+    assert len(calls) == 1
+    other = study_from_arrays([np.zeros((64, 64), np.uint8)])
+    model.predict(other)
+    assert len(calls) == 2

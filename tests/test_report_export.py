@@ -1,0 +1,94 @@
+"""Report export: text, JSON and a FHIR R4 DiagnosticReport without patient identifiers."""
+import base64
+import json
+import re
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from mrg_core import report_export as rx
+
+TEXT = "Findings: patchy consolidation in the right lower lobe.\nImpression: pneumonia — é ü."
+INFO = {"name": "mrg-tiny", "version": "0.1.0", "trained_on": {"modality": "CT"},
+        "threshold": 0.5}
+SUMMARY = {"content_hash": "ab" * 32, "n_views": 2,
+           "views": [{"modality": "CT", "body_part": "CHEST", "rows": 64, "columns": 64}] * 2}
+WHEN = datetime(2026, 3, 4, 5, 6, 7, 890, tzinfo=timezone(timedelta(hours=1)))
+FHIR_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def fhir(**kw):
+    args = dict(final_text=TEXT, probability=0.873, threshold=0.5, model_info=INFO,
+                effective=WHEN, study_summary=SUMMARY)
+    args.update(kw)
+    return rx.to_fhir_diagnostic_report(**args)
+
+
+def test_fhir_structure():
+    r = fhir()
+    assert r["resourceType"] == "DiagnosticReport"
+    assert r["status"] == "final"
+    cat = r["category"][0]["coding"][0]
+    assert cat == {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
+                   "display": "Radiology"}
+    code = r["code"]["coding"][0]
+    assert code["system"] == "http://loinc.org" and code["code"] == "18748-4"
+    assert FHIR_DATETIME.match(r["effectiveDateTime"]) and FHIR_DATETIME.match(r["issued"])
+    assert r["effectiveDateTime"] == "2026-03-04T05:06:07+01:00"
+    assert r["conclusion"] == TEXT
+    # Model name/version and probability travel in an extension with an absolute URL.
+    ext = r["extension"][0]
+    assert ext["url"].startswith("http")
+    values = {e["url"]: next(v for k, v in e.items() if k.startswith("value"))
+              for e in ext["extension"]}
+    assert values["modelName"] == "mrg-tiny" and values["modelVersion"] == "0.1.0"
+    assert values["pneumoniaProbability"] == pytest.approx(0.873)
+    assert values["threshold"] == 0.5
+    json.dumps(r)  # JSON-serialisable as is
+
+
+def test_fhir_presented_form_base64_round_trip():
+    form = fhir()["presentedForm"][0]
+    assert form["contentType"] == "text/plain; charset=utf-8"
+    assert form["title"]
+    assert base64.b64decode(form["data"], validate=True).decode("utf-8") == TEXT
+
+
+def test_fhir_has_no_patient_identifiers():
+    r = fhir()
+    for key in ("subject", "identifier", "encounter", "performer", "basedOn", "specimen"):
+        assert key not in r
+    assert SUMMARY["content_hash"] not in json.dumps(r)
+
+
+def test_fhir_status_and_defaults():
+    r = fhir(status="preliminary", probability=None, threshold=None, model_info=None,
+             effective=None, study_summary=None)
+    assert r["status"] == "preliminary"
+    assert FHIR_DATETIME.match(r["effectiveDateTime"])
+    urls = [e["url"] for e in r["extension"][0]["extension"]]
+    assert "pneumoniaProbability" not in urls and "modelName" in urls
+    with pytest.raises(ValueError):
+        fhir(status="done")
+
+
+def test_naive_datetime_is_taken_as_utc():
+    r = fhir(effective=datetime(2026, 1, 2, 3, 4, 5))
+    assert r["effectiveDateTime"] == "2026-01-02T03:04:05+00:00"
+
+
+def test_text_export():
+    t = rx.to_text(TEXT, 0.873, 0.5, INFO, WHEN, SUMMARY, reviewer="Dr Who")
+    assert TEXT in t
+    assert "Pneumonia probability 0.87 (threshold 0.50 → positive)" in t
+    assert "mrg-tiny 0.1.0" in t and "Dr Who" in t and "CT CHEST, 2 view(s)" in t
+    assert "not for clinical use" in t
+
+
+def test_json_export():
+    doc = json.loads(rx.to_json(TEXT, 0.2, 0.5, INFO, WHEN, SUMMARY, reviewer="Dr Who",
+                                draft_text="draft"))
+    assert doc["report"] == TEXT and doc["draft"] == "draft"
+    assert doc["positive"] is False and doc["probability"] == 0.2
+    assert doc["model"]["version"] == "0.1.0" and doc["study"]["n_views"] == 2
+    assert doc["effective"] == "2026-03-04T05:06:07+01:00"

@@ -1,0 +1,243 @@
+"""The page's handlers with a real tiny model, a real SQLite file and real DICOM files."""
+import base64
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from mrg_core.engine import Engine
+from mrg_core.models import tiny_model
+from mrg_core.paths import SAMPLES_DIR
+from mrg_core.storage import Store
+from tests import factories
+from ui import handlers as h
+from ui.state import Session
+
+CT_SAMPLE = SAMPLES_DIR / "ct_phantom_covid.dcm"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(method="prompt", family="gpt2", seed=0)
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "reports.db"
+
+
+@pytest.fixture
+def engine(model, db_path):
+    store = Store(f"sqlite:///{db_path}", busy_timeout_s=0.3)
+    yield Engine(model, store)
+    store.close()
+
+
+@pytest.fixture
+def ct_session(engine):
+    s = Session()
+    assert h.load_files(engine, s, [str(CT_SAMPLE)]).ok
+    return s
+
+
+def stream_all(engine, s, editor=""):
+    ups = list(h.stream_draft(engine, s, editor))
+    assert ups[-1].done
+    return ups
+
+
+def test_load_analyse_render(engine):
+    s = Session()
+    res = h.load_sample(engine, s, str(CT_SAMPLE))
+    assert res.ok and res.n_views == 1 and res.is_ct
+    assert "CT" in res.message
+    a = h.analyze(engine, s)
+    assert a.warning is None  # the tiny model is trained on CT CHEST
+    p = s.analysis.probability
+    assert a.probability == (f"Pneumonia probability {p:.2f} (threshold 0.50 → "
+                             f"{'positive' if p >= 0.5 else 'negative'})")
+    view = s.study.views[0]
+    plain = h.render_view(engine, s, 0, "default", show_overlay=False)
+    assert plain.shape == (*view.display.shape, 3) and plain.dtype == np.uint8
+    assert np.array_equal(plain[..., 0], view.display)
+    over = h.render_view(engine, s, 0, "default", show_overlay=True, opacity=0.5)
+    assert over.shape == plain.shape and not np.array_equal(over, plain)
+    bone = h.render_view(engine, s, 0, "bone", show_overlay=False)
+    assert np.array_equal(bone[..., 0], view.windowed(400, 1800))
+    custom = h.render_view(engine, s, 0, "custom", 40, 400, show_overlay=False)
+    assert np.array_equal(custom[..., 0], view.windowed(40, 400))
+
+
+def test_probability_wording():
+    assert h.probability_text(0.873, 0.5) == \
+        "Pneumonia probability 0.87 (threshold 0.50 → positive)"
+    assert h.probability_text(0.2, 0.5).endswith("→ negative)")
+
+
+def test_stream_edit_save_history(engine, ct_session, db_path):
+    s = ct_session
+    h.analyze(engine, s)
+    ups = stream_all(engine, s)
+    editor_values = [u.editor for u in ups if u.editor is not None]
+    full = "".join(engine.stream_report(s.study))
+    assert len(editor_values) > 3  # it really streamed
+    assert editor_values[-1] == full == s.draft
+    assert all(full.startswith(v) for v in editor_values)  # each update extends the last
+    assert s.draft_timings["pieces"] > 0
+
+    edited = "Right lower lobe consolidation.\n" + full
+    out = h.save(engine, s, edited, "Dr Ada")
+    assert out.ok and out.message.startswith(f"Saved as correction #{s.last_save.correction_id}")
+
+    hist = h.history_markdown(engine, s)
+    assert f"| {s.last_save.correction_id} |" in hist and "Dr Ada" in hist
+    assert "+Right lower lobe consolidation." in hist and "--- model draft" in hist
+
+    with sqlite3.connect(db_path) as con:
+        final, reviewer, draft = con.execute(
+            "SELECT c.final_text, c.reviewer, d.text FROM corrections c "
+            "JOIN drafts d ON d.id = c.draft_id WHERE c.id = ?",
+            (s.last_save.correction_id,)).fetchone()
+    assert (final, reviewer, draft) == (edited, "Dr Ada", full)
+
+
+def test_empty_report_is_refused_readably(engine, ct_session):
+    out = h.save(engine, ct_session, "   \n", "Dr Ada")
+    assert not out.ok and "The report is empty" in out.message
+    assert "Traceback" not in out.message
+    assert h.history_markdown(engine, ct_session) == "No saved versions of this study yet."
+
+
+def test_locked_database_then_retry(engine, ct_session, db_path):
+    s = ct_session
+    assert h.save(engine, s, "First version.", "Dr Ada").ok  # schema exists now
+    text = "Second version, typed while the database was locked."
+    locker = sqlite3.connect(db_path, isolation_level=None, timeout=0.1)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        out = h.save(engine, s, text, "Dr Ada")
+        assert not out.ok
+        assert "busy" in out.message.lower() and "not lost" in out.message
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    out = h.save(engine, s, text, "Dr Ada")  # the same text, retried
+    assert out.ok
+    assert engine.history(s.study)[0].final_text == text
+
+
+def test_bad_files_give_readable_errors(engine, tmp_path):
+    s = Session()
+    junk = tmp_path / "notes.dcm"
+    junk.write_bytes(b"this is not an image at all" * 10)
+    res = h.load_files(engine, s, [str(junk)])
+    assert not res.ok and "notes.dcm" in res.message and "Traceback" not in res.message
+    nopix = tmp_path / "sr.dcm"
+    factories.write_no_pixels(nopix)
+    res = h.load_files(engine, s, [str(nopix)])
+    assert not res.ok and "without an image" in res.message
+    assert not h.load_files(engine, s, []).ok
+    assert s.study is None
+
+
+def test_out_of_domain_warning_for_cr(engine, tmp_path):
+    cr = tmp_path / "cr.dcm"
+    factories.write_mono1(cr)
+    s = Session()
+    assert h.load_files(engine, s, [str(cr)]).ok
+    a = h.analyze(engine, s)
+    assert a.warning and "CR" in a.warning and "CT" in a.warning
+    assert a.probability.startswith("Pneumonia probability")
+    assert 'role="alert"' in h.warning_html(a.warning)
+
+
+def test_edits_during_streaming_are_kept(engine, ct_session):
+    s = ct_session
+    gen = h.stream_draft(engine, s, "")
+    ups = [next(gen) for _ in range(4)]  # start + a few pieces into the editor
+    assert ups[-1].editor
+    mine = ups[-1].editor + " my own words"
+    h.note_edit(s, mine)  # the user types mid-stream
+    rest = list(gen)
+    restore = [u for u in rest if u.editor is not None]
+    assert [u.editor for u in restore] == [mine]  # given back once, never overwritten after
+    assert "your text was kept" in rest[-1].notice.lower()
+    full = "".join(engine.stream_report(s.study))
+    assert s.draft == full and s.latest == full
+    latest_updates = [u.latest for u in rest if u.latest is not None]
+    assert latest_updates[-1] == full
+    assert h.take_latest(s) == full  # explicit user choice only
+
+
+def test_own_text_before_generate_goes_to_latest_box(engine, ct_session):
+    s = ct_session
+    ups = stream_all(engine, s, editor="Dictated report.")
+    assert all(u.editor is None for u in ups)
+    assert s.latest and s.latest == s.draft
+    # After taking the draft, Regenerate may stream into the editor again.
+    taken = h.take_latest(s)
+    ups = stream_all(engine, s, editor=taken)
+    assert any(u.editor for u in ups)
+
+
+def test_stop_keeps_partial_text_and_allows_save(engine, ct_session):
+    s = ct_session
+    gen = h.stream_draft(engine, s, "")
+    ups = [next(gen) for _ in range(3)]
+    h.stop_message(s)
+    rest = list(gen)
+    assert "stopped" in rest[-1].notice
+    assert s.draft == ups[-1].editor and not s.streaming
+    assert h.save(engine, s, s.draft + " edited", "").ok  # blank reviewer is allowed
+
+
+def test_save_refused_while_streaming(engine, ct_session):
+    s = ct_session
+    gen = h.stream_draft(engine, s, "")
+    next(gen), next(gen)
+    out = h.save(engine, s, "text", "Dr Ada")
+    assert not out.ok and "still being generated" in out.message
+    gen.close()
+    assert not s.streaming
+    assert h.save(engine, s, "text", "Dr Ada").ok
+
+
+def test_no_model_state(db_path):
+    engine = Engine(None, Store(f"sqlite:///{db_path}"))
+    assert "No model loaded" in h.model_info_markdown(engine)
+    s = Session()
+    assert h.load_files(engine, s, [str(CT_SAMPLE)]).ok
+    assert "No model loaded" in h.analyze(engine, s).probability
+    assert h.render_view(engine, s).shape[-1] == 3
+    ups = list(h.stream_draft(engine, s, ""))
+    assert len(ups) == 1 and "No model loaded" in ups[0].notice
+    assert h.save(engine, s, "Written by hand.", "Dr Ada").ok
+    assert "written by hand" in h.history_markdown(engine, s)
+
+
+def test_model_info_line(engine):
+    line = h.model_info_markdown(engine)
+    assert "mrg" in line and "CT CHEST" in line and "not for clinical use" in line
+
+
+def test_export_files_without_phi(engine, tmp_path):
+    phi = tmp_path / "phi.dcm"
+    markers = factories.write_phi_dicom(phi)
+    s = Session()
+    res = h.load_files(engine, s, [str(phi)])
+    assert res.ok
+    a = h.analyze(engine, s)
+    stream_all(engine, s)
+    assert h.save(engine, s, "Clear lungs.", "Dr Ada").ok
+    paths, msg = h.export_files(engine, s, "Clear lungs.", "Dr Ada", tmp_path / "out")
+    assert len(paths) == 3 and "ready" in msg
+    texts = [open(p, encoding="utf-8").read() for p in paths]
+    page = " ".join([res.message, a.probability, a.warning or "", h.history_markdown(engine, s),
+                     *texts])
+    leaked = [m for m in markers if m in page]
+    assert not leaked
+    fhir = json.loads(texts[2])
+    assert fhir["resourceType"] == "DiagnosticReport" and fhir["status"] == "final"
+    assert base64.b64decode(fhir["presentedForm"][0]["data"]).decode() == "Clear lungs."
+    assert h.export_files(engine, s, " ", "x", tmp_path)[0] == []
