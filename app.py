@@ -71,7 +71,8 @@ def read_auth_file(path: Path | None) -> list[tuple[str, str]] | None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mrg_core.engine import Engine, EngineSettings
     from ui import build_app, launch_kwargs
 

@@ -1,4 +1,4 @@
-"""Training: tokenizer → compact causal LM pretraining → report model (frozen LM), with accelerate.
+"""Training: tokenizer → compact causal LM pretraining → report model (frozen LM), accelerate.
 
     python -m mrg_core train --config configs/default.json [--resume] [--out DIR] [--device auto]
     accelerate launch -m mrg_core train --config configs/default.json      # several GPUs
@@ -68,6 +68,7 @@ class LMPretrainConfig:
     max_length: int = 128
     warmup_ratio: float = 0.05
     covctr_repeat: int = 3  # target-domain (CT) text counts this many times vs IU X-ray text
+    iu_max_texts: int | None = None  # random subset of the IU X-ray reports (CPU time)
     max_texts: int | None = None  # cap (smoke runs)
 
 
@@ -138,7 +139,11 @@ def lm_texts(cfg: TrainConfig, train: list[Example]) -> list[str]:
     if iu:
         path = data_dir() / "iu_reports" / "iu_reports.csv" if iu == "default" else Path(iu)
         if path.is_file():
-            texts += [clean_report(t) for t in iu_report_texts(path)]
+            iu_texts = iu_report_texts(path)
+            if cfg.lm_pretrain.iu_max_texts is not None:
+                random.Random(cfg.seed).shuffle(iu_texts)
+                iu_texts = iu_texts[: cfg.lm_pretrain.iu_max_texts]
+            texts += [clean_report(t) for t in iu_texts]
         elif iu != "default":
             raise FileNotFoundError(f"IU reports file {path} not found")
     texts = [t for t in texts if t]
@@ -175,13 +180,16 @@ def pretrain_lm(cfg: TrainConfig, lm_cfg, texts: list[str], out: Path, accelerat
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
         return ids, mask, ids.masked_fill(mask == 0, -100)
 
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(encoded, batch_size=p.batch_size, shuffle=True,
-                                         collate_fn=collate, generator=g)
+    batches = LengthGroupedBatches([len(x) for x in encoded], p.batch_size, cfg.seed)
+    loader = torch.utils.data.DataLoader(encoded, collate_fn=collate, batch_sampler=batches)
     opt = torch.optim.AdamW(lm.parameters(), lr=p.lr, weight_decay=0.01)
     total = max(1, p.epochs * len(loader))
     sched = get_cosine_schedule_with_warmup(opt, int(p.warmup_ratio * total), total)
-    lm, opt, loader, sched = accelerator.prepare(lm, opt, loader, sched)
+    # Runs on the main process only (others wait), so no DDP here: plain device placement, and
+    # bf16 autocast on CUDA when available (no loss scaler needed, unlike fp16).
+    dev = accelerator.device
+    lm.to(dev)
+    use_bf16 = cfg.amp and dev.type == "cuda" and torch.cuda.is_bf16_supported()
     rows = []
     lm.train()
     for epoch in range(p.epochs):
@@ -189,9 +197,11 @@ def pretrain_lm(cfg: TrainConfig, lm_cfg, texts: list[str], out: Path, accelerat
         bar = tqdm(loader, desc=f"LM pretrain {epoch + 1}/{p.epochs}",
                    disable=not accelerator.is_local_main_process)
         for ids, mask, labels in bar:
-            loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(lm.parameters(), 1.0)
+            ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
             opt.step()
             sched.step()
             opt.zero_grad()
@@ -199,12 +209,34 @@ def pretrain_lm(cfg: TrainConfig, lm_cfg, texts: list[str], out: Path, accelerat
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
     out.mkdir(parents=True, exist_ok=True)
-    lm = accelerator.unwrap_model(lm)
-    accelerator.free_memory()  # forget lm/opt/sched: save_state must hold the report model only
-    lm.save_pretrained(out)
+    lm.to("cpu").save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "pretrain_history.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length (far less padding: report lengths vary 10-250 tokens), in a new
+    shuffled order each epoch; lengths are sorted within windows of 50 batches so epochs mix."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        self.epoch += 1
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        window = self.batch_size * 50
+        batches = []
+        for i in range(0, len(idx), window):
+            chunk = sorted(idx[i:i + window], key=lambda j: self.lengths[j])
+            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
 
 
 def load_lm(folder: str | Path):
@@ -212,6 +244,11 @@ def load_lm(folder: str | Path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    # real pretrained LMs (GPT-2...) often lack BOS/PAD: the report model needs both
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, lm
 
 
@@ -292,7 +329,8 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         if self.balanced:
-            return iter(torch.multinomial(self.weights, len(self.labels), True, generator=g).tolist())
+            draw = torch.multinomial(self.weights, len(self.labels), True, generator=g)
+            return iter(draw.tolist())
         return iter(torch.randperm(len(self.labels), generator=g).tolist())
 
 

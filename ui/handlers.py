@@ -178,14 +178,16 @@ def _is_ct(study) -> bool:
 
 @dataclass
 class StreamUpdate:
-    editor: str | None  # new editor text, or None = leave the editor alone
-    latest: str | None  # text for the read-only "Latest draft" box, or None = hidden/unchanged
+    editor: str | None  # new editor text, or None = leave the editor's text alone
+    latest: str | None  # text for the read-only "Latest draft" box, or None = unchanged
     notice: str
     done: bool = False
+    editor_locked: bool | None = None  # True/False = make the editor read-only/editable
 
 
 KEPT_NOTICE = ("Your text in the editor was kept. The new draft is in **Latest draft** below; "
                "use *Replace editor with latest draft* if you want it.")
+LOCKED_NOTICE = "Generating draft… the editor unlocks when it is done (or press Stop)."
 
 
 def note_edit(session: Session, text: str) -> None:
@@ -201,9 +203,12 @@ def request_stop(session: Session) -> None:
 
 def stream_draft(engine: Engine, session: Session, editor_text: str = "",
                  settings=None) -> Iterator[StreamUpdate]:
-    """Stream a draft. It goes into the editor only while the editor holds nothing but model
-    text; once the user has their own text there (typed before or during the stream), the draft
-    goes to the "Latest draft" box and the user's text is left as it is."""
+    """Stream a draft without ever overwriting the user's words.
+
+    If the editor is empty or holds only model text, the draft streams into it and the editor
+    is read-only meanwhile (so no keystroke can race a streamed piece). If the editor holds the
+    user's own text, the draft streams into the read-only "Latest draft" box instead. Should an
+    edit still arrive during a stream (note_edit), the stream leaves the editor at once."""
     if session.study is None:
         yield StreamUpdate(None, None, "Load a study first.", done=True)
         return
@@ -220,11 +225,11 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     pieces = engine.stream_report(session.study, settings)
     stopped = False
     try:
-        yield StreamUpdate(
-            "" if into_editor else None, None if into_editor else "",
-            "Generating draft…" if into_editor else f"Generating draft… {KEPT_NOTICE}")
         if into_editor:
             session.editor_shadow = ""
+            yield StreamUpdate("", None, LOCKED_NOTICE, editor_locked=True)
+        else:
+            yield StreamUpdate(None, "", f"Generating draft… {KEPT_NOTICE}")
         for piece in pieces:
             if session.stop_requested or session.stream_count != me:
                 stopped = True
@@ -233,13 +238,13 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
             n += 1
             first = first or time.perf_counter() - t0
             if into_editor and session.user_edited:
-                # The user typed while we streamed: give their text back once, then stay out.
-                into_editor = False
+                into_editor = False  # the user's text wins; the draft moves to the side box
                 session.latest = text
-                yield StreamUpdate(session.user_text, text, f"Generating draft… {KEPT_NOTICE}")
+                yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}",
+                                   editor_locked=False)
             elif into_editor:
                 session.editor_shadow = text
-                yield StreamUpdate(text, None, "Generating draft…")
+                yield StreamUpdate(text, None, LOCKED_NOTICE)
             else:
                 session.latest = text
                 yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}")
@@ -247,7 +252,7 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
         log.exception("draft generation failed")
         yield StreamUpdate(None, None, "**The draft could not be generated.** Any text in the "
                                        "editor is kept; you can write the report by hand.",
-                           done=True)
+                           done=True, editor_locked=False)
         return
     finally:
         pieces.close()  # releases the engine's model lock at once on Stop / cancel
@@ -260,7 +265,7 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
     yield StreamUpdate(None, None, f"Draft {state} {where}: {len(text.split())} words in "
                                    f"{session.draft_timings['generate_s']:.1f} s. Review and "
-                                   "edit it, then Save.", done=True)
+                                   "edit it, then Save.", done=True, editor_locked=False)
 
 
 def stop_message(session: Session) -> str:

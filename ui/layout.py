@@ -17,7 +17,10 @@ CSS = """
             padding: 0.7rem 0.9rem; font-weight: 600;}
 #probability {font-size: 1.15rem;}
 #probability p {font-weight: 600;}
+#probability {padding: 0.2rem 0.1rem;}
 #history table {font-size: 0.9rem;}
+#history pre, #history code {white-space: pre-wrap; word-break: break-word;}
+#load-sample {align-self: stretch; min-height: 100%;}
 """
 
 
@@ -53,7 +56,7 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
                     files = gr.File(label="Study files (DICOM, PNG or JPEG; several = one study)",
                                     file_count="multiple", file_types=h.FILE_TYPES,
                                     height=120, elem_id="upload")
-                    with gr.Row():
+                    with gr.Row(equal_height=True):
                         samples = h.list_samples()
                         sample = gr.Dropdown(samples, value=samples[0][1] if samples else None,
                                              label="Synthetic sample study", scale=3,
@@ -151,7 +154,10 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
             inner = h.stream_draft(engine, s, text, settings)
             try:
                 for u in inner:
-                    yield (gr.update() if u.editor is None else u.editor,
+                    ed = {} if u.editor is None else {"value": u.editor}
+                    if u.editor_locked is not None:
+                        ed["interactive"] = not u.editor_locked
+                    yield (gr.update(**ed),
                            gr.update() if u.latest is None else u.latest,
                            gr.update() if u.latest is None else gr.update(visible=True),
                            u.notice)
@@ -166,7 +172,8 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
                                concurrency_id="model")
         regen_ev = regen_btn.click(regenerate, [session, editor], stream_outputs,
                                    show_progress="hidden", concurrency_id="model")
-        stop_btn.click(h.stop_message, session, notice, queue=False, cancels=[gen_ev, regen_ev])
+        stop_btn.click(lambda s: (h.stop_message(s), gr.update(interactive=True)), session,
+                       [notice, editor], queue=False, cancels=[gen_ev, regen_ev])
         editor.input(h.note_edit, [session, editor], None, queue=False, show_progress="hidden")
         use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False)), session,
                          [editor, latest_box], queue=False)

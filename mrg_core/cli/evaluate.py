@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from mrg_core.data import load_splits
-    from mrg_core.evaluation.runner import evaluate_model
+    from mrg_core.evaluation.runner import json_safe, evaluate_model
     from mrg_core.models import GenerationSettings, ReportModel
 
     splits = load_splits(args.data)
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                        split=args.split, history=history, meteor=not args.no_meteor,
                        clinical=not args.no_clinical)
     row = m["systems"]["model"]
-    print(json.dumps({"out": args.out, "BLEU_4": row.get("BLEU_4"), "METEOR": row.get("METEOR"),
-                      "auc": m["classifier"].get("auc"), "seconds": m["seconds"]}))
+    print(json.dumps(json_safe({"out": args.out, "BLEU_4": row.get("BLEU_4"),
+                                "METEOR": row.get("METEOR"), "auc": m["classifier"].get("auc"),
+                                "seconds": m["seconds"]})))
     return 0

@@ -113,7 +113,7 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
                                                         out_dir / "training_curves.png").name
     metrics["plots"] = plots
     metrics["seconds"] = round(time.time() - t0, 1)
-    (out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
     (out_dir / "metrics.md").write_text(metrics_markdown(metrics))
     with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
         for ex in examples:
@@ -161,11 +161,11 @@ def metrics_markdown(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(x):
+def json_safe(x):
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return None if math.isnan(float(x)) else float(x)
     if isinstance(x, np.integer):

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
-    """(url, sqlite path) of the real page, with a tiny model loaded from a folder."""
+    """(url, sqlite path, engine) of the real page, with a tiny model loaded from a folder."""
     from mrg_core.engine import Engine, EngineSettings
     from mrg_core.models import tiny_model
     from ui import build_app, launch_kwargs
@@ -49,7 +49,7 @@ def served_app(tmp_path_factory):
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1",
                         server_port=_free_port(), quiet=True, **launch_kwargs(engine))
     try:
-        yield demo.local_url, db
+        yield demo.local_url, db, engine
     finally:
         demo.close()
         engine.store.close()

@@ -1,4 +1,6 @@
-"""The whole radiologist flow in a real headless Chromium: upload → look → draft → edit → save."""
+"""The radiologist flow in a real headless Chromium: upload → look → draft → edit → save."""
+import base64
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ def wait_text(page, selector: str, text: str):
 
 def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     t0 = time.perf_counter()
-    url, db = served_app
+    url, db, _ = served_app
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     outside = []  # the page must not reach anything but the app itself
     page.on("request", lambda r: outside.append(r.url)
@@ -52,6 +54,7 @@ def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     warn_y = page.locator("#domain-warning").bounding_box()["y"]
     assert warn_y < page.locator("#probability").bounding_box()["y"]
     page.locator("#viewer img").first.wait_for(timeout=WAIT_MS)
+    page.screenshot(path=str(artifacts / "out_of_domain.png"))
 
     # 2. The CT sample (in domain): probability, overlay image, no warning.
     page.locator("#upload button[aria-label='Clear']").first.click()
@@ -80,7 +83,18 @@ def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     assert editor.input_value() == final  # saving never changes the editor
     page.screenshot(path=str(artifacts / "after_save.png"), full_page=True)
 
-    # 5. The row is in the database file.
+    # 5. Export: the FHIR file downloads and carries the saved text.
+    page.get_by_text("Export", exact=True).click()
+    page.locator("#export").click()
+    fhir_btn = page.get_by_role("button", name="FHIR R4")
+    fhir_btn.wait_for(timeout=WAIT_MS)
+    with page.expect_download(timeout=WAIT_MS) as dl:
+        fhir_btn.click()
+    doc = json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
+    assert doc["resourceType"] == "DiagnosticReport" and doc["status"] == "final"
+    assert base64.b64decode(doc["presentedForm"][0]["data"]).decode("utf-8") == final
+
+    # 6. The row is in the database file.
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT c.final_text, c.reviewer, d.text, d.model_name FROM "
                            "corrections c JOIN drafts d ON d.id = c.draft_id").fetchall()
@@ -88,3 +102,67 @@ def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     assert not outside, f"the page made outside requests: {outside[:5]}"
     page.close()
     assert time.perf_counter() - t0 < 90
+
+
+def test_streaming_never_overwrites_the_users_text(browser, served_app, monkeypatch):
+    """Slowed-down streams: the editor is read-only while a draft streams into it, and a
+    Regenerate after the user has typed goes to the Latest draft box, not over their text."""
+    url, _, engine = served_app
+    real = engine.stream_report
+
+    def slow(study, settings=None):
+        for piece in real(study, settings):
+            time.sleep(0.03)
+            yield piece
+
+    monkeypatch.setattr(engine, "stream_report", slow)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#sample input").click()
+    page.get_by_role("option", name="ct_phantom_covid.dcm").click()
+    page.locator("#load-sample").click()
+    wait_text(page, "#load-message", "ct_phantom_covid.dcm")
+    wait_text(page, "#probability", "Pneumonia probability")
+
+    editor = page.locator("#editor textarea")
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#editor textarea').value.length > 20",
+                           timeout=WAIT_MS)
+    assert not editor.is_editable()  # locked while streaming: no keystroke can be lost
+    wait_text(page, "#draft-notice", "Draft ready")
+    page.wait_for_function("() => !document.querySelector('#editor textarea').disabled",
+                           timeout=WAIT_MS)
+
+    editor.click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type(" MY OWN WORDS", delay=10)
+    mine = editor.input_value()
+    assert mine.endswith(" MY OWN WORDS")
+    page.locator("#regenerate").click()
+    wait_text(page, "#draft-notice", "your text was kept")
+    # While the new draft streams, keep typing: nothing may be lost.
+    editor.click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type(" AND MORE", delay=10)
+    wait_text(page, "#draft-notice", "Draft ready in Latest draft")
+    assert editor.input_value() == mine + " AND MORE"
+    latest = page.locator("#latest-draft textarea").input_value()
+    assert len(latest.split()) > 5
+    page.get_by_role("button", name="Replace editor with latest draft").click()
+    page.wait_for_function("(t) => document.querySelector('#editor textarea').value === t",
+                           arg=latest, timeout=WAIT_MS)
+
+    # Stop mid-stream: the editor unlocks with the partial draft, and the model is free again.
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#editor textarea').disabled",
+                           timeout=WAIT_MS)
+    page.locator("#stop").click()
+    wait_text(page, "#draft-notice", "Draft stopped")
+    page.wait_for_function("() => !document.querySelector('#editor textarea').disabled",
+                           timeout=WAIT_MS)
+    partial = editor.input_value()
+    assert partial and "Draft stopped" in page.locator("#draft-notice").inner_text()
+    page.locator("#generate").click()  # the partial draft is model text: streams into the editor
+    wait_text(page, "#draft-notice", "Draft ready in the editor")
+    assert len(editor.input_value()) > len(partial)
+    page.close()
