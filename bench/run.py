@@ -42,7 +42,7 @@ def make_study_files(folder: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):
         p = folder / f"ct_{i}.dcm"
-        write_ct_dicom(p, make_ct_phantom(seed=100 + i, covid=bool(i % 2)), seed=100 + i)
+        write_ct_dicom(p, make_ct_phantom(seed=100 + i, covid=bool(i % 2)), seed=f"bench{i}")
         paths.append(p)
     return paths
 

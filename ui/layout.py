@@ -133,16 +133,18 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
             return gr.update(visible=bool(a.warning), value=h.warning_html(a.warning)), \
                 a.probability
 
-        def after_load(event):
+        def after_load(event, name):
+            # Named endpoints let scripts (bench/app_load.py) drive the same path as the page.
             (event.then(render, view_inputs, image, show_progress="hidden")
-             .then(analyze, session, [warning, probability])
+             .then(analyze, session, [warning, probability], api_name=f"analyze_{name}")
              .then(render, view_inputs, image, show_progress="hidden")
              .then(lambda s: h.history_markdown(engine, s), session, history))
 
         after_load(files.upload(lambda s, f: on_loaded(s, h.load_files(engine, s, f)),
-                                [session, files], load_outputs))
+                                [session, files], load_outputs, api_name="load_files"), "files")
         after_load(sample_btn.click(lambda s, p: on_loaded(s, h.load_sample(engine, s, p)),
-                                    [session, sample], load_outputs))
+                                    [session, sample], load_outputs, api_name="load_sample"),
+                   "sample")
 
         for ctl in (view_idx, show_overlay, opacity, centre, width):
             ctl.change(render, view_inputs, image, show_progress="hidden")
@@ -169,7 +171,7 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
 
         stream_outputs = [editor, latest, latest_box, notice]
         gen_ev = gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
-                               concurrency_id="model")
+                               concurrency_id="model", api_name="generate")
         regen_ev = regen_btn.click(regenerate, [session, editor], stream_outputs,
                                    show_progress="hidden", concurrency_id="model")
         stop_btn.click(lambda s: (h.stop_message(s), gr.update(interactive=True)), session,
