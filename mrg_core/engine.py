@@ -166,3 +166,38 @@ class Engine:
         from mrg_core.explain import overlay
 
         return overlay(display, heatmap, opacity)
+
+    # ----- model versions (finetune) --------------------------------------------------------
+    # Admin actions: list versions on disk, switch the live model, fine-tune a new version from
+    # the stored corrections. draft_record() already stamps every draft with name + version.
+    model_dir: Path | None = None  # folder of the live model, when known (switch_model sets it)
+
+    def list_models(self, roots: list[Path] | None = None) -> list:
+        """list[registry.ModelVersion] under the default model folder and the models folder."""
+        from mrg_core.registry import list_model_versions
+
+        return list_model_versions(roots)
+
+    def switch_model(self, path) -> dict:
+        """Load the version in `path` and make it the live model; returns its info."""
+        from mrg_core.models import ReportModel
+
+        path = Path(path)
+        device = None if self.model is None else self.model.device
+        model = ReportModel.from_pretrained(path, device=device)  # outside the lock: drafts go on
+        with self._model_lock:
+            self.model, self.model_dir = model, path.resolve()
+        return dict(model.info)
+
+    def finetune(self, out_dir=None, cfg=None):
+        """Fine-tune the live model on every stored correction -> finetune.FinetuneResult.
+        Takes minutes: call it from a worker thread. The live model is not switched."""
+        from mrg_core.finetune import finetune_from_store
+
+        model = self._require_model()
+        base = self.model_dir
+        if base is None:  # loaded by from_settings: find its folder by name + version
+            info = model.info
+            base = next((m.path for m in self.list_models()
+                         if (m.name, m.version) == (info["name"], info["version"])), None)
+        return finetune_from_store(self.store, base if base is not None else model, out_dir, cfg)

@@ -153,6 +153,16 @@ def _group(model, name: str) -> str:
     return "projection" if name.startswith(proj) else "prompts"
 
 
+def check_adapter(model, cfg: FinetuneConfig) -> None:
+    from peft import PeftModel
+
+    if cfg.adapter == "prefix" and model.config.method != "medvlm" \
+            and not isinstance(model.lm, PeftModel):
+        raise ValueError("Prefix tuning of a prompt/promptbook model cannot be saved in a form "
+                         "ReportModel.from_pretrained reloads (it cannot be merged into the "
+                         "weights); use adapter 'lora' for this model.")
+
+
 def add_adapter(model, cfg: FinetuneConfig):
     """Attach cfg.adapter to the model's LM. Returns (model, how, built_flags): how is
     "merge-lora" | "existing" | "rebuilt-prefix" | "none"; built_flags are the requires_grad
@@ -175,16 +185,15 @@ def add_adapter(model, cfg: FinetuneConfig):
         model.lm = add_lora(model.lm, lcfg, model.family)
         model.config.lm.path = None  # merged weights must travel in lm/, not by reference
         return model, "merge-lora", flags
-    if model.config.method != "medvlm":
-        raise ValueError("Prefix tuning of a prompt/promptbook model cannot be saved in a form "
-                         "ReportModel.from_pretrained reloads (it cannot be merged into the "
-                         "weights); use adapter 'lora' for this model.")
+    check_adapter(model, cfg)
     new_cfg = copy.deepcopy(model.config)
     new_cfg.medvlm.adapter = "prefix"
     new_cfg.lm.path = None
     new = ReportModel.build(new_cfg, model.tokenizer, lm=model.base_lm).to(model.device)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("lm.")}
-    new.load_state_dict(state, strict=False)
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("lm.") for k in missing):
+        raise RuntimeError(f"rebuilding for prefix tuning lost weights: {missing[:5]}")
     return new.eval(), "rebuilt-prefix", {n: p.requires_grad for n, p in new.named_parameters()}
 
 
@@ -312,7 +321,8 @@ def text_metrics(refs: dict, hyps: dict, drafts: dict | None = None) -> dict:
     if drafts:
         added, removed = [], []
         for i in ids:
-            ref, draft, hyp = set(_words(refs[i])), set(_words(drafts.get(i, ""))), set(_words(hyps[i]))
+            ref, hyp = set(_words(refs[i])), set(_words(hyps[i]))
+            draft = set(_words(drafts.get(i, "")))
             if ref - draft:
                 added.append(len((ref - draft) & hyp) / len(ref - draft))
             if draft - ref:
@@ -406,6 +416,7 @@ def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | Non
         raise FileExistsError(f"{out_dir} exists and is not empty: choose a new folder")
 
     base_model, base_folder = _load_base(base_dir, cfg.device)
+    check_adapter(base_model, cfg)  # before minutes of evaluation
     parent = {"name": base_model.config.name, "version": base_model.config.version,
               "folder": str(base_folder) if base_folder else None,
               "weights_sha256": weights_sha256(base_model)}
