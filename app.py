@@ -2,9 +2,11 @@
 
     python app.py [--host 127.0.0.1] [--port 7860] [--model-dir assets/model]
                   [--db-url sqlite:///mrg_studio.db] [--auth-file users.txt]
+                  [--max-upload-mb 256]
 
 Every flag has an environment variable (MRG_HOST, MRG_PORT or GRADIO_SERVER_PORT, MRG_MODEL_DIR,
-MRG_DB_URL, MRG_AUTH_FILE). The auth file holds one `user:password` per line.
+MRG_DB_URL, MRG_AUTH_FILE, MRG_MAX_UPLOAD_MB). The auth file holds `user:<pbkdf2 hash>` lines
+made with `python -m mrg_core.auth add-user FILE USER`; plain-text passwords are refused.
 """
 from __future__ import annotations
 
@@ -48,38 +50,48 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SQLAlchemy database URL (env MRG_DB_URL; default a SQLite file in "
                         "the repository)")
     p.add_argument("--auth-file", type=Path, default=env("MRG_AUTH_FILE") or None,
-                   help="optional file of user:password lines; sign-in required when given "
-                        "(env MRG_AUTH_FILE)")
+                   help="optional file of user:<pbkdf2 hash> lines (python -m mrg_core.auth "
+                        "add-user); sign-in required when given (env MRG_AUTH_FILE)")
+    p.add_argument("--max-upload-mb", type=float,
+                   default=float(env("MRG_MAX_UPLOAD_MB") or 256),
+                   help="largest file accepted, in MiB; the upload and the loader use the same "
+                        "limit (env MRG_MAX_UPLOAD_MB; default 256)")
     return p.parse_args(argv)
 
 
-def read_auth_file(path: Path | None) -> list[tuple[str, str]] | None:
-    if path is None:
-        return None
-    pairs = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            user, sep, password = line.partition(":")
-            if not sep or not user or not password:
-                raise SystemExit(f"{path}: each line must be user:password")
-            pairs.append((user.strip(), password))
-    if not pairs:
-        raise SystemExit(f"{path}: no user:password line found")
-    return pairs
+def read_auth_file(path: Path | None):
+    """The Gradio auth callable for the file, or None. Exits with a readable error on a
+    plain-text password or a malformed line (the message never repeats a password)."""
+    from mrg_core.auth import AuthFileError, load_auth
+
+    try:
+        return load_auth(path)
+    except AuthFileError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def load_limits(max_upload_mb: float):
+    """One limit for both Gradio's upload (launch max_file_size) and the loader."""
+    from mrg_core.io import LoadLimits
+
+    if max_upload_mb <= 0:
+        raise SystemExit("error: --max-upload-mb must be positive")
+    return LoadLimits(max_file_bytes=int(max_upload_mb * 2**20))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mrg_core.logging_setup import configure
+
+    configure(logging.INFO)  # stderr; see logging_setup for what may be logged
+    auth = read_auth_file(args.auth_file)  # before the model load: fail fast
     from mrg_core.engine import Engine, EngineSettings
     from ui import build_app, launch_kwargs
 
     model_dir = args.model_dir if args.model_dir.is_absolute() else Path.cwd() / args.model_dir
-    settings = EngineSettings(model_dir=model_dir, database_url=args.db_url)
+    settings = EngineSettings(model_dir=model_dir, database_url=args.db_url,
+                              limits=load_limits(args.max_upload_mb))
     engine = Engine.from_settings(settings)
-    auth = read_auth_file(args.auth_file)
     demo = build_app(engine, auth=auth)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, auth=auth, **launch_kwargs(engine))

@@ -105,3 +105,16 @@ def test_encoder_runs_once_per_study(study):
     other = study_from_arrays([np.zeros((64, 64), np.uint8)])
     model.predict(other)
     assert len(calls) == 2
+
+
+def test_encode_cache_is_a_bounded_lru():
+    from mrg_core.models.report_model import CACHE_SIZE
+    model = tiny_model("prompt", "gpt2")
+    studies = [study_from_arrays([np.full((64, 64), i, np.uint8)]) for i in range(CACHE_SIZE + 2)]
+    for st in studies:
+        model.encode(st)
+    assert len(model._cache) == CACHE_SIZE
+    assert studies[0].content_hash not in model._cache
+    assert studies[-1].content_hash in model._cache
+    model.to("cpu")  # moving the model drops cached tensors that would not follow
+    assert len(model._cache) == 0

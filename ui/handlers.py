@@ -9,6 +9,7 @@ import difflib
 import html
 import logging
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +83,13 @@ def load_files(engine: Engine, session: Session, files) -> Loaded:
         study = engine.load(files)
     except StudyLoadError as exc:
         return Loaded(False, f"**Could not load the study.** {_md(exc.message)}")
-    except Exception:  # never a traceback on the page
-        log.exception("unexpected error while loading a study")
+    except Exception as exc:  # never a traceback on the page
+        log_failure("loading a study", exc)
         return Loaded(False, "**Could not load the study.** The file could not be read; "
                              "please export it again as DICOM, PNG or JPEG.")
     names = ", ".join(_name(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
     session.reset_study(study, names)
+    log.info("study %s loaded: %s", study.content_hash[:10], study_description(study))
     return Loaded(True, f"Loaded {_md(names)}: {study_description(study)}.",
                   n_views=len(study.views), is_ct=_is_ct(study))
 
@@ -124,8 +126,8 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
         session.analysis = a = engine.analyze(session.study)
     except ModelNotLoaded:
         return AnalysisView(None, NO_MODEL)
-    except Exception:
-        log.exception("analysis failed")
+    except Exception as exc:
+        log_failure("analysis", exc)
         return AnalysisView(engine.domain_warning(session.study),
                             "**The model could not analyse this study.** The images can still "
                             "be read and a report written by hand.")
@@ -248,8 +250,8 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
             else:
                 session.latest = text
                 yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}")
-    except Exception:
-        log.exception("draft generation failed")
+    except Exception as exc:
+        log_failure("draft generation", exc)
         yield StreamUpdate(None, None, "**The draft could not be generated.** Any text in the "
                                        "editor is kept; you can write the report by hand.",
                            done=True, editor_locked=False)
@@ -262,6 +264,8 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
             session.draft_timings = {"generate_s": round(time.perf_counter() - t0, 3),
                                      "first_piece_s": round(first or 0.0, 3), "pieces": n}
     state = "stopped" if stopped else "ready"
+    log.info("draft %s: %d words in %.1f s", state, len(text.split()),
+             session.draft_timings["generate_s"])  # never the text itself
     where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
     yield StreamUpdate(None, None, f"Draft {state} {where}: {len(text.split())} words in "
                                    f"{session.draft_timings['generate_s']:.1f} s. Review and "
@@ -313,11 +317,13 @@ def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> Sa
         result = engine.save(session.study, draft, final_text or "", reviewer or "")
     except (InvalidCorrection, StoreError) as exc:
         return SaveOutcome(False, f"**Not saved.** {_md(exc.message)}")
-    except Exception:
-        log.exception("unexpected error while saving")
+    except Exception as exc:
+        log_failure("saving", exc)
         return SaveOutcome(False, "**Not saved.** Something went wrong while saving. Your text "
                                   "was not lost — copy it and try Save again.")
     session.last_save = result
+    log.info("saved correction #%s (model %s %s)", result.correction_id, draft.model_name,
+             draft.model_version)
     when = result.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     return SaveOutcome(True, f"Saved as correction #{result.correction_id} ({when}).")
 
@@ -387,6 +393,13 @@ def export_files(engine: Engine, session: Session, final_text: str, reviewer: st
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def log_failure(what: str, exc: BaseException) -> None:
+    """Log where it failed (exception type + code frames), never the message: a decoder's or
+    database's message can quote header values, file names or report text."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unexpected %s error during %s\n%s", type(exc).__name__, what, frames.rstrip())
+
 
 def _name(source) -> str:
     if isinstance(source, tuple):

@@ -8,6 +8,7 @@ import gradio as gr
 from mrg_core.engine import Engine
 
 from . import handlers as h
+from . import models_panel as mp
 from .state import Session
 
 CSS = """
@@ -37,9 +38,10 @@ def launch_kwargs(engine: Engine) -> dict:
             "max_file_size": engine.limits.max_file_bytes, "footer_links": []}
 
 
-def build_app(engine: Engine, auth=None) -> gr.Blocks:
-    """`auth` (list of (user, password)) is applied at launch; here it only makes the signed-in
-    user the default reviewer name."""
+def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
+    """`auth` (Gradio's auth callable) is applied at launch; here it makes the signed-in user
+    the reviewer: shown in a locked box, and taken from the login on Save whatever the box says.
+    `model_roots`: where the Model panel looks for versions (None = registry defaults)."""
     export_dir = tempfile.mkdtemp(prefix="mrg_export_")
 
     with gr.Blocks(title="MRG Studio", analytics_enabled=False) as demo:
@@ -47,7 +49,7 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
 
         gr.Markdown("# MRG Studio\nChest study → pneumonia probability, Grad-CAM and a draft "
                     "report for the radiologist to correct.", elem_id="mrg-header")
-        gr.Markdown(h.model_info_markdown(engine), elem_id="model-info")
+        model_info = gr.Markdown(h.model_info_markdown(engine), elem_id="model-info")
 
         with gr.Row(equal_height=False):
             # ------------------------------------------------------------ left: load + look
@@ -94,8 +96,9 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
                                         lines=6, interactive=False, elem_id="latest-draft")
                     use_latest = gr.Button("Replace editor with latest draft", size="sm")
                 with gr.Row():
-                    reviewer = gr.Textbox(label="Reviewer", placeholder="Your name", scale=3,
-                                          elem_id="reviewer")
+                    reviewer = gr.Textbox(label="Reviewer" + (" (signed in)" if auth else ""),
+                                          placeholder="Your name", scale=3,
+                                          interactive=not auth, elem_id="reviewer")
                     save_btn = gr.Button("Save report", variant="primary", scale=1,
                                          elem_id="save")
                 save_msg = gr.Markdown(elem_id="save-message")
@@ -108,6 +111,15 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
                     export_msg = gr.Markdown()
                 with gr.Accordion("History of this study", open=True):
                     history = gr.Markdown("No study loaded.", elem_id="history")
+                with gr.Accordion("Model (admin)", open=False, elem_id="model-admin"):
+                    choices = mp.model_choices(engine, model_roots)
+                    version = gr.Dropdown(choices, value=choices[0][1] if choices else None,
+                                          label="Model versions on disk", elem_id="model-version")
+                    with gr.Row():
+                        use_btn = gr.Button("Use this model", size="sm", elem_id="use-model")
+                        ft_btn = gr.Button("Fine-tune on saved corrections", size="sm",
+                                           elem_id="finetune")
+                    model_msg = gr.Markdown(elem_id="model-message")
 
         # ---------------------------------------------------------------- wiring
         view_inputs = [session, view_idx, preset, centre, width, show_overlay, opacity]
@@ -180,14 +192,18 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
         use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False)), session,
                          [editor, latest_box], queue=False)
 
-        def save(s, text, who):
+        def save(s, text, who, request: gr.Request):
+            if auth:  # the login is the reviewer; a value sent for the locked box is ignored
+                who = getattr(request, "username", None) or ""
             out = h.save(engine, s, text, who)
             return out.message, h.history_markdown(engine, s) if out.ok else gr.update()
 
         save_btn.click(save, [session, editor, reviewer], [save_msg, history],
                        concurrency_id="db")
 
-        def export(s, text, who):
+        def export(s, text, who, request: gr.Request):
+            if auth:
+                who = getattr(request, "username", None) or ""
             paths, msg = h.export_files(engine, s, text, who, export_dir)
             if not paths:
                 hide = gr.update(visible=False)
@@ -197,7 +213,37 @@ def build_app(engine: Engine, auth=None) -> gr.Blocks:
         export_btn.click(export, [session, editor, reviewer], [dl_txt, dl_json, dl_fhir,
                                                               export_msg])
 
-        if auth:  # signed-in user = default reviewer name
+        # ---------------------------------------------------------------- model versions
+        def refresh_versions(keep=None):
+            opts = mp.model_choices(engine, model_roots)
+            paths = [p for _, p in opts]
+            return gr.update(choices=opts, value=keep if keep in paths else
+                             (paths[0] if paths else None))
+
+        def use_model(path):
+            _, msg = mp.switch_model(engine, path)
+            return msg, h.model_info_markdown(engine), refresh_versions(path)
+
+        use_btn.click(use_model, version, [model_msg, model_info, version],
+                      concurrency_id="admin")
+
+        def run_finetune(path):
+            msg = ""
+            for msg in mp.finetune(engine):
+                yield msg, gr.update()
+            yield msg, refresh_versions(path)  # the new version is listed, not switched to
+
+        # Own queue slot: the polling generator sleeps in a worker thread, so drafts and
+        # saves of other sessions are not held up.
+        ft_btn.click(run_finetune, version, [model_msg, version], concurrency_id="finetune",
+                     concurrency_limit=1)
+
+        # The page is built once; a reload shows the model in use now (another admin may
+        # have switched it) and the versions on disk now.
+        demo.load(lambda v: (h.model_info_markdown(engine), refresh_versions(v)), version,
+                  [model_info, version], queue=False)
+
+        if auth:  # signed-in user = reviewer name
             def who(request: gr.Request):
                 return getattr(request, "username", None) or ""
             demo.load(who, None, reviewer, queue=False)

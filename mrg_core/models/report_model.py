@@ -11,6 +11,8 @@ Only report tokens and EOS are scored; everything before is context (labels -100
 from __future__ import annotations
 
 import contextlib
+import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,7 +58,9 @@ class ReportModel(nn.Module):
         n_labels = len(config.labels)
         self.encoder = VisualEncoder(config.encoder, config.preprocess.image_size, n_labels)
         feat, width = self.encoder.feat_dim, lm_hidden_size(lm)
-        self.family = lm.config.model_type if lm.config.model_type in LORA_TARGETS else config.lm.family
+        if lm.config.model_type in LORA_TARGETS:  # an LM passed in or loaded decides the family
+            config.lm.family = lm.config.model_type
+        self.family = config.lm.family
         if config.method in ("prompt", "promptbook"):
             self.bridge = PromptBridge(config.prompt, feat, width, config.method == "promptbook")
             lm = freeze(lm) if config.lm.freeze else lm
@@ -71,7 +75,11 @@ class ReportModel(nn.Module):
         self.lm = lm
         self.instruction_ids: list[int] = tokenizer(
             clean_report(config.instruction), add_special_tokens=False)["input_ids"]
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in self.instruction_ids:
+            warnings.warn("the instruction has words the tokenizer does not know ([UNK]): "
+                          "train the tokenizer on the instruction too", stacklevel=2)
         self._cache: OrderedDict[str, EncodedStudy] = OrderedDict()
+        self._cache_lock = threading.Lock()  # the app may analyze and generate from two threads
 
     @classmethod
     def build(cls, config: ReportModelConfig, tokenizer, lm: nn.Module | None = None) -> "ReportModel":
@@ -96,6 +104,11 @@ class ReportModel(nn.Module):
         if mode:
             self._cache.clear()  # weights are about to change: cached features go stale
         return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half(): cached tensors would not follow
+        if hasattr(self, "_cache"):
+            self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     @contextlib.contextmanager
     def _eval(self):
@@ -157,17 +170,20 @@ class ReportModel(nn.Module):
         with torch.inference_mode():
             e = EncodedStudy(enc.logits.detach(), self._visual_prefix(enc).detach(),
                              enc.view_weights.detach())
-        self._cache[key] = e
-        self._cache.move_to_end(key)
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[key] = e
+            self._cache.move_to_end(key)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return e
 
     def encode(self, study) -> EncodedStudy:
-        hit = self._cache.get(study.content_hash)
-        if hit is not None:
-            self._cache.move_to_end(study.content_hash)
-            return hit
+        """Classifier logits + LM-space prefix of a study; LRU-cached by content_hash."""
+        with self._cache_lock:
+            hit = self._cache.get(study.content_hash)
+            if hit is not None:
+                self._cache.move_to_end(study.content_hash)
+                return hit
         x = study_to_tensor(study, self.config.preprocess)[None].to(self.device)
         with self._eval(), torch.inference_mode():
             return self._remember(study.content_hash, self.encoder(x))

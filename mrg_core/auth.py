@@ -1,0 +1,148 @@
+"""Optional sign-in: an auth file of `username:<hash>` lines, checked by Gradio's login page.
+
+    python -m mrg_core.auth add-user users.txt ada      # asks for the password (or reads stdin)
+
+Hash format: `pbkdf2_sha256$<iterations>$<salt-hex>$<hash-hex>` (hashlib.pbkdf2_hmac). A line
+whose password part is not such a hash is refused: plain-text passwords are never accepted.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+SCHEME = "pbkdf2_sha256"
+DEFAULT_ITERATIONS = 600_000  # OWASP 2023 figure for PBKDF2-HMAC-SHA256
+_HASH = re.compile(r"^pbkdf2_sha256\$(\d{1,9})\$([0-9a-f]{16,256})\$([0-9a-f]{64})$")
+_USER = re.compile(r"^[^\s:#][^\s:]{0,127}$")
+
+
+class AuthFileError(ValueError):
+    """The auth file cannot be used; the message never repeats a password."""
+
+
+def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS,
+                  salt: bytes | None = None) -> str:
+    if not password:
+        raise ValueError("the password is empty")
+    salt = secrets.token_bytes(16) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, int(iterations))
+    return f"{SCHEME}${int(iterations)}${salt.hex()}${digest.hex()}"
+
+
+def is_hash(text: str) -> bool:
+    m = _HASH.match(text)
+    return bool(m) and int(m.group(1)) > 0
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    m = _HASH.match(encoded or "")
+    if not m or int(m.group(1)) <= 0:
+        return False
+    iterations, salt, want = int(m.group(1)), bytes.fromhex(m.group(2)), m.group(3)
+    got = hashlib.pbkdf2_hmac("sha256", (password or "").encode("utf-8"), salt, iterations)
+    return hmac.compare_digest(got.hex(), want)
+
+
+def read_auth_file(path: str | os.PathLike) -> dict[str, str]:
+    """{username: hash}. Raises AuthFileError on a plain-text password or a malformed line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise AuthFileError(f"{path}: cannot read the auth file ({exc.strerror})") from None
+    users: dict[str, str] = {}
+    for no, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, secret = line.partition(":")
+        if not sep or not _USER.match(user):
+            raise AuthFileError(f"{path}, line {no}: expected username:{SCHEME}$… ")
+        if not is_hash(secret):  # do not echo the line: it may hold a real password
+            raise AuthFileError(
+                f"{path}, line {no} (user {user!r}): the password is not a {SCHEME} hash. "
+                "Plain-text passwords are refused; create the entry with "
+                f"`python -m mrg_core.auth add-user {path} {user}`.")
+        users[user] = secret
+    if not users:
+        raise AuthFileError(f"{path}: no user found; add one with "
+                            f"`python -m mrg_core.auth add-user {path} USERNAME`")
+    return users
+
+
+def make_checker(users: dict[str, str]) -> Callable[[str, str], bool]:
+    """The callable Gradio's `auth=` takes. An unknown user costs the same hashing time as a
+    known one, so a login's timing does not say which usernames exist."""
+    dummy = next(iter(users.values()))
+
+    def check(username: str, password: str) -> bool:
+        encoded = users.get(username)
+        ok = verify_password(password, encoded or dummy)
+        return ok and encoded is not None
+
+    return check
+
+
+def load_auth(path: str | os.PathLike | None) -> Callable[[str, str], bool] | None:
+    """None when sign-in is off; else the checker for the file (read once, at start)."""
+    return None if path is None else make_checker(read_auth_file(path))
+
+
+def add_user(path: str | os.PathLike, username: str, password: str,
+             iterations: int = DEFAULT_ITERATIONS) -> None:
+    """Add or replace one user; other lines are kept as they are. The file is created 0600."""
+    if not _USER.match(username or ""):
+        raise AuthFileError("a username is 1-128 characters without spaces or ':'")
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = [ln for ln in lines if ln.strip().partition(":")[0] != username]
+    kept.append(f"{username}:{hash_password(password, iterations)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(kept) + "\n")
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != first:
+            raise AuthFileError("the passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")  # piped: the first line is the password
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mrg_core.auth",
+                                description="Manage the MRG Studio sign-in file.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add = sub.add_parser("add-user", help="add or replace a user (password from the terminal, "
+                                          "or the first line of stdin)")
+    add.add_argument("file", type=Path)
+    add.add_argument("username")
+    add.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                     help=f"PBKDF2 iterations (default {DEFAULT_ITERATIONS})")
+    args = p.parse_args(argv)
+    try:
+        if args.iterations < 1:
+            raise AuthFileError("--iterations must be positive")
+        password = _read_password()
+        if not password:
+            raise AuthFileError("the password is empty")
+        add_user(args.file, args.username, password, args.iterations)
+    except AuthFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"user {args.username!r} written to {args.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
