@@ -86,13 +86,16 @@ def main(argv=None) -> None:
     configure(logging.INFO)  # stderr; see logging_setup for what may be logged
     auth = read_auth_file(args.auth_file)  # before the model load: fail fast
     from mrg_core.engine import Engine, EngineSettings
+    from mrg_core.registry import models_dir
     from ui import build_app, launch_kwargs
 
     model_dir = args.model_dir if args.model_dir.is_absolute() else Path.cwd() / args.model_dir
     settings = EngineSettings(model_dir=model_dir, database_url=args.db_url,
                               limits=load_limits(args.max_upload_mb))
     engine = Engine.from_settings(settings)
-    demo = build_app(engine, auth=auth)
+    if engine.model is not None:  # fine-tunes start from this folder, named by its lineage
+        engine.model_dir = model_dir.resolve()
+    demo = build_app(engine, auth=auth, model_roots=[model_dir, models_dir()])
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, auth=auth, **launch_kwargs(engine))
 

@@ -63,9 +63,11 @@ def test_flags_fall_back_to_environment(monkeypatch, tmp_path):
     assert (a.host, a.port) == ("10.0.0.5", 7003)  # a flag beats the environment
 
     users = tmp_path / "users.txt"
-    users.write_text("# reviewers\nada:s3cret:with-colon\n\nbob:pw\n")
-    assert app.read_auth_file(users) == [("ada", "s3cret:with-colon"), ("bob", "pw")]
-    users.write_text("nopassword\n")
+    from mrg_core.auth import add_user
+    add_user(users, "ada", "s3cret:with-colon")
+    check = app.read_auth_file(users)
+    assert check("ada", "s3cret:with-colon") and not check("ada", "wrong")
+    users.write_text("bob:pw\n")  # plain-text passwords are refused, the app does not start
     with pytest.raises(SystemExit):
         app.read_auth_file(users)
 

@@ -33,6 +33,7 @@ def engine(models_root, tmp_path, monkeypatch):
     monkeypatch.setenv("MRG_MODELS_DIR", str(tmp_path / "ft"))  # fine-tunes land here
     eng = Engine.from_settings(EngineSettings(model_dir=models_root / "tiny-1.0.0",
                                               database_url=f"sqlite:///{tmp_path}/r.db"))
+    eng.model_dir = (models_root / "tiny-1.0.0").resolve()  # as app.py does after loading
     yield eng
     eng.store.close()
 

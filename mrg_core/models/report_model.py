@@ -81,6 +81,18 @@ class ReportModel(nn.Module):
         self._cache: OrderedDict[str, EncodedStudy] = OrderedDict()
         self._cache_lock = threading.Lock()  # the app may analyze and generate from two threads
 
+    def __getstate__(self):
+        # deepcopy/pickle (fine-tuning copies a model): a lock can't be copied, and the copy's
+        # weights may change, so it starts with a fresh lock and an empty feature cache.
+        state = self.__dict__.copy()
+        state.pop("_cache_lock", None)
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._cache_lock = threading.Lock()
+
     @classmethod
     def build(cls, config: ReportModelConfig, tokenizer, lm: nn.Module | None = None) -> "ReportModel":
         return cls(config, tokenizer, lm if lm is not None else build_lm(config.lm, tokenizer))
