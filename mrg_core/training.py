@@ -99,6 +99,11 @@ class TrainConfig:
     # epoch) and keep the epoch with the best val AUC, before the report phase starts.
     encoder_warmup_epochs: int = 0
     encoder_warmup_lr: float = 2e-3
+    # Keep the (warmed-up) encoder fixed in the report phase, batch-norm statistics included, so
+    # the probability and Grad-CAM stay those selected on val AUC while the prompts learn.
+    freeze_encoder: bool = False
+    # Pick the decision threshold on val (Youden's J) and store it in the saved model's config.
+    calibrate_threshold: bool = False
     num_threads: int | None = None  # torch CPU threads (None = torch default)
     out_dir: str = "runs/default"
 
@@ -513,8 +518,12 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
             state["warmup"] = warmup_encoder(model, train_loader, val_loader, cfg, accelerator)
             history["encoder_warmup"] = state["warmup"]
 
+    if cfg.freeze_encoder:
+        model.encoder.requires_grad_(False)
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
+        if cfg.freeze_encoder:
+            model.encoder.eval()
         sampler.set_epoch(epoch)
         sums = {"loss": 0.0, "lm_loss": 0.0, "cls_loss": 0.0}
         n, te = 0, time.time()
@@ -524,6 +533,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
             if cfg.augment:
                 pix = _augment(pix)
             out_d = loss_module(pix, reports, labels)
+            if not out_d["loss"].requires_grad:  # frozen encoder and no report in this batch
+                continue
             accelerator.backward(out_d["loss"])
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip)
@@ -559,6 +570,10 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
         if cfg.patience and state["bad"] >= cfg.patience:
             accelerator.print(f"early stop: no {cfg.select_metric} gain in {cfg.patience} checks")
             break
+    if main and cfg.calibrate_threshold and (out / "best" / "config.json").is_file():
+        history["threshold"] = calibrate_threshold(out / "best", val_ex, cache,
+                                                   accelerator.device)
+        accelerator.print(f"val-selected threshold: {history['threshold']}")
     history["seconds_this_run"] = round(time.time() - t0, 1)
     if main:
         _write_history(out, history, state)
@@ -619,6 +634,34 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
         enc.load_state_dict(best_state)
     enc.train()
     return rows
+
+
+@torch.no_grad()
+def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, device) -> dict:
+    """Set the saved model's threshold to the val point with the best Youden's J
+    (sensitivity + specificity - 1): a from-scratch classifier's probabilities are seldom
+    centred on 0.5. Val only: test never chooses anything."""
+    from sklearn.metrics import roc_curve
+
+    from .models import ReportModel
+
+    model = ReportModel.from_pretrained(folder, device=device)
+    t = _target_index(model)
+    keep = [ex for ex in val_ex if ex.label in (0, 1)]
+    probs = []
+    for i in range(0, len(keep), 32):
+        x = torch.stack([cache.get(ex) for ex in keep[i:i + 32]]).to(model.device)
+        probs += torch.sigmoid(model.encoder(x).logits[:, t].float()).tolist()
+    y = np.array([ex.label for ex in keep])
+    fpr, tpr, thr = roc_curve(y, probs)
+    best = int(np.argmax(tpr - fpr))
+    threshold = float(min(max(thr[best], 1e-4), 1 - 1e-4))
+    model.config.threshold = round(threshold, 4)
+    card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() \
+        else None
+    model.save_pretrained(folder, card=card)
+    return {"threshold": model.config.threshold, "val_sensitivity": float(tpr[best]),
+            "val_specificity": float(1 - fpr[best])}
 
 
 def _augment(pix: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,30 @@ def test_config_json_round_trip():
     cfg.encoder = EncoderConfig(kind="swin", fusion="attention")
     back = ReportModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and back.to_dict() == copy.deepcopy(cfg).to_dict()
+
+
+def test_label_prompt_states_the_decision_and_is_not_scored():
+    """label_prompt: the classifier's decision is written after the instruction in words; it
+    conditions the report but is never a training target; teacher forcing uses true labels."""
+    from mrg_core.models import ReportModel
+    from mrg_core.models.factory import tiny_config
+    from mrg_core.text import train_tokenizer
+
+    cfg = tiny_config("medvlm", "gpt2")
+    cfg.label_prompt, cfg.label_prompt_teacher_forcing = True, 1.0
+    texts = ["no pneumonia . lungs are clear .", "pneumonia . ground glass opacity ."]
+    tok = train_tokenizer(texts + [cfg.instruction], min_frequency=1)
+    torch.manual_seed(0)
+    model = ReportModel.build(cfg, tok)
+    neg, pos = model.head_ids(0), model.head_ids(1)
+    assert neg != pos and tok.unk_token_id not in neg + pos
+    assert tok.convert_tokens_to_ids("no") in neg and tok.convert_tokens_to_ids("no") not in pos
+    ids, _, labels = model.tokenize_reports(["lungs are clear .", "ground glass ."], [0, 1])
+    assert ids[0, : len(neg)].tolist() == neg and ids[1, : len(pos)].tolist() == pos
+    assert (labels[0, : len(neg)] == -100).all() and (labels[1, : len(pos)] == -100).all()
+    assert labels[0, len(neg)] != -100  # the first report token is scored
+    model.train()
+    enc = model.encoder(torch.rand(2, 1, 1, 64, 64))
+    assert model._head_labels(enc, torch.tensor([1.0, 0.0])) == [1, 0]  # forcing = truth
+    out = model.compute_loss(torch.rand(2, 1, 1, 64, 64), texts, torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(out["loss"])

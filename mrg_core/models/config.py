@@ -57,6 +57,10 @@ class MedVLMConfig:
     lora_targets: list[str] | None = None  # None = per family (gpt2 c_attn, llama/qwen2 q,v)
     prefix_length: int = 8
     unfreeze_layers: list[int] = field(default_factory=lambda: [-1])
+    # Training only: the share of studies whose label embedding gets the true label instead of
+    # the classifier's probability. Without it a weak early classifier teaches the decoder to
+    # ignore the label; at inference the probability is always the classifier's.
+    label_teacher_forcing: float = 0.0
 
 
 @dataclass
@@ -72,6 +76,12 @@ class ReportModelConfig:
     threshold: float = 0.5
     cls_weight: float = 1.0
     max_report_tokens: int = 160
+    # Discrimination-enhanced text: state the classifier's decision in words after the
+    # instruction ("no pneumonia ." / "pneumonia ."), so the decoder conditions on a token it
+    # can read directly. Training feeds the true label for this share of studies.
+    label_prompt: bool = False
+    label_phrases: list[str] = field(default_factory=lambda: ["no pneumonia .", "pneumonia ."])
+    label_prompt_teacher_forcing: float = 0.7
     name: str = "mrg-studio"
     version: str = "0.0.0"
     trained_on: dict = field(default_factory=lambda: {

@@ -27,8 +27,10 @@ class MedVLMBridge(nn.Module):
         self.qformer = nn.TransformerDecoder(layer, cfg.qformer_layers)
         self.out = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, lm_dim))
 
-    def forward(self, enc: EncoderOutput) -> torch.Tensor:
-        probs = torch.sigmoid(enc.logits)
+    def forward(self, enc: EncoderOutput, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """probs: label probabilities to embed (default: the classifier's own)."""
+        if probs is None:
+            probs = torch.sigmoid(enc.logits)
         lab = self.label_embed(probs).unsqueeze(1).expand(-1, enc.tokens.shape[1], -1)
         memory = self.fuse(torch.cat([enc.tokens, lab], dim=-1))
         q = self.queries.unsqueeze(0).expand(enc.tokens.shape[0], -1, -1)

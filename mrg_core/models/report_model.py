@@ -75,6 +75,8 @@ class ReportModel(nn.Module):
         self.lm = lm
         self.instruction_ids: list[int] = tokenizer(
             clean_report(config.instruction), add_special_tokens=False)["input_ids"]
+        self.label_phrase_ids = [tokenizer(clean_report(t), add_special_tokens=False)["input_ids"]
+                                 for t in config.label_phrases] if config.label_prompt else None
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in self.instruction_ids:
             warnings.warn("the instruction has words the tokenizer does not know ([UNK]): "
                           "train the tokenizer on the instruction too", stacklevel=2)
@@ -139,13 +141,46 @@ class ReportModel(nn.Module):
         return self.bridge(enc)
 
     # ------------------------------------------------------------------ training
-    def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[instruction][BOS] report [EOS], right-padded: (input_ids, attention_mask, labels)."""
+    def _head_labels(self, enc: EncoderOutput, labels: torch.Tensor) -> list[int]:
+        """Label phrase per study: the classifier's decision, or (training, teacher forcing)
+        the true label."""
+        pred = (torch.sigmoid(enc.logits[:, self._target_index].float())
+                >= self.config.threshold).long()
+        if not self.training:
+            return pred.tolist()
+        y = labels.to(pred.device, torch.float32).view(pred.shape[0], -1)[:, self._target_index]
+        use = ~torch.isnan(y) & (torch.rand(y.shape, device=y.device)
+                                 < self.config.label_prompt_teacher_forcing)
+        return torch.where(use, y.nan_to_num(0).long(), pred).tolist()
+
+    def _training_prefix(self, enc: EncoderOutput, labels: torch.Tensor) -> torch.Tensor:
+        """MedVLM with label teacher forcing: some studies embed their true label (see
+        MedVLMConfig.label_teacher_forcing); everything else uses the inference path."""
+        share = self.config.medvlm.label_teacher_forcing if self.config.method == "medvlm" else 0
+        if not (self.training and share > 0):
+            return self._visual_prefix(enc)
+        probs = torch.sigmoid(enc.logits)
+        y = labels.to(probs.device, probs.dtype).view(probs.shape[0], -1)
+        use = ~torch.isnan(y) & (torch.rand(y.shape, device=y.device) < share)
+        return self.bridge(enc, probs=torch.where(use, y, probs))
+
+    def head_ids(self, label: int | None = None) -> list[int]:
+        """Unscored tokens before the report: [instruction][label phrase][BOS]."""
+        phrase = self.label_phrase_ids[int(label)] if self.label_phrase_ids and label is not None \
+            else []
+        return self.instruction_ids + phrase + [self.tokenizer.bos_token_id]
+
+    def tokenize_reports(self, reports: list[str], head_labels: list[int] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[instruction][label phrase][BOS] report [EOS], right-padded:
+        (input_ids, attention_mask, labels)."""
         tok = self.tokenizer
         cleaned = [clean_report(r) for r in reports]
         rep = tok(cleaned, add_special_tokens=False)["input_ids"]
-        head = self.instruction_ids + [tok.bos_token_id]
-        seqs = [head + r[: self.config.max_report_tokens] + [tok.eos_token_id] for r in rep]
+        heads = [self.head_ids(None if head_labels is None else head_labels[i])
+                 for i in range(len(rep))]
+        seqs = [h + r[: self.config.max_report_tokens] + [tok.eos_token_id]
+                for h, r in zip(heads, rep)]
         n = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), n), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -153,15 +188,16 @@ class ReportModel(nn.Module):
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-            labels[i, len(head): len(s)] = torch.tensor(s[len(head):])
+            labels[i, len(heads[i]): len(s)] = torch.tensor(s[len(heads[i]):])
         return ids, mask, labels
 
     def compute_loss(self, pixel_values: torch.Tensor, reports: list[str],
                      labels: torch.Tensor) -> dict[str, torch.Tensor]:
         dev = self.device
         enc = self.encoder(pixel_values.to(dev))
-        prefix = self._visual_prefix(enc)
-        ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports))
+        prefix = self._training_prefix(enc, labels)
+        head_labels = self._head_labels(enc, labels) if self.label_phrase_ids else None
+        ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports, head_labels))
         b, p = prefix.shape[:2]
         embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
         attn = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=dev), mask], dim=1)
@@ -245,7 +281,11 @@ class ReportModel(nn.Module):
     def _report_tokens(self, study, settings: GenerationSettings) -> Iterator[int]:
         enc = self.encode(study)
         dev = self.device
-        head = torch.tensor([self.instruction_ids + [self.tokenizer.bos_token_id]], device=dev)
+        label = None
+        if self.label_phrase_ids:
+            label = int(torch.sigmoid(enc.logits[0, self._target_index].float())
+                        >= self.config.threshold)
+        head = torch.tensor([self.head_ids(label)], device=dev)
         embeds = torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
