@@ -162,7 +162,13 @@ def test_streaming_never_overwrites_the_users_text(browser, served_app, monkeypa
                            timeout=WAIT_MS)
     partial = editor.input_value()
     assert partial and "Draft stopped" in page.locator("#draft-notice").inner_text()
-    page.locator("#generate").click()  # the partial draft is model text: streams into the editor
-    wait_text(page, "#draft-notice", "Draft ready in the editor")
-    assert len(editor.input_value()) > len(partial)
+    page.locator("#generate").click()
+    wait_text(page, "#draft-notice", "Draft ready")
+    # A stop can land before the page received the last streamed piece; then the editor no
+    # longer equals the model's text and counts as the user's: it is kept and the new draft
+    # goes to Latest draft. Either way nothing in the editor is silently replaced.
+    if "in the editor" in page.locator("#draft-notice").inner_text():
+        assert len(editor.input_value()) > len(partial)
+    else:
+        assert editor.input_value() == partial
     page.close()
