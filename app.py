@@ -93,8 +93,6 @@ def main(argv=None) -> None:
     settings = EngineSettings(model_dir=model_dir, database_url=args.db_url,
                               limits=load_limits(args.max_upload_mb))
     engine = Engine.from_settings(settings)
-    if engine.model is not None:  # fine-tunes start from this folder, named by its lineage
-        engine.model_dir = model_dir.resolve()
     demo = build_app(engine, auth=auth, model_roots=[model_dir, models_dir()])
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, auth=auth, **launch_kwargs(engine))

@@ -80,7 +80,10 @@ class Engine:
             log.info("model loaded from %s in %.2f s", settings.model_dir, time.perf_counter() - t0)
         else:
             log.warning("no model found at %s: the app runs without drafts", settings.model_dir)
-        return cls(model, Store(settings.database_url), settings.limits)
+        engine = cls(model, Store(settings.database_url), settings.limits)
+        if model is not None:  # fine-tunes start from this folder, named by its lineage
+            engine.model_dir = Path(settings.model_dir).resolve()
+        return engine
 
     # ----- model information -------------------------------------------------------------
     @property

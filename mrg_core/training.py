@@ -614,13 +614,8 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             opt.zero_grad()
             loss_sum, n = loss_sum + float(loss) * len(labels), n + len(labels)
         enc.eval()
-        probs, ys = [], []
-        with torch.no_grad():
-            for pix, _reports, labels in val_loader:
-                logits = enc(pix.to(accelerator.device)).logits[:, t].float()
-                probs += torch.sigmoid(logits).tolist()
-                ys += labels.view(len(labels), -1)[:, t].tolist()
-        y, p = np.array(ys), np.array(probs)
+        p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
+                                     accelerator.device)
         keep = ~np.isnan(y)
         auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
         row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),
@@ -637,6 +632,18 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
 
 
 @torch.no_grad()
+def encoder_probabilities(encoder, batches, target: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier probabilities and labels for (pixels, labels) batches; the encoder only, no
+    LM. NaN labels (unknown) come back as NaN for the caller to drop."""
+    probs, ys = [], []
+    for pix, labels in batches:
+        logits = encoder(pix.to(device)).logits[:, target].float()
+        probs += torch.sigmoid(logits).tolist()
+        ys += labels.view(len(labels), -1)[:, target].tolist()
+    return np.array(probs), np.array(ys)
+
+
+@torch.no_grad()
 def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, device) -> dict:
     """Set the saved model's threshold to the val point with the best Youden's J
     (sensitivity + specificity - 1): a from-scratch classifier's probabilities are seldom
@@ -646,14 +653,12 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
     from .models import ReportModel
 
     model = ReportModel.from_pretrained(folder, device=device)
-    t = _target_index(model)
     keep = [ex for ex in val_ex if ex.label in (0, 1)]
-    probs = []
-    for i in range(0, len(keep), 32):
-        x = torch.stack([cache.get(ex) for ex in keep[i:i + 32]]).to(model.device)
-        probs += torch.sigmoid(model.encoder(x).logits[:, t].float()).tolist()
-    y = np.array([ex.label for ex in keep])
-    fpr, tpr, thr = roc_curve(y, probs)
+    batches = ((torch.stack([cache.get(ex) for ex in keep[i:i + 32]]),
+                torch.tensor([float(ex.label) for ex in keep[i:i + 32]]))
+               for i in range(0, len(keep), 32))
+    probs, y = encoder_probabilities(model.encoder, batches, _target_index(model), model.device)
+    fpr, tpr, thr = roc_curve(y.astype(int), probs)
     best = int(np.argmax(tpr - fpr))
     threshold = float(min(max(thr[best], 1e-4), 1 - 1e-4))
     model.config.threshold = round(threshold, 4)

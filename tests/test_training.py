@@ -74,3 +74,31 @@ def test_evaluate_cli_writes_metrics_and_plots(run, tmp_path, monkeypatch):
     assert "| nearest_neighbour |" in md and "PNG-only" in md
     for name in ("roc.png", "reliability.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
+    """The shipped recipe's phases: encoder warm-up keeps its best val-AUC epoch, the encoder
+    (batch-norm statistics too) stays fixed during the report phase, and the threshold chosen
+    on val is written into the saved model."""
+    import torch
+
+    from mrg_core.models import ReportModel
+    from mrg_core.training import TrainConfig, train
+
+    cfg = TrainConfig.load(CONFIG)
+    cfg.data.root, cfg.out_dir = str(run["data"]), str(tmp_path / "recipe")
+    cfg.lm_pretrain.path = str(run["out"] / "lm")  # reuse the fixture's LM: seconds, not minutes
+    cfg.epochs, cfg.encoder_warmup_epochs = 2, 2
+    cfg.freeze_encoder = cfg.calibrate_threshold = True
+    cfg.model["label_prompt"] = True
+    hist = train(cfg, device="cpu")
+    assert len(hist["encoder_warmup"]) == 2 and any(r.get("best") for r in hist["encoder_warmup"])
+    assert 0.0 < hist["threshold"]["threshold"] < 1.0
+    best = ReportModel.from_pretrained(tmp_path / "recipe" / "best")
+    assert best.config.threshold == hist["threshold"]["threshold"]
+    # frozen encoder: the report phase left its classifier output unchanged between epochs
+    cls = [r["val_cls_loss"] for r in hist["epochs"]]
+    assert cls[0] == pytest.approx(cls[1])
+    assert best.config.label_prompt and torch.is_tensor(best.encoder(
+        torch.zeros(1, 1, 1, best.config.preprocess.image_size,
+                    best.config.preprocess.image_size)).logits)

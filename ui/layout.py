@@ -163,7 +163,8 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         preset.change(lambda p: gr.update(visible=p == "custom"), preset, custom_row,
                       queue=False).then(render, view_inputs, image, show_progress="hidden")
 
-        # Draft streaming: the editor stays editable (no progress overlay on it).
+        # Draft streaming: the editor is read-only while a draft streams into it (server updates
+        # would race keystrokes); a draft over the user's own text goes to "Latest draft".
         def stream(s, text, settings=None):
             inner = h.stream_draft(engine, s, text, settings)
             try:

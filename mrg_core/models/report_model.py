@@ -281,10 +281,7 @@ class ReportModel(nn.Module):
     def _report_tokens(self, study, settings: GenerationSettings) -> Iterator[int]:
         enc = self.encode(study)
         dev = self.device
-        label = None
-        if self.label_phrase_ids:
-            label = int(torch.sigmoid(enc.logits[0, self._target_index].float())
-                        >= self.config.threshold)
+        label = self._prediction(enc.logits).label if self.label_phrase_ids else None
         head = torch.tensor([self.head_ids(label)], device=dev)
         embeds = torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
