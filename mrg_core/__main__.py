@@ -1,4 +1,4 @@
-"""Command line: python -m mrg_core {inspect,report,train,evaluate,finetune} ...
+"""Command line: python -m mrg_core {inspect,report,train,evaluate,finetune,export} ...
 
 Each sub-command lives in mrg_core/cli/<name>.py and exposes main(argv) -> exit status, so a
 command's imports (torch, Java...) load only when that command runs.
@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "Train a model from a JSON config.",
     "evaluate": "Caption metrics, clinical correctness and classifier metrics on a split.",
     "finetune": "Fine-tune a model on corrections stored in the database.",
+    "export": "Package a trained model folder for shipping (float16 storage, card, settings).",
 }
 
 

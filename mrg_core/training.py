@@ -102,6 +102,9 @@ class TrainConfig:
     # Keep the (warmed-up) encoder fixed in the report phase, batch-norm statistics included, so
     # the probability and Grad-CAM stay those selected on val AUC while the prompts learn.
     freeze_encoder: bool = False
+    # A saved model folder whose encoder (and classifier head) initialises this run's encoder,
+    # instead of the warm-up: reuse one warmed-up encoder across report-phase experiments.
+    init_encoder_from: str | None = None
     # Pick the decision threshold on val (Youden's J) and store it in the saved model's config.
     calibrate_threshold: bool = False
     num_threads: int | None = None  # torch CPU threads (None = torch default)
@@ -252,7 +255,8 @@ def load_lm(folder: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                              dtype=torch.float32)
     # real pretrained LMs (GPT-2...) often lack BOS/PAD: the report model needs both
     if tokenizer.bos_token is None:
         tokenizer.bos_token = tokenizer.eos_token
@@ -511,13 +515,18 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
     history = {"name": cfg.name, "label_balance": balance, "params": n_params,
                "lm_pretrain": lm_rows, "select_metric": cfg.select_metric}
 
-    if cfg.encoder_warmup_epochs and state["epoch"] == 0 and not state.get("warmup"):
+    if cfg.init_encoder_from and state["epoch"] == 0:
+        history["init_encoder_from"] = init_encoder(model, cfg.init_encoder_from)
+        accelerator.print(f"encoder initialised from {cfg.init_encoder_from}")
+    elif cfg.encoder_warmup_epochs and state["epoch"] == 0 and not state.get("warmup"):
         if accelerator.num_processes > 1:
             accelerator.print("encoder warm-up skipped: it runs on a single process only")
         else:
             state["warmup"] = warmup_encoder(model, train_loader, val_loader, cfg, accelerator)
             history["encoder_warmup"] = state["warmup"]
 
+    if state["epoch"] == 0:
+        model.fork_report_encoder()  # from the warmed-up / initialised encoder
     if cfg.freeze_encoder:
         model.encoder.requires_grad_(False)
     for epoch in range(state["epoch"], cfg.epochs):
@@ -578,6 +587,19 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
     if main:
         _write_history(out, history, state)
     return _history(history, state)
+
+
+def init_encoder(model, folder: str | Path) -> dict:
+    """Copy encoder.* tensors from a saved model folder; the architectures must match."""
+    from safetensors.torch import load_file
+
+    src = {k[len("encoder."):]: v for k, v in
+           load_file(str(Path(folder) / "model.safetensors")).items()
+           if k.startswith("encoder.")}
+    if not src:
+        raise ValueError(f"{folder} holds no encoder weights")
+    model.encoder.load_state_dict(src, strict=True)
+    return {"folder": str(folder), "tensors": len(src)}
 
 
 def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator) -> list[dict]:

@@ -170,3 +170,45 @@ def test_label_prompt_states_the_decision_and_is_not_scored():
     assert model._head_labels(enc, torch.tensor([1.0, 0.0])) == [1, 0]  # forcing = truth
     out = model.compute_loss(torch.rand(2, 1, 1, 64, 64), texts, torch.tensor([0.0, 1.0]))
     assert torch.isfinite(out["loss"])
+
+
+def test_report_encoder_feeds_the_lm_and_leaves_the_classifier_alone(tmp_path):
+    """config.report_encoder: a trainable copy of the encoder makes the LM's visual tokens; the
+    probability still comes from the classifier's encoder; both survive save/load."""
+    import numpy as np
+
+    from mrg_core.models import ReportModel
+    from mrg_core.models.factory import SAMPLE_REPORTS, tiny_config
+    from mrg_core.study import study_from_arrays
+    from mrg_core.text import train_tokenizer
+
+    cfg = tiny_config("medvlm", "gpt2")
+    cfg.report_encoder = True
+    tok = train_tokenizer(list(SAMPLE_REPORTS) + [cfg.instruction], min_frequency=1)
+    torch.manual_seed(0)
+    model = ReportModel.build(cfg, tok)
+    model.fork_report_encoder()
+    for a, b in zip(model.encoder.state_dict().values(),
+                    model.report_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    model.encoder.requires_grad_(False)
+    model.train()
+    out = model.compute_loss(torch.rand(2, 1, 1, 64, 64), SAMPLE_REPORTS[:2],
+                             torch.tensor([0.0, 1.0]))
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.report_encoder.backbone.parameters())
+    model.eval()
+    study = study_from_arrays([np.random.default_rng(0).integers(0, 256, (70, 70), np.uint8)])
+    p0, prefix0 = model.predict(study).probability, model.encode(study).prefix.clone()
+    with torch.no_grad():
+        for p in model.report_encoder.parameters():
+            p.add_(0.5)
+    model._cache.clear()
+    assert model.predict(study).probability == p0  # the classifier did not move
+    assert not torch.allclose(model.encode(study).prefix, prefix0)  # the LM's view did
+    model.save_pretrained(tmp_path / "m")
+    back = ReportModel.from_pretrained(tmp_path / "m")
+    assert torch.allclose(back.encode(study).prefix, model.encode(study).prefix, atol=1e-5)
+    prob, _ = back.analyze(study)  # Grad-CAM path fills the same cache entry
+    assert abs(prob.probability - p0) < 1e-6

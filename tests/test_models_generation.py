@@ -118,3 +118,67 @@ def test_encode_cache_is_a_bounded_lru():
     assert studies[-1].content_hash in model._cache
     model.to("cpu")  # moving the model drops cached tensors that would not follow
     assert len(model._cache) == 0
+
+
+def label_prompt_model(phrases):
+    from mrg_core.models import ReportModel
+    from mrg_core.models.factory import SAMPLE_REPORTS, tiny_config
+    from mrg_core.text import train_tokenizer
+
+    cfg = tiny_config("medvlm", "gpt2")
+    cfg.label_prompt, cfg.label_phrases = True, phrases
+    tok = train_tokenizer(list(SAMPLE_REPORTS) + [cfg.instruction] + phrases, min_frequency=1)
+    torch.manual_seed(1)
+    return ReportModel.build(cfg, tok).eval()
+
+
+def guided_reference(model, study, scale, n):
+    """Label guidance recomputed from scratch: both prompts through the LM at every step."""
+    enc = model.encode(study)
+    label = model._prediction(enc.logits).label
+    tok = model.tokenizer
+    never = [tok.pad_token_id, tok.bos_token_id, tok.unk_token_id]
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            lp = []
+            for lab in (label, 1 - label):
+                ids = torch.tensor([model.head_ids(lab) + out])
+                embeds = torch.cat([enc.prefix, model._embed(ids)], dim=1)
+                lp.append(torch.log_softmax(model.lm(inputs_embeds=embeds).logits[0, -1], -1))
+            mixed = (1 + scale) * lp[0] - scale * lp[1]
+            mixed[never] = float("-inf")
+            t = int(mixed.argmax())
+            if t == tok.eos_token_id:
+                break
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("phrases", [
+    ["no pneumonia .", "pneumonia present ."],  # equal length: one batch of two
+    ["no pneumonia .", "pneumonia ."]])  # unequal: two caches in lockstep
+def test_label_guidance_matches_recomputation(study, phrases):
+    model = label_prompt_model(phrases)
+    got = tokens(model, study, max_new_tokens=12, label_guidance=2.0, **PLAIN)
+    assert got == guided_reference(model, study, 2.0, 12)[: len(got)]
+    assert got != [] and len(got) <= 12
+    off = tokens(model, study, max_new_tokens=12, label_guidance=0.0, **PLAIN)
+    assert off == guided_reference(model, study, 0.0, 12)[: len(off)]  # off = plain decode
+
+
+@pytest.mark.parametrize("phrases", [["no pneumonia .", "pneumonia present ."],
+                                     ["no pneumonia .", "pneumonia ."]])
+def test_label_guidance_with_beams_and_model_default(study, phrases):
+    model = label_prompt_model(phrases)
+    s = GenerationSettings(max_new_tokens=15, num_beams=3, label_guidance=1.0)
+    assert "".join(model.stream_report(study, s)) == model.generate_report(study, s)
+    # the model's own decoding defaults apply to the fields settings leave at None
+    model.config.label_guidance = 1.0
+    model.config.repetition_penalty, model.config.no_repeat_ngram_size = 1.0, 0
+    assert tokens(model, study, max_new_tokens=12) == \
+        tokens(model, study, max_new_tokens=12, label_guidance=1.0, **PLAIN)
+    model.config.no_repeat_ngram_size = 2
+    got = tokens(model, study, max_new_tokens=40, label_guidance=1.0)
+    pairs = list(zip(got, got[1:]))
+    assert len(pairs) == len(set(pairs))  # no bigram repeats: the model's 2 was used

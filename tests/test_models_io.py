@@ -86,3 +86,30 @@ def test_info_and_tiny_model_is_fast():
     assert set(info) == {"name", "version", "method", "trained_on", "threshold", "n_params",
                          "n_trainable"}
     assert info["trained_on"]["modality"] == "CT" and 0 < info["n_trainable"] < info["n_params"]
+
+
+def test_export_float16_halves_the_folder_and_loads_as_float32(tmp_path, monkeypatch, study):
+    """`python -m mrg_core export --dtype float16`: weights stored in half precision, loaded and
+    computed in float32; config fields chosen on val are set by --set."""
+    from mrg_core.cli import export
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = trained_a_little(tiny_model("medvlm", "gpt2"))
+    model.save_pretrained(tmp_path / "src")
+    card = tmp_path / "card.md"
+    card.write_text("# tiny\n\nexported for a test\n")
+    assert export.main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                        "--dtype", "float16", "--card", str(card),
+                        "--set", "label_guidance=1.5", "--set", 'version="9.9.9"']) == 0
+    weights = [f for f in (tmp_path / "src").rglob("*.safetensors")]
+    for f in weights:
+        half = tmp_path / "out" / f.relative_to(tmp_path / "src")
+        assert half.stat().st_size < 0.6 * f.stat().st_size, f
+    back = ReportModel.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    assert back.config.label_guidance == 1.5 and back.config.version == "9.9.9"
+    assert (tmp_path / "out" / "MODEL_CARD.md").read_text() == card.read_text()
+    assert abs(back.predict(study).probability - model.predict(study).probability) < 1e-2
+    with pytest.raises(SystemExit):
+        export.main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "x"),
+                     "--set", "no_such_field=1"])

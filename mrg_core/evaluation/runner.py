@@ -117,7 +117,8 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
     (out_dir / "metrics.md").write_text(metrics_markdown(metrics))
     with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
         for ex in examples:
-            rec = {"id": ex.id, "label": ex.label, "reference": ex.report, **preds[ex.id]}
+            pred = {("predicted_label" if k == "label" else k): v for k, v in preds[ex.id].items()}
+            rec = {"id": ex.id, "label": ex.label, "reference": ex.report, **pred}
             rec.update({n: systems[n].get(ex.id) for n in systems if n != "model"})
             f.write(json.dumps(rec) + "\n")
     return metrics

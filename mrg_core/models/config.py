@@ -79,9 +79,19 @@ class ReportModelConfig:
     # Discrimination-enhanced text: state the classifier's decision in words after the
     # instruction ("no pneumonia ." / "pneumonia ."), so the decoder conditions on a token it
     # can read directly. Training feeds the true label for this share of studies.
+    # A second, trainable copy of the encoder feeds the LM (MedVLM's visual tokens / the
+    # prompts' conditioning), so the report phase can learn what the words need (lobes, source
+    # style) while the classifier keeps the features selected on val AUC. The copy starts from
+    # the classifier's encoder (ReportModel.fork_report_encoder) and only the LM loss trains it.
+    report_encoder: bool = False
     label_prompt: bool = False
     label_phrases: list[str] = field(default_factory=lambda: ["no pneumonia .", "pneumonia ."])
     label_prompt_teacher_forcing: float = 0.7
+    # Decoding defaults of this model, chosen on val; GenerationSettings fields left at None
+    # take them (see GenerationSettings for what each does).
+    label_guidance: float = 0.0
+    repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 3
     name: str = "mrg-studio"
     version: str = "0.0.0"
     trained_on: dict = field(default_factory=lambda: {

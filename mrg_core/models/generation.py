@@ -7,6 +7,7 @@ injects its learned key/values there), `step` the plain causal LM that continues
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,12 +21,29 @@ from transformers import (LogitsProcessor, LogitsProcessorList, NoRepeatNGramLog
 class GenerationSettings:
     max_new_tokens: int = 120
     num_beams: int = 1  # > 1: beam search (no sampling); the text streams after the search
-    repetition_penalty: float = 1.2
-    no_repeat_ngram_size: int = 3
+    # None = the model's own value (ReportModelConfig, chosen on val): formulaic report text
+    # repeats trigrams legitimately ("were seen in the"), so blocking them can hurt.
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    # Label guidance (classifier-free-guidance style, Sanchez et al. 2023): with a model that
+    # states the classifier's decision in words (label_prompt), decode with
+    # (1 + g) * logp(. | decision) - g * logp(. | opposite decision), so the draft follows the
+    # decision instead of the most common wording. None = the model's own value
+    # (ReportModelConfig.label_guidance, chosen on val); 0 = off.
+    label_guidance: float | None = None
+
+
+MODEL_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "label_guidance")
+
+
+def resolve_settings(s: GenerationSettings, config) -> GenerationSettings:
+    """Fill the fields left at None from the model config's decoding defaults."""
+    return dataclasses.replace(s, **{k: getattr(config, k) for k in MODEL_DEFAULTS
+                                     if getattr(s, k) is None})
 
 
 class SuppressIds(LogitsProcessor):
@@ -68,6 +86,59 @@ class KVDecoder:
     def step(self, tokens: torch.Tensor, cache):
         out = self.step_model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values
+
+
+class PairCache:
+    """The caches of the two prompts of GuidedDecoder: one batch-of-two cache (`both`, rows
+    [conditional beams..., contrast beams...]) or two caches (`a`, `b`) decoded in lockstep.
+    Beam search reorders and repeats through here so both halves stay aligned."""
+
+    def __init__(self, both=None, a=None, b=None):
+        self.both, self.a, self.b = both, a, b
+
+    def batch_repeat_interleave(self, n: int) -> None:
+        for c in (self.both, self.a, self.b):
+            if c is not None:
+                c.batch_repeat_interleave(n)
+
+    def reorder_cache(self, idx: torch.Tensor) -> None:
+        if self.both is not None:
+            self.both.reorder_cache(torch.cat([idx, idx + len(idx)]))
+        else:
+            self.a.reorder_cache(idx)
+            self.b.reorder_cache(idx)
+
+
+class GuidedDecoder:
+    """Label guidance over two prompts that differ only in the stated decision.
+
+    prefill() takes the conditional prompt; the contrast prompt is given at construction.
+    Prompts of equal length run as one batch of two (one weight read per step: about the cost
+    of one sequence on a memory-bound CPU); otherwise as two caches in lockstep."""
+
+    def __init__(self, dec: KVDecoder, contrast: torch.Tensor, scale: float):
+        self.dec, self.contrast, self.scale = dec, contrast, float(scale)
+
+    def _mix(self, lp_cond: torch.Tensor, lp_contrast: torch.Tensor) -> torch.Tensor:
+        lp_cond, lp_contrast = torch.log_softmax(lp_cond, -1), torch.log_softmax(lp_contrast, -1)
+        return (1 + self.scale) * lp_cond - self.scale * lp_contrast
+
+    def prefill(self, embeds: torch.Tensor):
+        c = self.contrast.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        if c.shape[1] == embeds.shape[1]:
+            logits, cache = self.dec.prefill(torch.cat([embeds, c]))
+            return self._mix(*logits.chunk(2)), PairCache(both=cache)
+        la, ca = self.dec.prefill(embeds)
+        lb, cb = self.dec.prefill(c)
+        return self._mix(la, lb), PairCache(a=ca, b=cb)
+
+    def step(self, tokens: torch.Tensor, cache: PairCache):
+        if cache.both is not None:
+            logits, cache.both = self.dec.step(torch.cat([tokens, tokens]), cache.both)
+            return self._mix(*logits.chunk(2)), cache
+        la, cache.a = self.dec.step(tokens, cache.a)
+        lb, cache.b = self.dec.step(tokens, cache.b)
+        return self._mix(la, lb), cache
 
 
 def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, bos_id: int,

@@ -37,7 +37,7 @@ def default_card(model) -> str:
             "Drafts are for review by a radiologist; not a diagnosis.\n")
 
 
-def _save_base_lm(model, folder: Path) -> None:
+def _save_base_lm(model, folder: Path, dtype: torch.dtype | None = None) -> None:
     """The causal LM without adapter tensors (LoRA's `base_layer` names folded back)."""
     base = model.base_lm
     sd = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
@@ -46,10 +46,14 @@ def _save_base_lm(model, folder: Path) -> None:
     missing, unexpected = clean.load_state_dict(sd, strict=False)
     if unexpected:
         raise RuntimeError(f"unexpected LM tensors while saving: {unexpected[:5]}")
+    if dtype is not None:
+        clean = clean.to(dtype)
     clean.save_pretrained(folder)
 
 
-def save_model(model, folder, card: str | None = None) -> None:
+def save_model(model, folder, card: str | None = None, dtype: torch.dtype | None = None) -> None:
+    """dtype (e.g. torch.float16): storage type of the floating tensors, half the disk for a
+    shipped model; loading always computes in float32."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -63,10 +67,11 @@ def save_model(model, folder, card: str | None = None) -> None:
         if key in seen:  # tied weights: store once, load_state_dict re-ties
             continue
         seen.add(key)
-        tensors[k] = v.detach().to("cpu").contiguous()
+        v = v.detach().to("cpu")
+        tensors[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if not _lm_is_reference_only(cfg):
-        _save_base_lm(model, folder / "lm")
+        _save_base_lm(model, folder / "lm", dtype)
     model.tokenizer.save_pretrained(str(folder / "tokenizer"))
     (folder / "README.md").write_text(card if card is not None else default_card(model))
 
@@ -86,13 +91,16 @@ def load_model(folder, device=None):
     lm_dir = folder / "lm" if (folder / "lm").is_dir() else cfg.lm.path
     if lm_dir is None:
         raise FileNotFoundError(f"{folder} has no lm/ folder and its config names no LM path")
-    lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True)
+    # float32 whatever the stored dtype (a float16 folder would otherwise load as float16)
+    lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), local_files_only=True,
+                                              dtype=torch.float32)
     # the encoder architecture comes from backbone_config; its weights from model.safetensors
     build_cfg = copy.deepcopy(cfg)
     build_cfg.encoder.pretrained_path = None
     model = ReportModel.build(build_cfg, tokenizer, lm=lm)
     model.config = cfg
-    state = load_file(str(folder / "model.safetensors"))
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in load_file(str(folder / "model.safetensors")).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     bad = [k for k in missing if not k.startswith("lm.") or k in trainable]

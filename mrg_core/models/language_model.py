@@ -5,6 +5,7 @@ and `decoder_layers` instead of attribute names such as `transformer.h`.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM)
@@ -14,7 +15,8 @@ from mrg_core.models.config import LMConfig
 
 def build_lm(cfg: LMConfig, tokenizer) -> PreTrainedModel:
     if cfg.path:
-        return AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True,
+                                                    dtype=torch.float32)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.family == "gpt2":

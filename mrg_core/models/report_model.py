@@ -26,7 +26,8 @@ from peft import PeftModel
 from mrg_core.models.adapters import LORA_TARGETS, apply_adapter, freeze
 from mrg_core.models.config import ReportModelConfig
 from mrg_core.models.encoder import EncoderOutput, VisualEncoder
-from mrg_core.models.generation import GenerationSettings, KVDecoder, beam_search, sample_tokens
+from mrg_core.models.generation import (GenerationSettings, GuidedDecoder, KVDecoder, beam_search,
+                                        resolve_settings, sample_tokens)
 from mrg_core.models.language_model import build_lm, lm_hidden_size, lm_max_positions
 from mrg_core.models.medvlm import MedVLMBridge
 from mrg_core.models.prompts import PromptBridge
@@ -57,6 +58,8 @@ class ReportModel(nn.Module):
         self.config, self.tokenizer = config, tokenizer
         n_labels = len(config.labels)
         self.encoder = VisualEncoder(config.encoder, config.preprocess.image_size, n_labels)
+        self.report_encoder = (VisualEncoder(config.encoder, config.preprocess.image_size,
+                                             n_labels) if config.report_encoder else None)
         feat, width = self.encoder.feat_dim, lm_hidden_size(lm)
         if lm.config.model_type in LORA_TARGETS:  # an LM passed in or loaded decides the family
             config.lm.family = lm.config.model_type
@@ -140,6 +143,19 @@ class ReportModel(nn.Module):
     def _visual_prefix(self, enc: EncoderOutput) -> torch.Tensor:
         return self.bridge(enc)
 
+    def fork_report_encoder(self) -> None:
+        """Start the report encoder (config.report_encoder) from the classifier's encoder."""
+        if self.report_encoder is not None:
+            self.report_encoder.load_state_dict(self.encoder.state_dict())
+
+    def _lm_features(self, enc: EncoderOutput, pixel_values: torch.Tensor) -> EncoderOutput:
+        """What the bridge reads: the classifier's logits, with the report encoder's features
+        when there is one."""
+        if self.report_encoder is None:
+            return enc
+        r = self.report_encoder(pixel_values)
+        return EncoderOutput(r.global_feat, r.tokens, enc.logits, r.view_weights)
+
     # ------------------------------------------------------------------ training
     def _head_labels(self, enc: EncoderOutput, labels: torch.Tensor) -> list[int]:
         """Label phrase per study: the classifier's decision, or (training, teacher forcing)
@@ -194,8 +210,9 @@ class ReportModel(nn.Module):
     def compute_loss(self, pixel_values: torch.Tensor, reports: list[str],
                      labels: torch.Tensor) -> dict[str, torch.Tensor]:
         dev = self.device
-        enc = self.encoder(pixel_values.to(dev))
-        prefix = self._training_prefix(enc, labels)
+        px = pixel_values.to(dev)
+        enc = self.encoder(px)
+        prefix = self._training_prefix(self._lm_features(enc, px), labels)
         head_labels = self._head_labels(enc, labels) if self.label_phrase_ids else None
         ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports, head_labels))
         b, p = prefix.shape[:2]
@@ -214,9 +231,10 @@ class ReportModel(nn.Module):
                 "lm_loss": lm_loss, "cls_loss": cls_loss}
 
     # ------------------------------------------------------------------ inference
-    def _remember(self, key: str, enc: EncoderOutput) -> EncodedStudy:
+    def _remember(self, key: str, enc: EncoderOutput, x: torch.Tensor) -> EncodedStudy:
         with torch.inference_mode():
-            e = EncodedStudy(enc.logits.detach(), self._visual_prefix(enc).detach(),
+            lm_enc = self._lm_features(enc, x)
+            e = EncodedStudy(enc.logits.detach(), self._visual_prefix(lm_enc).detach(),
                              enc.view_weights.detach())
         with self._cache_lock:
             self._cache[key] = e
@@ -234,7 +252,7 @@ class ReportModel(nn.Module):
                 return hit
         x = study_to_tensor(study, self.config.preprocess)[None].to(self.device)
         with self._eval(), torch.inference_mode():
-            return self._remember(study.content_hash, self.encoder(x))
+            return self._remember(study.content_hash, self.encoder(x), x)
 
     def _prediction(self, logits: torch.Tensor) -> Prediction:
         probs = torch.sigmoid(logits.float())[0].tolist()
@@ -267,7 +285,7 @@ class ReportModel(nn.Module):
         enc = EncoderOutput(enc.global_feat.detach(), enc.tokens.detach(), enc.logits.detach(),
                             enc.view_weights.detach())
         with self._eval():
-            self._remember(study.content_hash, enc)
+            self._remember(study.content_hash, enc, x.detach())
         maps = [np.clip(heatmap_to_view(cams[i], v.display.shape, self.config.preprocess), 0, 1)
                 for i, v in enumerate(study.views)]
         return self._prediction(enc.logits), maps
@@ -282,11 +300,19 @@ class ReportModel(nn.Module):
         enc = self.encode(study)
         dev = self.device
         label = self._prediction(enc.logits).label if self.label_phrase_ids else None
-        head = torch.tensor([self.head_ids(label)], device=dev)
-        embeds = torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
+
+        def prompt(lab):
+            head = torch.tensor([self.head_ids(lab)], device=dev)
+            return torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
+
+        embeds = prompt(label)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
         dec = KVDecoder(self.lm, self.base_lm)
+        settings = resolve_settings(settings, self.config)
+        guidance = settings.label_guidance
+        if label is not None and guidance and len(self.label_phrase_ids) == 2:
+            dec = GuidedDecoder(dec, prompt(1 - label), guidance)
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)
@@ -325,9 +351,9 @@ class ReportModel(nn.Module):
         return "".join(self.stream_report(study, settings))
 
     # ------------------------------------------------------------------ save / load / info
-    def save_pretrained(self, folder, card: str | None = None) -> None:
+    def save_pretrained(self, folder, card: str | None = None, dtype=None) -> None:
         from mrg_core.models.io import save_model
-        save_model(self, folder, card)
+        save_model(self, folder, card, dtype)
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "ReportModel":
