@@ -6,8 +6,11 @@ No gradio, torch or SQL here, so every step of the page can be tested without a 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import html
 import logging
+import os
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -161,6 +164,25 @@ def render_view(engine: Engine, session: Session, index: int = 0, preset: str = 
     return np.stack([grey] * 3, axis=-1)
 
 
+def png_file(image: np.ndarray, folder: str | Path) -> str:
+    """The image as a lossless PNG file in `folder` (named by its content, written once).
+
+    Gradio would encode the array itself at PNG's default compression: ~60 ms for a 512² view
+    on a 2-core CPU, on every load, overlay and slider change. Level 1 takes ~15 ms for a file
+    ~10 % larger, and an image seen before (opacity slider moved back) is not encoded again."""
+    from PIL import Image
+
+    arr = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(arr.tobytes(), digest_size=16)
+    digest.update(repr((arr.shape, arr.dtype.str)).encode())
+    path = Path(folder) / f"view_{digest.hexdigest()}.png"
+    if not path.is_file():
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+        Image.fromarray(arr).save(tmp, format="png", compress_level=1)
+        os.replace(tmp, path)  # atomic: two sessions may render the same view at once
+    return str(path)
+
+
 def _windowed(view, preset, centre, width) -> np.ndarray:
     if view.meta.units != "HU" or preset in (None, "default"):
         return view.display
@@ -190,6 +212,7 @@ class StreamUpdate:
 KEPT_NOTICE = ("Your text in the editor was kept. The new draft is in **Latest draft** below; "
                "use *Replace editor with latest draft* if you want it.")
 LOCKED_NOTICE = "Generating draft… the editor unlocks when it is done (or press Stop)."
+UPDATE_EVERY_S = 0.06  # the page's streamed text: at most ~16 updates a second per draft
 
 
 def note_edit(session: Session, text: str) -> None:
@@ -204,13 +227,18 @@ def request_stop(session: Session) -> None:
 
 
 def stream_draft(engine: Engine, session: Session, editor_text: str = "",
-                 settings=None) -> Iterator[StreamUpdate]:
+                 settings=None, update_every_s: float = 0.0) -> Iterator[StreamUpdate]:
     """Stream a draft without ever overwriting the user's words.
 
     If the editor is empty or holds only model text, the draft streams into it and the editor
     is read-only meanwhile (so no keystroke can race a streamed piece). If the editor holds the
     user's own text, the draft streams into the read-only "Latest draft" box instead. Should an
-    edit still arrive during a stream (note_edit), the stream leaves the editor at once."""
+    edit still arrive during a stream (note_edit), the stream leaves the editor at once.
+
+    `update_every_s` coalesces pieces: the first piece is shown at once, later ones at most
+    every `update_every_s` seconds, and the last update always carries the whole text (0 = one
+    update per piece). The page uses UPDATE_EVERY_S: each update costs the server and the
+    browser a round of work, while the eye cannot tell 15 updates a second from 400."""
     if session.study is None:
         yield StreamUpdate(None, None, "Load a study first.", done=True)
         return
@@ -224,6 +252,7 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     session.streaming, session.stop_requested, session.user_edited = True, False, False
     session.latest = ""
     text, t0, first, n = "", time.perf_counter(), None, 0
+    sent, last_sent, finished = "", 0.0, False  # the text the page was last sent, and when
     pieces = engine.stream_report(session.study, settings)
     stopped = False
     try:
@@ -238,18 +267,25 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
                 break
             text += piece
             n += 1
-            first = first or time.perf_counter() - t0
+            now = time.perf_counter()
+            first = first or now - t0
             if into_editor and session.user_edited:
                 into_editor = False  # the user's text wins; the draft moves to the side box
-                session.latest = text
+                session.latest = sent = text
+                last_sent = now
                 yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}",
                                    editor_locked=False)
-            elif into_editor:
+                continue
+            if n > 1 and now - last_sent < update_every_s:
+                continue  # coalesced: shown with a later piece or the final update
+            sent, last_sent = text, now
+            if into_editor:
                 session.editor_shadow = text
                 yield StreamUpdate(text, None, LOCKED_NOTICE)
             else:
                 session.latest = text
                 yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}")
+        finished = True
     except Exception as exc:
         log_failure("draft generation", exc)
         yield StreamUpdate(None, None, "**The draft could not be generated.** Any text in the "
@@ -257,19 +293,26 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
                            done=True, editor_locked=False)
         return
     finally:
-        pieces.close()  # releases the engine's model lock at once on Stop / cancel
+        pieces.close()  # ends the engine's decode (and frees the model) at once on Stop / cancel
         if session.stream_count == me:
             session.streaming = False
-            session.draft, session.draft_settings = text, settings
+            # Closed mid-stream (the page cancelled it): the draft is what the page was sent.
+            session.draft, session.draft_settings = (text if finished else sent), settings
             session.draft_timings = {"generate_s": round(time.perf_counter() - t0, 3),
                                      "first_piece_s": round(first or 0.0, 3), "pieces": n}
     state = "stopped" if stopped else "ready"
     log.info("draft %s: %d words in %.1f s", state, len(text.split()),
              session.draft_timings["generate_s"])  # never the text itself
     where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
-    yield StreamUpdate(None, None, f"Draft {state} {where}: {len(text.split())} words in "
-                                   f"{session.draft_timings['generate_s']:.1f} s. Review and "
-                                   "edit it, then Save.", done=True, editor_locked=False)
+    editor = latest = None
+    if text != sent:  # pieces not shown yet travel with the final update
+        if into_editor:
+            session.editor_shadow = editor = text
+        else:
+            session.latest = latest = text
+    yield StreamUpdate(editor, latest, f"Draft {state} {where}: {len(text.split())} words in "
+                                       f"{session.draft_timings['generate_s']:.1f} s. Review "
+                                       "and edit it, then Save.", done=True, editor_locked=False)
 
 
 def stop_message(session: Session) -> str:

@@ -43,6 +43,7 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
     the reviewer: shown in a locked box, and taken from the login on Save whatever the box says.
     `model_roots`: where the Model panel looks for versions (None = registry defaults)."""
     export_dir = tempfile.mkdtemp(prefix="mrg_export_")
+    view_dir = tempfile.mkdtemp(prefix="mrg_views_")  # viewer PNGs (h.png_file)
 
     with gr.Blocks(title="MRG Studio", analytics_enabled=False) as demo:
         session = gr.State(_new_session)  # a callable: one fresh Session per browser tab
@@ -125,7 +126,8 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         view_inputs = [session, view_idx, preset, centre, width, show_overlay, opacity]
 
         def render(s, idx, pre, c, w, ov, op):
-            return h.render_view(engine, s, int(idx or 1) - 1, pre, c, w, ov, op)
+            img = h.render_view(engine, s, int(idx or 1) - 1, pre, c, w, ov, op)
+            return None if img is None else h.png_file(img, view_dir)
 
         def on_loaded(s, res: h.Loaded):
             if not res.ok:
@@ -166,7 +168,7 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         # Draft streaming: the editor is read-only while a draft streams into it (server updates
         # would race keystrokes); a draft over the user's own text goes to "Latest draft".
         def stream(s, text, settings=None):
-            inner = h.stream_draft(engine, s, text, settings)
+            inner = h.stream_draft(engine, s, text, settings, update_every_s=h.UPDATE_EVERY_S)
             try:
                 for u in inner:
                     ed = {} if u.editor is None else {"value": u.editor}

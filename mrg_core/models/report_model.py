@@ -26,6 +26,7 @@ from peft import PeftModel
 from mrg_core.models.adapters import LORA_TARGETS, apply_adapter, freeze
 from mrg_core.models.config import ReportModelConfig
 from mrg_core.models.encoder import EncoderOutput, VisualEncoder
+from mrg_core.models.fast_decode import FastGPT2Decoder, supports_fast_step
 from mrg_core.models.generation import (GenerationSettings, GuidedDecoder, KVDecoder, beam_search,
                                         resolve_settings, sample_tokens)
 from mrg_core.models.language_model import build_lm, lm_hidden_size, lm_max_positions
@@ -111,6 +112,10 @@ class ReportModel(nn.Module):
     def base_lm(self) -> nn.Module:
         """The transformers causal LM inside any peft wrapper (LoRA layers stay injected)."""
         return self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+
+    # Decode with the lean GPT-2 step where it is exact (plain float32 GPT-2, e.g. LoRA merged);
+    # False forces the transformers path (tests compare the two).
+    fast_decode: bool = True
 
     @property
     def n_virtual_tokens(self) -> int:
@@ -308,7 +313,8 @@ class ReportModel(nn.Module):
         embeds = prompt(label)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
-        dec = KVDecoder(self.lm, self.base_lm)
+        dec = (FastGPT2Decoder(self.lm) if self.fast_decode and supports_fast_step(self.lm)
+               else KVDecoder(self.lm, self.base_lm))
         settings = resolve_settings(settings, self.config)
         guidance = settings.label_guidance
         if label is not None and guidance and len(self.label_phrase_ids) == 2:

@@ -1,0 +1,77 @@
+"""The benchmark scripts run end to end on a tiny model (their figures are not checked here)."""
+import json
+import socket
+
+import pytest
+
+from mrg_core.models import tiny_model
+from mrg_core.paths import SAMPLES_DIR
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # bench/run.py sets the process-wide count
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench") / "model"
+    tiny_model(method="medvlm", family="gpt2", seed=0).save_pretrained(d)
+    return d
+
+
+def test_run_quick_with_precision_and_threads(model_dir, tmp_path):
+    from bench import run
+
+    out = tmp_path / "quick.json"
+    assert run.main(["--model", str(model_dir), "--quick", "--studies", "1",
+                     "--max-new-tokens", "8", "--precision", "int8", "--decode-threads", "1",
+                     "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["precision"] == "int8" and res["decode_threads"] == 1
+    assert res["tokens_per_s"] > 0 and 0 < res["bandwidth_fraction"]
+    assert res["machine"]["load_average_at_start"] is not None
+
+
+def test_run_sweep_compares_every_setting(model_dir, tmp_path):
+    from bench import run
+
+    out = tmp_path / "sweep.json"
+    assert run.main(["--model", str(model_dir), "--sweep", "--studies", "1", "--rounds", "1",
+                     "--max-new-tokens", "8", "--json", str(out)]) == 0
+    sweep = json.loads(out.read_text())["sweep"]
+    assert {v["precision"] for v in sweep.values()} == {"fp32", "fp32-merged", "bf16", "int8"}
+    assert {v["decode_threads"] for v in sweep.values()} >= {1}
+    fp32 = [v for v in sweep.values() if v["precision"] == "fp32"]
+    assert all(v["same_text_as_first_precision"] == 1.0 for v in fp32)
+
+
+def test_app_load_clients_drive_the_page(model_dir, tmp_path):
+    """Both load drivers of bench/app_load.py against the real page, served in-process."""
+    from bench.app_load import one_user, one_user_raw
+    from mrg_core.engine import Engine, EngineSettings
+    from ui import build_app, launch_kwargs
+
+    engine = Engine.from_settings(EngineSettings(model_dir=model_dir,
+                                                 database_url=f"sqlite:///{tmp_path}/b.db"))
+    demo = build_app(engine)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port,
+                        quiet=True, **launch_kwargs(engine))
+    try:
+        sample = str(SAMPLES_DIR / "ct_phantom_covid.dcm")
+        for user in (one_user, one_user_raw):
+            out, errors = [], []
+            user(demo.local_url, sample, out, errors)
+            assert errors == [] and len(out) == 1
+            r = out[0]
+            assert 0 < r["analysis_s"] < r["total_s"] and r["first_token_s"] > 0
+    finally:
+        demo.close()
+        engine.store.close()

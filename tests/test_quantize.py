@@ -1,0 +1,147 @@
+"""bf16 / int8 inference of the language model (mrg_core.models.quantize) on real tiny models."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from mrg_core.engine import Engine, torch_threads
+from mrg_core.models import GenerationSettings, tiny_model
+from mrg_core.models.quantize import (apply_precision, conv1d_to_linear, model_precision,
+                                      replace_conv1d, weight_bytes)
+from mrg_core.storage import Store
+from mrg_core.study import study_from_arrays
+
+KINDS = [("medvlm", "gpt2", "lora"), ("medvlm", "gpt2", "prefix"), ("prompt", "gpt2", "lora"),
+         ("medvlm", "llama", "lora")]
+# Random tiny LMs give near-uniform next-token distributions: their log-probabilities are
+# compared relative to their spread. The trained default model is compared on probabilities.
+REL_TOL = {"fp32-merged": 0.01, "bf16": 0.1, "int8": 0.15}  # max |Δ log p| / std(log p):
+# measured ~1e-6 / 0.02 / 0.06
+PROB_TOL = 0.02  # default model, any report position: measured ≤ 0.002
+
+
+@pytest.fixture(scope="module")
+def study():
+    rng = np.random.default_rng(3)
+    return study_from_arrays([rng.integers(0, 256, (72, 64)).astype(np.uint8)])
+
+
+def report_probs(model, study, report_ids=()) -> torch.Tensor:
+    """The LM's next-token distributions at the first report position and after each of
+    `report_ids` (teacher forcing), through the same prefix as inference: [1 + n, vocab]."""
+    enc = model.encode(study)
+    head = torch.tensor([model.head_ids(model.predict(study).label) + list(report_ids)])
+    embeds = torch.cat([enc.prefix, model._embed(head).to(enc.prefix.dtype)], dim=1)
+    with torch.inference_mode():
+        logits = model.lm(inputs_embeds=embeds).logits[0].float()
+    return logits[-1 - len(report_ids):].softmax(-1)
+
+
+def test_conv1d_becomes_an_equal_linear():
+    torch.manual_seed(0)
+    conv = Conv1D(48, 16)  # 16 in, 48 out
+    nn.init.normal_(conv.bias)
+    x = torch.randn(3, 5, 16)
+    lin = conv1d_to_linear(conv)
+    assert isinstance(lin, nn.Linear) and (lin.in_features, lin.out_features) == (16, 48)
+    torch.testing.assert_close(lin(x), conv(x))
+    holder = nn.Sequential(nn.Sequential(Conv1D(8, 16)), Conv1D(4, 8))
+    assert replace_conv1d(holder) == 2
+    assert not any(isinstance(m, Conv1D) for m in holder.modules())
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32-merged"])
+@pytest.mark.parametrize("method,family,adapter", KINDS)
+def test_precision_keeps_the_model_close(study, precision, method, family, adapter):
+    ref = tiny_model(method=method, family=family, adapter=adapter, seed=1)
+    low = tiny_model(method=method, family=family, adapter=adapter, seed=1)
+    lp_ref = report_probs(ref, study).log()
+    assert apply_precision(low, precision) is low and model_precision(low) == precision
+    lp_low = report_probs(low, study).log()
+    assert (lp_low - lp_ref).abs().max() < REL_TOL[precision] * lp_ref.std()
+    # the encoder, classifier and bridge are untouched: the probability is exactly fp32's
+    assert low.predict(study).probability == ref.predict(study).probability
+    assert low.predict(study).labels == ref.predict(study).labels
+    settings = GenerationSettings(max_new_tokens=12)
+    text = low.generate_report(study, settings)
+    assert isinstance(text, str) and "".join(low.stream_report(study, settings)) == text
+    assert not any("lora_" in n for n, _ in low.lm.named_parameters())  # LoRA merged
+    if precision == "int8":
+        quantized = [m for m in low.base_lm.modules() if type(m).__name__ == "Linear"
+                     and "quantized" in type(m).__module__]
+        assert quantized and not any(isinstance(m, Conv1D) for m in low.base_lm.modules())
+        assert weight_bytes(low.base_lm) < weight_bytes(ref.base_lm) / 2
+    elif precision == "bf16":
+        assert {p.dtype for p in low.lm.parameters()} == {torch.bfloat16}
+        assert weight_bytes(low.base_lm) < weight_bytes(ref.base_lm) * 0.6
+    else:
+        assert {p.dtype for p in low.lm.parameters()} == {torch.float32}
+
+
+@pytest.fixture(scope="module")
+def default_fp32():
+    """The trained default model's fp32 draft of a sample study and its distributions."""
+    from mrg_core.io import load_study
+    from mrg_core.models import ReportModel
+    from mrg_core.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("no default model in assets/model")
+    sample = load_study([SAMPLES_DIR / "ct_phantom_covid.dcm"])
+    ref = ReportModel.from_pretrained(DEFAULT_MODEL_DIR)
+    with torch.inference_mode():
+        ids = list(ref._report_tokens(sample, GenerationSettings(max_new_tokens=40)))
+    return sample, ids, report_probs(ref, sample, ids), ref.predict(sample)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32-merged"])
+def test_default_model_probabilities_stay_close(default_fp32, precision):
+    """The trained default model: every next-token distribution along its fp32 draft of a
+    sample study stays within PROB_TOL, and the classifier output is unchanged."""
+    from mrg_core.models import ReportModel
+    from mrg_core.paths import DEFAULT_MODEL_DIR
+
+    sample, ids, p_ref, pred = default_fp32
+    low = apply_precision(ReportModel.from_pretrained(DEFAULT_MODEL_DIR), precision)
+    assert (report_probs(low, sample, ids) - p_ref).abs().max() < PROB_TOL
+    assert low.predict(sample) == pred
+
+
+def test_precision_is_checked():
+    model = tiny_model(method="medvlm", seed=0)
+    assert apply_precision(model, "fp32") is model and model_precision(model) == "fp32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        apply_precision(model, "fp8")
+    apply_precision(model, "int8")
+    apply_precision(model, "INT8")  # the same again: nothing to do
+    with pytest.raises(ValueError, match="already int8"):
+        apply_precision(model, "bf16")
+
+
+def test_engine_applies_precision_and_records_it(study, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        engine = Engine(tiny_model(method="medvlm", seed=0), store, precision="int8",
+                        decode_threads=1)
+        assert model_precision(engine.model) == "int8"
+        before = torch.get_num_threads()
+        text = "".join(engine.stream_report(study, GenerationSettings(max_new_tokens=8)))
+        assert torch.get_num_threads() == before  # decode threads are set only while decoding
+        rec = engine.draft_record(text, engine.analyze(study), GenerationSettings())
+        assert rec.settings["precision"] == "int8"
+        plain = Engine(tiny_model(method="medvlm", seed=0), store)
+        assert "precision" not in plain.draft_record("x", None, GenerationSettings()).settings
+        with pytest.raises(ValueError):
+            Engine(None, store, precision="fp4")
+    finally:
+        store.close()
+
+
+def test_torch_threads_restores():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before

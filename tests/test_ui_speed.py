@@ -1,0 +1,175 @@
+"""The page's speed measures keep its behaviour: coalesced stream updates, the background decode,
+the viewer's PNG files, the start-up warm-up, and the precision / thread flags."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrg_core.engine import Engine
+from mrg_core.models import tiny_model
+from mrg_core.paths import SAMPLES_DIR
+from mrg_core.storage import Store
+from ui import handlers as h
+from ui.state import Session
+
+CT_SAMPLE = SAMPLES_DIR / "ct_phantom_covid.dcm"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(method="prompt", family="gpt2", seed=0)
+
+
+@pytest.fixture
+def engine(model, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    yield Engine(model, store)
+    store.close()
+
+
+@pytest.fixture
+def session(engine):
+    s = Session()
+    assert h.load_files(engine, s, [str(CT_SAMPLE)]).ok
+    return s
+
+
+def slowed(engine, monkeypatch, study, delay=0.004, hook=None):
+    """engine.stream_report with a pause before each piece; returns the real pieces."""
+    real = engine.stream_report
+    pieces = list(real(study))
+
+    def slow(study, settings=None):
+        for i, piece in enumerate(real(study, settings)):
+            time.sleep(delay)
+            if hook:
+                hook(i)
+            yield piece
+
+    monkeypatch.setattr(engine, "stream_report", slow)
+    return pieces
+
+
+def test_coalesced_updates_carry_the_whole_draft(engine, session, monkeypatch):
+    pieces = slowed(engine, monkeypatch, session.study)
+    full = "".join(pieces)
+    ups = list(h.stream_draft(engine, session, "", update_every_s=0.05))
+    texts = [u.editor for u in ups if u.editor]
+    assert ups[0].editor == "" and ups[0].editor_locked is True
+    assert texts[0] == pieces[0]  # the first piece is shown at once
+    assert 2 < len(texts) < len(pieces) // 2  # still streaming, far fewer updates
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:]))
+    assert ups[-1].done and ups[-1].editor == full  # the final update brings the rest
+    assert session.draft == full == session.editor_shadow
+    assert session.draft_timings["pieces"] == len(pieces)
+
+
+def test_coalesced_draft_beside_the_users_text(engine, session, monkeypatch):
+    full = "".join(slowed(engine, monkeypatch, session.study))
+    ups = list(h.stream_draft(engine, session, "Dictated report.", update_every_s=10))
+    assert all(u.editor is None for u in ups)  # the user's text is never touched
+    latest = [u.latest for u in ups if u.latest]
+    assert len(latest) == 2 and latest[-1] == full == session.latest == session.draft
+    assert "your text was kept" in ups[-1].notice
+
+
+def test_stop_shows_every_piece_decoded_so_far(engine, session, monkeypatch):
+    pieces = slowed(engine, monkeypatch, session.study, hook=lambda i: i == 5 and h.request_stop(session))
+    ups = list(h.stream_draft(engine, session, "", update_every_s=10))
+    partial = "".join(pieces[:5])
+    assert "stopped" in ups[-1].notice and ups[-1].editor == partial
+    assert session.draft == partial and not session.streaming
+    assert h.save(engine, session, partial, "Dr Ada").ok
+
+
+def test_a_failing_model_keeps_what_the_page_shows(engine, session, monkeypatch):
+    def broken(study, settings=None):
+        yield "Ground-glass"
+        yield " opacity"
+        raise RuntimeError("decoder failed")
+
+    monkeypatch.setattr(engine, "stream_report", broken)
+    ups = list(h.stream_draft(engine, session, "", update_every_s=10))
+    assert ups[1].editor == "Ground-glass"
+    assert "could not be generated" in ups[-1].notice and ups[-1].editor_locked is False
+    assert session.draft == "Ground-glass" and not session.streaming
+
+
+def test_background_decode_frees_the_model_on_close(engine, session):
+    it = engine.stream_report(session.study)
+    assert next(it)
+    assert not engine._model_lock.acquire(blocking=False)  # decoding holds the model
+    it.close()
+    assert engine._model_lock.acquire(timeout=5)  # Stop frees it within a token
+    engine._model_lock.release()
+    assert "".join(engine.stream_report(session.study)) == \
+        engine.model.generate_report(session.study)
+
+
+def test_background_decode_raises_model_errors_to_the_caller(engine, session, monkeypatch):
+    def broken(study, settings):
+        yield "a"
+        raise ValueError("bad weights")
+
+    monkeypatch.setattr(engine.model, "stream_report", broken)
+    it = engine.stream_report(session.study)
+    assert next(it) == "a"
+    with pytest.raises(ValueError, match="bad weights"):
+        next(it)
+    assert engine._model_lock.acquire(timeout=5)
+    engine._model_lock.release()
+
+
+def test_decode_does_not_wait_for_a_slow_reader(engine, session):
+    """A reader that pauses (a page receiving updates) does not keep the model busy."""
+    it = engine.stream_report(session.study)
+    next(it)
+    assert engine._model_lock.acquire(timeout=10)  # the decode finished without the reader
+    engine._model_lock.release()
+    assert "".join(it)  # and its pieces wait for the reader
+
+
+def test_png_file_is_lossless_and_written_once(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 30, 3)).astype(np.uint8)
+    p = h.png_file(img, tmp_path)
+    assert np.array_equal(np.asarray(Image.open(p)), img)
+    mtime = (tmp_path / p).stat().st_mtime_ns
+    assert h.png_file(img.copy(), tmp_path) == p and (tmp_path / p).stat().st_mtime_ns == mtime
+    other = img.copy()
+    other[0, 0, 0] ^= 1
+    assert h.png_file(other, tmp_path) != p
+    threads = [threading.Thread(target=h.png_file, args=(other, tmp_path)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(x.suffix for x in tmp_path.iterdir()) == [".png", ".png"]  # no leftovers
+
+
+def test_warm_up_stores_nothing(engine, session, tmp_path):
+    assert engine.warm_up() > 0
+    assert engine.history(session.study) == []
+    assert Engine(None, engine.store).warm_up() == 0.0
+
+
+def test_app_precision_and_thread_flags(monkeypatch):
+    import app
+
+    monkeypatch.delenv("MRG_PRECISION", raising=False)
+    monkeypatch.delenv("MRG_DECODE_THREADS", raising=False)
+    a = app.parse_args([])
+    assert a.precision == "fp32-merged" and a.decode_threads == "auto"
+    monkeypatch.setenv("MRG_PRECISION", "INT8")
+    monkeypatch.setenv("MRG_DECODE_THREADS", "1")
+    a = app.parse_args([])
+    assert a.precision == "int8" and a.decode_threads == 1
+    assert Engine(None, None, decode_threads="auto").decode_threads >= 1
+    assert Engine(None, None, decode_threads=3).decode_threads == 3
+    assert app.parse_args(["--precision", "bf16", "--decode-threads", "2"]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--precision", "fp8"])
+    with pytest.raises(SystemExit):
+        app.parse_args(["--decode-threads", "0"])
