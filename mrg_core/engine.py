@@ -85,9 +85,9 @@ def resolve_threads(n: int | str | None) -> int | None:
     own count). Measured on 2 cores: a draft alone decodes ~10 % faster on 2 threads, but in
     the app, where the server and other sessions also want the CPU, 1 thread gives shorter
     waits at 1, 4 and 8 users (README, Speed)."""
-    if n is None or (isinstance(n, str) and n.strip().lower() != "auto"):
-        return None if n is None else int(n)
-    if isinstance(n, str):
+    if n is None:
+        return None
+    if isinstance(n, str) and n.strip().lower() == "auto":
         import torch
 
         return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
