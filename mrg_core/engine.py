@@ -66,6 +66,7 @@ class Analysis:
     heatmaps: list[np.ndarray]
     domain_warning: str | None
     seconds: float
+    findings: tuple[str, ...] = ()  # in words, what the draft states (finding_prompt models)
 
 
 class ModelNotLoaded(RuntimeError):
@@ -213,7 +214,8 @@ class Engine:
         return Analysis(probability=float(pred.probability), threshold=float(pred.threshold),
                         label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
                         domain_warning=self.domain_warning(study),
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0,
+                        findings=tuple(model.config.finding_phrases[n] for n in pred.findings))
 
     def stream_report(self, study: Study, settings=None) -> Iterator[str]:
         """Yield text pieces as they are decoded; concatenated they are the draft.

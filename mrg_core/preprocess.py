@@ -44,6 +44,23 @@ def view_to_tensor(display: np.ndarray, cfg: PreprocessConfig = PreprocessConfig
     return (canvas - cfg.mean) / cfg.std
 
 
+def jpeg_roundtrip(display: np.ndarray, quality: int) -> np.ndarray:
+    """A grey view encoded as JPEG at `quality` and decoded again (training only). COV-CTR's
+    COVID images are all PNG and many others JPEG: seeing every source with JPEG artefacts
+    keeps compression from being a shortcut to the label."""
+    import io
+
+    from PIL import Image
+
+    img = np.asarray(display)
+    if img.ndim == 3:
+        img = img.mean(axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(quality))
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("L"))
+
+
 def study_to_tensor(study, cfg: PreprocessConfig = PreprocessConfig()) -> torch.Tensor:
     """Study -> FloatTensor[V, 1, S, S] (one row per view, in the study's order)."""
     return torch.stack([view_to_tensor(v.display, cfg) for v in study.views])

@@ -92,6 +92,9 @@ class TrainConfig:
     patience: int = 5  # validations without improvement before stopping (0 = never stop)
     select_metric: str = "val_loss"  # "val_loss" (min) | "val_auc" | "val_bleu4" (max)
     augment: bool = True
+    # Share of training draws that see the study re-encoded as JPEG (quality 70-95, fixed per
+    # study): compression artefacts on every source, so the file format is no shortcut.
+    jpeg_augment: float = 0.0
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16); CPU: fp32
     balance: str = "auto"  # "auto" | "sampler" | "none": class-balanced sampling
     eval_generate: int = 8  # val studies generated each validation for a quick BLEU/ROUGE
@@ -99,6 +102,10 @@ class TrainConfig:
     # epoch) and keep the epoch with the best val AUC, before the report phase starts.
     encoder_warmup_epochs: int = 0
     encoder_warmup_lr: float = 2e-3
+    # > 0: the warm-up ends with the average of the weights of its last encoder_swa share of
+    # epochs (stochastic weight averaging, batch-norm statistics recomputed on train) instead
+    # of the single epoch with the best val AUC: less variance, and val picks nothing.
+    encoder_swa: float = 0.0
     # Keep the (warmed-up) encoder fixed in the report phase, batch-norm statistics included, so
     # the probability and Grad-CAM stay those selected on val AUC while the prompts learn.
     freeze_encoder: bool = False
@@ -294,26 +301,44 @@ class LossModule(nn.Module):
             cls_sum = out["cls_loss"] * int(has.sum())
         idx = (~has).nonzero().flatten().to(dev)
         logits = self.model.encoder(pixel_values[idx]).logits.float()
-        y = labels[idx].to(dev, torch.float32).view(len(idx), -1)
-        known = ~torch.isnan(y)
-        if known.any():
-            bce = F.binary_cross_entropy_with_logits(logits[known], y[known], reduction="sum")
-            cls_sum = cls_sum + bce / max(y.shape[1], 1)
+        cls_sum = cls_sum + self.model.classification_loss(logits, labels[idx.cpu()]) * len(idx)
         cls = cls_sum / n
         w = float(getattr(self.model.config, "cls_weight", 1.0))
         return {"loss": out["lm_loss"] + w * cls, "lm_loss": out["lm_loss"], "cls_loss": cls}
 
 
+def study_targets(ex: Example, names: list[str]) -> list[float]:
+    """One target per model label, NaN = unknown: the study's label for the target
+    (pneumonia, or a single label), and for every other label whether the reference report
+    names that finding or lobe (mrg_core.evaluation.clinical.extract_findings)."""
+    from .evaluation.clinical import extract_findings
+
+    target = names.index("pneumonia") if "pneumonia" in names else 0
+    said = extract_findings(ex.report) if ex.has_report else None
+    return [(float("nan") if ex.label < 0 else float(ex.label)) if i == target
+            else (float("nan") if said is None else float(n in said))
+            for i, n in enumerate(names)]
+
+
 class ExampleDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example], cache: ImageCache):
+    def __init__(self, examples: list[Example], cache: ImageCache,
+                 label_names: list[str] | None = None, jpeg_cache: ImageCache | None = None,
+                 jpeg_p: float = 0.0):
+        """jpeg_cache/jpeg_p: the share of draws that see the study re-encoded as JPEG."""
         self.examples, self.cache = examples, cache
+        self.jpeg_cache, self.jpeg_p = jpeg_cache, jpeg_p
+        names = label_names or ["pneumonia"]
+        # a single label stays a scalar per study (a [B] batch), as every caller expects
+        self.targets = [study_targets(ex, names) if len(names) > 1
+                        else study_targets(ex, names)[0] for ex in examples]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int):
         ex = self.examples[i]
-        return self.cache.get(ex), ex.report, float("nan") if ex.label < 0 else float(ex.label)
+        jpeg = self.jpeg_cache is not None and float(torch.rand(())) < self.jpeg_p
+        return (self.jpeg_cache if jpeg else self.cache).get(ex), ex.report, self.targets[i]
 
 
 def collate(batch):
@@ -394,7 +419,7 @@ def validate(model, loss_module, loader, examples: list[Example], cache: ImageCa
             sums[k] += float(out[k]) * len(reports)
         n += len(reports)
         probs += torch.sigmoid(logits[:, t].float()).tolist()
-        ys += labels.tolist()
+        ys += labels.view(len(reports), -1)[:, t if labels.dim() > 1 else 0].tolist()
     row = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
     y, p = np.array(ys), np.array(probs)
     keep = ~np.isnan(y)
@@ -490,10 +515,15 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
     balance["sampler"] = "balanced" if balanced else "shuffle"
     accelerator.print(f"train label balance: {balance}")
     sampler = EpochSampler([max(ex.label, 0) for ex in train_ex], cfg.seed, balanced)
-    train_loader = torch.utils.data.DataLoader(ExampleDataset(train_ex, cache),
+    jpeg_cache = None
+    if cfg.augment and cfg.jpeg_augment > 0:
+        jpeg_cache = ImageCache(model_cfg.preprocess, jpeg_quality=(70, 95))
+        jpeg_cache.preload(train_ex, desc="JPEG copies of the training images")
+    train_set = ExampleDataset(train_ex, cache, model_cfg.labels, jpeg_cache, cfg.jpeg_augment)
+    train_loader = torch.utils.data.DataLoader(train_set,
                                                batch_size=cfg.batch_size, sampler=sampler,
                                                collate_fn=collate, drop_last=False)
-    val_loader = torch.utils.data.DataLoader(ExampleDataset(val_ex, cache),
+    val_loader = torch.utils.data.DataLoader(ExampleDataset(val_ex, cache, model_cfg.labels),
                                              batch_size=cfg.batch_size, collate_fn=collate)
     loss_module = LossModule(model)
     opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
@@ -529,10 +559,14 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
         model.fork_report_encoder()  # from the warmed-up / initialised encoder
     if cfg.freeze_encoder:
         model.encoder.requires_grad_(False)
+        if model.encoder.token_classifier is not None:  # findings keep learning on fixed features
+            model.encoder.token_classifier.requires_grad_(True)
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
         if cfg.freeze_encoder:
             model.encoder.eval()
+            if model.encoder.token_classifier is not None:
+                model.encoder.token_classifier.train()
         sampler.set_epoch(epoch)
         sums = {"loss": 0.0, "lm_loss": 0.0, "cls_loss": 0.0}
         n, te = 0, time.time()
@@ -590,7 +624,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
 
 
 def init_encoder(model, folder: str | Path) -> dict:
-    """Copy encoder.* tensors from a saved model folder; the architectures must match."""
+    """Copy encoder.* tensors from a saved model folder; the architectures must match, except
+    that a finding head (token_classifier) the source lacks starts fresh."""
     from safetensors.torch import load_file
 
     src = {k[len("encoder."):]: v for k, v in
@@ -598,25 +633,38 @@ def init_encoder(model, folder: str | Path) -> dict:
            if k.startswith("encoder.")}
     if not src:
         raise ValueError(f"{folder} holds no encoder weights")
-    model.encoder.load_state_dict(src, strict=True)
-    return {"folder": str(folder), "tensors": len(src)}
+    missing, unexpected = model.encoder.load_state_dict(src, strict=False)
+    if unexpected or any(not k.startswith("token_classifier.") for k in missing):
+        raise ValueError(f"{folder}: encoder mismatch (missing {missing}, unexpected "
+                         f"{unexpected})")
+    return {"folder": str(folder), "tensors": len(src), "fresh": missing}
 
 
 def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator) -> list[dict]:
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
-    the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
-    dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features."""
+    the best val AUC (or average the last epochs, cfg.encoder_swa). A CNN trained from scratch
+    learns to discriminate slowly when the LM loss dominates the gradient, and every later part
+    (prompts, Grad-CAM) builds on these features."""
     import copy
 
     from sklearn.metrics import roc_auc_score
+    from torch.optim.swa_utils import AveragedModel, update_bn
     from transformers import get_cosine_schedule_with_warmup
+
+    def val_auc() -> float:
+        enc.eval()
+        p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
+                                     accelerator.device)
+        keep = ~np.isnan(y)
+        return float(roc_auc_score(y[keep].astype(int), p[keep]))
 
     enc, t = model.encoder, _target_index(model)
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg.encoder_warmup_lr,
                             weight_decay=cfg.weight_decay)
     total = cfg.encoder_warmup_epochs * len(train_loader)
     sched = get_cosine_schedule_with_warmup(opt, int(0.05 * total), total)
-    best, best_state, rows = -1.0, None, []
+    best, best_state, rows, swa = -1.0, None, [], None
+    swa_from = cfg.encoder_warmup_epochs * (1 - cfg.encoder_swa) if cfg.encoder_swa else None
     for epoch in range(cfg.encoder_warmup_epochs):
         enc.train()
         te, loss_sum, n = time.time(), 0.0, 0
@@ -624,22 +672,20 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             pix = pix.to(accelerator.device)
             if cfg.augment:
                 pix = _augment(pix)
-            y = labels.to(accelerator.device, torch.float32).view(len(labels), -1)[:, t]
-            keep = ~torch.isnan(y)
             with accelerator.autocast():
-                logits = enc(pix).logits[:, t].float()
-            loss = F.binary_cross_entropy_with_logits(logits[keep], y[keep])
+                logits = enc(pix).logits.float()
+            loss = model.classification_loss(logits, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip or 1e9)
             opt.step()
             sched.step()
             opt.zero_grad()
-            loss_sum, n = loss_sum + float(loss) * len(labels), n + len(labels)
-        enc.eval()
-        p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
-                                     accelerator.device)
-        keep = ~np.isnan(y)
-        auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
+            loss_sum, n = loss_sum + float(loss.detach()) * len(labels), n + len(labels)
+        if swa_from is not None and epoch >= swa_from:
+            if swa is None:
+                swa = AveragedModel(enc)
+            swa.update_parameters(enc)
+        auc = val_auc()
         row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),
                "train_cls_loss": loss_sum / max(n, 1), "val_auc": auc}
         if auc > best:
@@ -647,7 +693,12 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
         rows.append(row)
         accelerator.print("encoder warm-up " + json.dumps({k: (round(v, 4) if isinstance(v, float)
                                                                 else v) for k, v in row.items()}))
-    if best_state is not None:
+    if swa is not None:
+        update_bn(((pix.to(accelerator.device),) for pix, _r, _l in train_loader), swa)
+        enc.load_state_dict(swa.module.state_dict())
+        rows.append({"swa_epochs": swa.n_averaged.item(), "val_auc": val_auc()})
+        accelerator.print("encoder warm-up, weight average " + json.dumps(rows[-1]))
+    elif best_state is not None:
         enc.load_state_dict(best_state)
     enc.train()
     return rows
@@ -661,7 +712,8 @@ def encoder_probabilities(encoder, batches, target: int, device) -> tuple[np.nda
     for pix, labels in batches:
         logits = encoder(pix.to(device)).logits[:, target].float()
         probs += torch.sigmoid(logits).tolist()
-        ys += labels.view(len(labels), -1)[:, target].tolist()
+        y = labels.view(len(labels), -1)
+        ys += y[:, target if y.shape[1] > 1 else 0].tolist()
     return np.array(probs), np.array(ys)
 
 
@@ -684,11 +736,41 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
     best = int(np.argmax(tpr - fpr))
     threshold = float(min(max(thr[best], 1e-4), 1 - 1e-4))
     model.config.threshold = round(threshold, 4)
+    if model.finding_names:
+        model.config.label_thresholds = finding_thresholds(model, val_ex, cache)
     card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() \
         else None
     model.save_pretrained(folder, card=card)
     return {"threshold": model.config.threshold, "val_sensitivity": float(tpr[best]),
-            "val_specificity": float(1 - fpr[best])}
+            "val_specificity": float(1 - fpr[best]),
+            "finding_thresholds": model.config.label_thresholds}
+
+
+@torch.no_grad()
+def finding_thresholds(model, val_ex: list[Example], cache: ImageCache,
+                       min_positives: int = 5) -> dict[str, float]:
+    """Per finding, the val threshold with the best F1 against the findings the reference
+    reports name; 0.5 where val has fewer than min_positives cases (an F1 optimum over two or
+    three cases picks a threshold that states the finding everywhere)."""
+    from sklearn.metrics import precision_recall_curve
+
+    keep = [ex for ex in val_ex if ex.has_report]
+    model.eval()
+    probs = torch.cat([torch.sigmoid(model.encoder(
+        torch.stack([cache.get(ex) for ex in keep[i:i + 32]]).to(model.device)).logits.float())
+        for i in range(0, len(keep), 32)]).cpu().numpy()
+    y = np.array([study_targets(ex, model.config.labels) for ex in keep])
+    out = {}
+    for j, name in enumerate(model.config.labels):
+        if name not in model.finding_names:
+            continue
+        if y[:, j].sum() < min_positives:
+            out[name] = 0.5
+            continue
+        prec, rec, thr = precision_recall_curve(y[:, j].astype(int), probs[:, j])
+        f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-9, None)
+        out[name] = round(float(min(max(thr[int(np.argmax(f1))], 1e-4), 1 - 1e-4)), 4)
+    return out
 
 
 def _augment(pix: torch.Tensor) -> torch.Tensor:

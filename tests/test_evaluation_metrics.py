@@ -79,3 +79,23 @@ def test_text_classifier_learns_and_roundtrips(tmp_path):
     clf.save(tmp_path / "clf.json")
     again = ReportTextClassifier.load(tmp_path / "clf.json")
     assert np.allclose(again.predict_proba(pos + neg), clf.predict_proba(pos + neg))
+
+
+def test_finding_head_metrics_against_reference_findings():
+    """Per finding head: AUC of its probability and F1 of what the draft stated, against the
+    findings the reference report names."""
+    from types import SimpleNamespace
+
+    from mrg_core.data.example import Example
+    from mrg_core.evaluation.runner import finding_head_metrics
+
+    model = SimpleNamespace(finding_names=["ground_glass", "RLL", "cavity"])
+    exs = [Example(k, [], v, label=1) for k, v in REFS.items()]
+    # a perfect ground-glass head, a backwards RLL head that states nothing; no cavity anywhere
+    preds = {k: {"finding_probabilities": {"ground_glass": 0.9 if k == "b" else 0.1,
+                                           "RLL": 0.1 if k == "b" else 0.8, "cavity": 0.2},
+                 "findings": ["ground_glass"] if k == "b" else []} for k in REFS}
+    m = finding_head_metrics(model, exs, preds)
+    assert m["ground_glass"] == {"n_positive": 1, "auc": 1.0, "f1": 1.0, "stated": 1}
+    assert m["RLL"]["auc"] == 0.0 and m["RLL"]["f1"] == 0.0 and m["RLL"]["stated"] == 0
+    assert m["cavity"]["n_positive"] == 0 and m["cavity"]["auc"] is None

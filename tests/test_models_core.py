@@ -161,15 +161,80 @@ def test_label_prompt_states_the_decision_and_is_not_scored():
     neg, pos = model.head_ids(0), model.head_ids(1)
     assert neg != pos and tok.unk_token_id not in neg + pos
     assert tok.convert_tokens_to_ids("no") in neg and tok.convert_tokens_to_ids("no") not in pos
-    ids, _, labels = model.tokenize_reports(["lungs are clear .", "ground glass ."], [0, 1])
+    ids, _, labels = model.tokenize_reports(["lungs are clear .", "ground glass ."],
+                                            [(0, ()), (1, ())])
     assert ids[0, : len(neg)].tolist() == neg and ids[1, : len(pos)].tolist() == pos
     assert (labels[0, : len(neg)] == -100).all() and (labels[1, : len(pos)] == -100).all()
     assert labels[0, len(neg)] != -100  # the first report token is scored
     model.train()
     enc = model.encoder(torch.rand(2, 1, 1, 64, 64))
-    assert model._head_labels(enc, torch.tensor([1.0, 0.0])) == [1, 0]  # forcing = truth
+    assert model._heads(enc, torch.tensor([1.0, 0.0])) == [(1, ()), (0, ())]  # forcing = truth
     out = model.compute_loss(torch.rand(2, 1, 1, 64, 64), texts, torch.tensor([0.0, 1.0]))
     assert torch.isfinite(out["loss"])
+
+
+def test_finding_prompt_states_predicted_findings_and_trains_their_heads(tmp_path):
+    """finding_prompt: a token-grid head predicts findings; those past their threshold are
+    written after the decision; training states the report's own findings and scores the
+    finding heads; the phrases and thresholds survive save/load."""
+    import numpy as np
+
+    from mrg_core.study import study_from_arrays
+
+    cfg = tiny_config("medvlm", "gpt2")
+    cfg.labels = ["pneumonia", "ground_glass", "RLL"]
+    cfg.label_prompt, cfg.finding_prompt, cfg.label_prompt_teacher_forcing = True, True, 1.0
+    cfg.finding_phrases = {"ground_glass": "ground glass opacity", "RLL": "right lower lobe"}
+    texts = ["no pneumonia . lungs are clear .",
+             "pneumonia present . ground glass opacity , right lower lobe ."]
+    tok = train_tokenizer(texts + [cfg.instruction], min_frequency=1)
+    torch.manual_seed(0)
+    model = ReportModel.build(cfg, tok)
+    assert model.finding_names == ["ground_glass", "RLL"]
+    both, one = model.head_ids(1, ("ground_glass", "RLL")), model.head_ids(1, ("RLL",))
+    glass, lower = tok.convert_tokens_to_ids("glass"), tok.convert_tokens_to_ids("lower")
+    assert glass in both and lower in both and glass not in one and lower in one
+    assert tok.unk_token_id not in both
+    # thresholds decide what is stated: everything passes 0, nothing passes 1
+    cfg.label_thresholds = {"ground_glass": 0.0, "RLL": 1.0}
+    assert model.findings_from([0.9, 0.2, 0.99]) == ("ground_glass",)
+    # training: the report's findings (teacher forcing 1.0) and a loss on the finding heads
+    model.train()
+    x = torch.rand(2, 1, 1, 64, 64)
+    y = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    heads = model._heads(model.encoder(x), y)
+    assert heads == [(0, ()), (1, ("ground_glass", "RLL"))]
+    cfg.finding_teacher_forcing = 0.0  # the head's findings, the true decision
+    enc = model.encoder(x)
+    heads = model._heads(enc, y)
+    assert [h[0] for h in heads] == [0, 1]
+    assert [h[1] for h in heads] == [model.findings_from(p)
+                                     for p in torch.sigmoid(enc.logits).tolist()]
+    cfg.finding_teacher_forcing = 1.0
+    enc = model.encoder(x)
+    unknown = torch.tensor([[0.0, float("nan"), float("nan")], [1.0, float("nan"), float("nan")]])
+    only_target = model.classification_loss(enc.logits, unknown)
+    assert model.classification_loss(enc.logits, y) > only_target  # findings add their share
+    # the finding heads learn from the findings alone; the features do not move for them
+    model.zero_grad()
+    model.classification_loss(model.encoder(x).logits, torch.tensor(
+        [[float("nan"), 0.0, 1.0], [float("nan"), 1.0, 0.0]])).backward()
+    assert model.encoder.token_classifier[1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.encoder.backbone.parameters())
+    model.zero_grad()
+    out = model.compute_loss(x, texts, y)
+    out["loss"].backward()
+    assert model.encoder.token_classifier[1].weight.grad.abs().sum() > 0
+    # inference states the predicted findings; they come back with the prediction
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    back = ReportModel.from_pretrained(tmp_path / "m")
+    assert back.config.finding_phrases == cfg.finding_phrases
+    assert back.config.label_thresholds == cfg.label_thresholds
+    study = study_from_arrays([np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)])
+    pred = back.predict(study)
+    assert pred.findings == ("ground_glass",)
+    assert isinstance(back.generate_report(study), str)
 
 
 def test_report_encoder_feeds_the_lm_and_leaves_the_classifier_alone(tmp_path):

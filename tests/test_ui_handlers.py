@@ -73,6 +73,8 @@ def test_probability_wording():
     assert h.probability_text(0.873, 0.5) == \
         "Pneumonia probability 0.87 (threshold 0.50 → positive)"
     assert h.probability_text(0.2, 0.5).endswith("→ negative)")
+    with_findings = h.probability_text(0.9, 0.5, ("ground glass shadow", "both lungs"))
+    assert with_findings.endswith("Image findings: ground glass shadow, both lungs")
 
 
 def test_stream_edit_save_history(engine, ct_session, db_path):

@@ -122,7 +122,8 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
         return AnalysisView(None, "")
     if session.analysis is not None:  # already analysed (e.g. a failed load kept the study)
         a = session.analysis
-        return AnalysisView(a.domain_warning, probability_text(a.probability, a.threshold))
+        return AnalysisView(a.domain_warning,
+                            probability_text(a.probability, a.threshold, a.findings))
     if engine.model is None:
         return AnalysisView(None, NO_MODEL)
     try:
@@ -134,7 +135,8 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
         return AnalysisView(engine.domain_warning(session.study),
                             "**The model could not analyse this study.** The images can still "
                             "be read and a report written by hand.")
-    return AnalysisView(a.domain_warning, probability_text(a.probability, a.threshold))
+    return AnalysisView(a.domain_warning,
+                        probability_text(a.probability, a.threshold, a.findings))
 
 
 def warning_html(warning: str | None) -> str:
@@ -142,9 +144,13 @@ def warning_html(warning: str | None) -> str:
             if warning else "")
 
 
-def probability_text(probability: float, threshold: float) -> str:
+def probability_text(probability: float, threshold: float,
+                     findings: tuple[str, ...] = ()) -> str:
     call = "positive" if probability >= threshold else "negative"
-    return f"Pneumonia probability {probability:.2f} (threshold {threshold:.2f} → {call})"
+    text = f"Pneumonia probability {probability:.2f} (threshold {threshold:.2f} → {call})"
+    if findings:  # the model's image-level findings, which its draft is asked to state
+        text += "  \nImage findings: " + ", ".join(findings)
+    return text
 
 
 # ----------------------------------------------------------------------------- viewer

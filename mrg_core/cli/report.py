@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             record.update(
                 n_views=len(study.views), modality=study.modality,
                 probability=round(float(pred.probability), 4), label=int(pred.label),
-                threshold=float(pred.threshold), report=text,
+                threshold=float(pred.threshold), findings=list(pred.findings), report=text,
                 model={"name": info.get("name"), "version": info.get("version")},
                 timings_s={"model_load": round(load_s, 3), "load_study": round(t2 - t1, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})

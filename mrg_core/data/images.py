@@ -6,6 +6,7 @@ therefore meets one decode → grey → resize path, exactly as at inference tim
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -37,10 +38,13 @@ def is_png_only(example: Example) -> bool:
 class ImageCache:
     """Decodes each example's files once and keeps FloatTensor[V,1,S,S] per example id."""
 
-    def __init__(self, preprocess_config=None):
+    def __init__(self, preprocess_config=None, jpeg_quality: tuple[int, int] | None = None):
+        """jpeg_quality=(lo, hi): keep each view re-encoded as JPEG at a quality in [lo, hi]
+        fixed per example (preprocess.jpeg_roundtrip), for training augmentation."""
         from ..preprocess import PreprocessConfig
 
         self.cfg = preprocess_config or PreprocessConfig()
+        self.jpeg_quality = jpeg_quality
         self._tensors: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -54,10 +58,15 @@ class ImageCache:
     def get(self, example: Example) -> torch.Tensor:
         t = self._tensors.get(example.id)
         if t is None:
-            from ..preprocess import view_to_tensor
+            from ..preprocess import jpeg_roundtrip, view_to_tensor
 
             study = self.load_study(example)
-            t = torch.stack([view_to_tensor(v.display, self.cfg) for v in study.views])
+            views = [v.display for v in study.views]
+            if self.jpeg_quality:
+                lo, hi = self.jpeg_quality
+                q = lo + zlib.crc32(example.id.encode()) % (hi - lo + 1)
+                views = [jpeg_roundtrip(v, q) for v in views]
+            t = torch.stack([view_to_tensor(v, self.cfg) for v in views])
             self._tensors[example.id] = t
         return t
 

@@ -40,6 +40,10 @@ def run_model(model, examples: list[Example], cache: ImageCache, settings=None) 
             else model.generate_report(study)
         out[ex.id] = {"probability": float(pred.probability), "label": int(pred.label),
                       "report": text}
+        if pred.findings or getattr(model, "finding_names", None):
+            out[ex.id]["finding_probabilities"] = {k: round(float(pred.labels[k]), 4)
+                                                   for k in model.finding_names}
+            out[ex.id]["findings"] = list(pred.findings)
     return out
 
 
@@ -93,6 +97,8 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
     metrics = {"split": split, "n_examples": len(examples), "n_scored_reports": len(refs),
                "load_errors": {k: v["error"] for k, v in preds.items() if "error" in v},
                "systems": table, "classifier": classifier}
+    if getattr(model, "finding_names", None):
+        metrics["finding_heads"] = finding_head_metrics(model, ok, preds)
     if clf is not None:
         ref_texts = {k: r[0] for k, r in refs.items()}
         metrics["reference_diagnostic_accuracy"] = \
@@ -122,6 +128,26 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
             rec.update({n: systems[n].get(ex.id) for n in systems if n != "model"})
             f.write(json.dumps(rec) + "\n")
     return metrics
+
+
+def finding_head_metrics(model, examples: list[Example], preds: dict) -> dict:
+    """Per finding head (finding_prompt models): AUC of its probability and F1 of its stated
+    decision against the findings the reference report names."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from ..evaluation.clinical import extract_findings
+
+    said = [(extract_findings(ex.report), preds[ex.id]) for ex in examples if ex.has_report]
+    out = {}
+    for name in model.finding_names:
+        y = np.array([name in ref for ref, _ in said], dtype=int)
+        p = np.array([pr["finding_probabilities"][name] for _, pr in said])
+        stated = np.array([name in pr["findings"] for _, pr in said], dtype=int)
+        out[name] = {"n_positive": int(y.sum()),
+                     "auc": float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else None,
+                     "f1": float(f1_score(y, stated, zero_division=0)),
+                     "stated": int(stated.sum())}
+    return out
 
 
 def _fmt(v, pct: bool = False) -> str:
@@ -157,6 +183,14 @@ def metrics_markdown(m: dict) -> str:
                                      "brier", "ece")) + " |")
     lines += ["", "PNG-only: every COVID image in COV-CTR is a PNG; the subset removes the "
               "file-format shortcut.", ""]
+    if m.get("finding_heads"):
+        lines += ["## Finding heads (image → findings stated before the report)", "",
+                  "| finding | positives | AUC | F1 of the stated finding | stated |",
+                  "|---|---|---|---|---|"]
+        for name, r in m["finding_heads"].items():
+            lines.append(f"| {name} | {r['n_positive']} | {_fmt(r['auc'])} | {_fmt(r['f1'])} "
+                         f"| {r['stated']} |")
+        lines.append("")
     for name, file in m.get("plots", {}).items():
         lines.append(f"![{name}]({file})")
     return "\n".join(lines) + "\n"

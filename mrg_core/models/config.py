@@ -87,6 +87,20 @@ class ReportModelConfig:
     label_prompt: bool = False
     label_phrases: list[str] = field(default_factory=lambda: ["no pneumonia .", "pneumonia ."])
     label_prompt_teacher_forcing: float = 0.7
+    # Findings stated in words after the decision, the same way (finding_prompt). Every label
+    # other than the target (pneumonia) with an entry in finding_phrases is a finding the encoder
+    # predicts from the image (trained on findings the report text names, see
+    # mrg_core.evaluation.clinical.extract_findings); those whose probability passes their
+    # label_thresholds entry (default 0.5, chosen on val) are written in labels' order,
+    # e.g. "ground glass shadow , lower lobe of the right lung .". Training states the report's
+    # own findings for finding_teacher_forcing of the studies and the head's prediction for the
+    # rest: findings that disagree with the decision then occur in training too, and the decoder
+    # learns to take the report's style from the decision.
+    finding_prompt: bool = False
+    finding_teacher_forcing: float = 1.0
+    finding_phrases: dict[str, str] = field(default_factory=dict)
+    label_thresholds: dict[str, float] = field(default_factory=dict)
+    finding_weight: float = 0.5  # the findings' share of the classification loss, per label
     # Decoding defaults of this model, chosen on val; GenerationSettings fields left at None
     # take them (see GenerationSettings for what each does).
     label_guidance: float = 0.0

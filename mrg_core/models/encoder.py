@@ -66,7 +66,11 @@ def build_backbone(cfg: EncoderConfig, image_size: int) -> nn.Module:
 
 
 class VisualEncoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig, image_size: int, n_labels: int):
+    def __init__(self, cfg: EncoderConfig, image_size: int, n_labels: int,
+                 n_token_labels: int = 0):
+        """n_token_labels: the last labels (findings, lobes) read by their own linear head from
+        the pooled token grid, which keeps where a finding is (global pooling loses it), on
+        detached features: their loss never moves the features the first labels use."""
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg, image_size)
@@ -79,7 +83,12 @@ class VisualEncoder(nn.Module):
             self.feat_dim = self._map(torch.zeros(1, 1, image_size, image_size)).shape[1]
             self.backbone.train(was)
         self.view_score = nn.Linear(self.feat_dim, 1) if cfg.fusion == "attention" else None
-        self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.feat_dim, n_labels))
+        self.classifier = nn.Sequential(nn.Dropout(cfg.dropout),
+                                        nn.Linear(self.feat_dim, n_labels - n_token_labels))
+        self.token_classifier = nn.Sequential(
+            nn.Dropout(cfg.dropout),
+            nn.Linear(self.feat_dim * cfg.n_visual_tokens, n_token_labels)) \
+            if n_token_labels else None
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 1, S, S] -> [N, C, h, w] for any backbone kind."""
@@ -106,4 +115,7 @@ class VisualEncoder(nn.Module):
             w = torch.full((b, v), 1.0 / v, device=glob.device, dtype=glob.dtype)
         glob = (w[..., None] * glob).sum(1)
         toks = (w[..., None, None] * toks).sum(1)
-        return EncoderOutput(glob, toks, self.classifier(glob), w)
+        logits = self.classifier(glob)
+        if self.token_classifier is not None:
+            logits = torch.cat([logits, self.token_classifier(toks.detach().flatten(1))], dim=1)
+        return EncoderOutput(glob, toks, logits, w)

@@ -44,6 +44,11 @@ class Prediction:
     threshold: float
     label: int  # 1 when probability >= threshold
     labels: dict[str, float]  # every label's probability
+    findings: tuple[str, ...] = ()  # finding labels past their threshold (finding_prompt models)
+
+
+# What the text states before the report: the decision (None = no label phrase) and findings.
+Head = tuple[int | None, tuple[str, ...]]
 
 
 @dataclass
@@ -57,10 +62,15 @@ class ReportModel(nn.Module):
     def __init__(self, config: ReportModelConfig, tokenizer, lm: nn.Module):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
-        n_labels = len(config.labels)
-        self.encoder = VisualEncoder(config.encoder, config.preprocess.image_size, n_labels)
+        n_labels, n_found = len(config.labels), len(self._finding_names(config))
+        if config.labels[n_labels - n_found:] != self._finding_names(config):
+            raise ValueError("finding labels (finding_phrases) must come after the others in "
+                             "labels")
+        self.encoder = VisualEncoder(config.encoder, config.preprocess.image_size, n_labels,
+                                     n_found)
         self.report_encoder = (VisualEncoder(config.encoder, config.preprocess.image_size,
-                                             n_labels) if config.report_encoder else None)
+                                             n_labels, n_found)
+                               if config.report_encoder else None)
         feat, width = self.encoder.feat_dim, lm_hidden_size(lm)
         if lm.config.model_type in LORA_TARGETS:  # an LM passed in or loaded decides the family
             config.lm.family = lm.config.model_type
@@ -81,6 +91,11 @@ class ReportModel(nn.Module):
             clean_report(config.instruction), add_special_tokens=False)["input_ids"]
         self.label_phrase_ids = [tokenizer(clean_report(t), add_special_tokens=False)["input_ids"]
                                  for t in config.label_phrases] if config.label_prompt else None
+        said = [i for n in self.finding_names for i in tokenizer(
+            clean_report(config.finding_phrases[n] + " ,"), add_special_tokens=False)["input_ids"]]
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in said:
+            warnings.warn("a finding phrase has words the tokenizer does not know ([UNK])",
+                          stacklevel=2)
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in self.instruction_ids:
             warnings.warn("the instruction has words the tokenizer does not know ([UNK]): "
                           "train the tokenizer on the instruction too", stacklevel=2)
@@ -162,17 +177,76 @@ class ReportModel(nn.Module):
         return EncoderOutput(r.global_feat, r.tokens, enc.logits, r.view_weights)
 
     # ------------------------------------------------------------------ training
-    def _head_labels(self, enc: EncoderOutput, labels: torch.Tensor) -> list[int]:
-        """Label phrase per study: the classifier's decision, or (training, teacher forcing)
-        the true label."""
-        pred = (torch.sigmoid(enc.logits[:, self._target_index].float())
-                >= self.config.threshold).long()
+    @staticmethod
+    def _finding_names(config: ReportModelConfig) -> list[str]:
+        if not config.finding_prompt:
+            return []
+        unknown = set(config.finding_phrases) - set(config.labels)
+        if unknown:
+            raise ValueError(f"finding_phrases name labels the model does not have: {unknown}")
+        return [n for n in config.labels if n in config.finding_phrases]
+
+    @property
+    def finding_names(self) -> list[str]:
+        """Labels stated as findings in the text (finding_prompt), in labels' order; the
+        encoder's token head predicts them."""
+        return self._finding_names(self.config)
+
+    def findings_from(self, probs: list[float]) -> tuple[str, ...]:
+        """Finding labels whose probability passes their threshold (default 0.5)."""
+        th = self.config.label_thresholds
+        return tuple(n for n, p in zip(self.config.labels, probs)
+                     if n in self.finding_names and p >= th.get(n, 0.5))
+
+    def label_matrix(self, labels: torch.Tensor, b: int) -> torch.Tensor:
+        """Targets as [B, n_labels], NaN = unknown; a single column is the target label's."""
+        y = labels.to(torch.float32).view(b, -1)
+        n = len(self.config.labels)
+        if y.shape[1] == n:
+            return y
+        if y.shape[1] != 1:
+            raise ValueError(f"{y.shape[1]} label columns for a model with {n} labels")
+        out = torch.full((b, n), float("nan"), device=y.device)
+        out[:, self._target_index] = y[:, 0]
+        return out
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BCE over the known labels (NaN = unknown), summed per study with the target label
+        weighing 1 and each finding finding_weight, averaged over studies."""
+        y = self.label_matrix(labels, logits.shape[0]).to(logits.device)
+        known = ~torch.isnan(y)
+        if not known.any():
+            return logits.sum() * 0.0
+        w = torch.full((y.shape[1],), float(self.config.finding_weight), device=y.device)
+        w[self._target_index] = 1.0
+        bce = F.binary_cross_entropy_with_logits(logits.float(), y.nan_to_num(0),
+                                                 reduction="none")
+        return (bce * w * known).sum() / known.any(dim=1).sum()
+
+    def _heads(self, enc: EncoderOutput, labels: torch.Tensor) -> list[Head]:
+        """What each study's text states before the report: the classifier's decision and
+        findings, or (training, teacher forcing) the true label and the report's findings."""
+        probs = torch.sigmoid(enc.logits.float())
+        t = self._target_index
+        pred = (probs[:, t] >= self.config.threshold).long().tolist()
+        pred_f = [self.findings_from(row) for row in probs.tolist()]
+        phrase = bool(self.label_phrase_ids)
         if not self.training:
-            return pred.tolist()
-        y = labels.to(pred.device, torch.float32).view(pred.shape[0], -1)[:, self._target_index]
-        use = ~torch.isnan(y) & (torch.rand(y.shape, device=y.device)
-                                 < self.config.label_prompt_teacher_forcing)
-        return torch.where(use, y.nan_to_num(0).long(), pred).tolist()
+            return [(lab if phrase else None, f) for lab, f in zip(pred, pred_f)]
+        y = self.label_matrix(labels, probs.shape[0]).to(probs.device)
+        use = torch.rand(y.shape[0], device=y.device) < self.config.label_prompt_teacher_forcing
+        use_f = (torch.rand(y.shape[0], device=y.device) < self.config.finding_teacher_forcing
+                 if self.finding_names else use)  # no draw: older recipes replay exactly
+        heads = []
+        for i in range(y.shape[0]):
+            lab, f = pred[i], pred_f[i]
+            if use[i] and not torch.isnan(y[i, t]):
+                lab = int(y[i, t])
+            if use_f[i] and self.finding_names and not torch.isnan(y[i]).any():
+                f = tuple(n for n, v in zip(self.config.labels, y[i].tolist())
+                          if n in self.finding_names and v >= 0.5)
+            heads.append((lab if phrase else None, f))
+        return heads
 
     def _training_prefix(self, enc: EncoderOutput, labels: torch.Tensor) -> torch.Tensor:
         """MedVLM with label teacher forcing: some studies embed their true label (see
@@ -181,24 +255,27 @@ class ReportModel(nn.Module):
         if not (self.training and share > 0):
             return self._visual_prefix(enc)
         probs = torch.sigmoid(enc.logits)
-        y = labels.to(probs.device, probs.dtype).view(probs.shape[0], -1)
+        y = self.label_matrix(labels, probs.shape[0]).to(probs.device, probs.dtype)
         use = ~torch.isnan(y) & (torch.rand(y.shape, device=y.device) < share)
         return self.bridge(enc, probs=torch.where(use, y, probs))
 
-    def head_ids(self, label: int | None = None) -> list[int]:
-        """Unscored tokens before the report: [instruction][label phrase][BOS]."""
+    def head_ids(self, label: int | None = None, findings: tuple[str, ...] = ()) -> list[int]:
+        """Unscored tokens before the report: [instruction][label phrase][findings][BOS]."""
         phrase = self.label_phrase_ids[int(label)] if self.label_phrase_ids and label is not None \
             else []
-        return self.instruction_ids + phrase + [self.tokenizer.bos_token_id]
+        words = [self.config.finding_phrases[n] for n in findings]
+        found = self.tokenizer(clean_report(" , ".join(words) + " ."), add_special_tokens=False
+                               )["input_ids"] if words else []
+        return self.instruction_ids + phrase + found + [self.tokenizer.bos_token_id]
 
-    def tokenize_reports(self, reports: list[str], head_labels: list[int] | None = None
+    def tokenize_reports(self, reports: list[str], heads: list[Head] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[instruction][label phrase][BOS] report [EOS], right-padded:
+        """[instruction][label phrase][findings][BOS] report [EOS], right-padded:
         (input_ids, attention_mask, labels)."""
         tok = self.tokenizer
         cleaned = [clean_report(r) for r in reports]
         rep = tok(cleaned, add_special_tokens=False)["input_ids"]
-        heads = [self.head_ids(None if head_labels is None else head_labels[i])
+        heads = [self.head_ids(*(heads[i] if heads is not None else (None, ())))
                  for i in range(len(rep))]
         seqs = [h + r[: self.config.max_report_tokens] + [tok.eos_token_id]
                 for h, r in zip(heads, rep)]
@@ -218,8 +295,8 @@ class ReportModel(nn.Module):
         px = pixel_values.to(dev)
         enc = self.encoder(px)
         prefix = self._training_prefix(self._lm_features(enc, px), labels)
-        head_labels = self._head_labels(enc, labels) if self.label_phrase_ids else None
-        ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports, head_labels))
+        heads = self._heads(enc, labels) if self.label_phrase_ids or self.finding_names else None
+        ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports, heads))
         b, p = prefix.shape[:2]
         embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
         attn = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=dev), mask], dim=1)
@@ -228,10 +305,7 @@ class ReportModel(nn.Module):
         logits = logits[:, p:-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                   lm_labels[:, 1:].reshape(-1), ignore_index=-100)
-        y = labels.to(dev, torch.float32).view(b, -1)
-        known = ~torch.isnan(y)  # NaN = label unknown for this study: not scored
-        cls_loss = (F.binary_cross_entropy_with_logits(enc.logits[known], y[known])
-                    if known.any() else enc.logits.sum() * 0.0)
+        cls_loss = self.classification_loss(enc.logits, labels)
         return {"loss": lm_loss + self.config.cls_weight * cls_loss,
                 "lm_loss": lm_loss, "cls_loss": cls_loss}
 
@@ -264,7 +338,8 @@ class ReportModel(nn.Module):
         labels = dict(zip(self.config.labels, probs))
         p = probs[self._target_index]
         return Prediction(probability=p, threshold=self.config.threshold,
-                          label=int(p >= self.config.threshold), labels=labels)
+                          label=int(p >= self.config.threshold), labels=labels,
+                          findings=self.findings_from(probs))
 
     @property
     def _target_index(self) -> int:
@@ -304,10 +379,11 @@ class ReportModel(nn.Module):
     def _report_tokens(self, study, settings: GenerationSettings) -> Iterator[int]:
         enc = self.encode(study)
         dev = self.device
-        label = self._prediction(enc.logits).label if self.label_phrase_ids else None
+        pred = self._prediction(enc.logits)
+        label = pred.label if self.label_phrase_ids else None
 
         def prompt(lab):
-            head = torch.tensor([self.head_ids(lab)], device=dev)
+            head = torch.tensor([self.head_ids(lab, pred.findings)], device=dev)
             return torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
 
         embeds = prompt(label)
