@@ -195,6 +195,19 @@ def test_stop_keeps_partial_text_and_allows_save(engine, ct_session):
     assert h.save(engine, s, s.draft + " edited", "").ok  # blank reviewer is allowed
 
 
+def test_a_superseded_stream_leaves_the_page_to_the_new_one(engine, ct_session):
+    """A second Generate while a draft streams: the first stream ends without a last update,
+    so it can neither unlock the editor under the new stream nor overwrite its notice."""
+    s = ct_session
+    first = h.stream_draft(engine, s, "")
+    [next(first) for _ in range(2)]
+    second = h.stream_draft(engine, s, "")
+    assert next(second).editor_locked
+    assert not any(u.done or u.editor_locked is False for u in first)
+    last = list(second)[-1]
+    assert last.done and last.notice.startswith("Draft ready") and not s.streaming
+
+
 def test_save_refused_while_streaming(engine, ct_session):
     s = ct_session
     gen = h.stream_draft(engine, s, "")

@@ -306,6 +306,8 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
             session.draft, session.draft_settings = (text if finished else sent), settings
             session.draft_timings = {"generate_s": round(time.perf_counter() - t0, 3),
                                      "first_piece_s": round(first or 0.0, 3), "pieces": n}
+    if session.stream_count != me:
+        return  # a newer draft owns the editor and the notice now: no last word from this one
     state = "stopped" if stopped else "ready"
     log.info("draft %s: %d words in %.1f s", state, len(text.split()),
              session.draft_timings["generate_s"])  # never the text itself
@@ -322,7 +324,7 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
 
 
 def stop_message(session: Session) -> str:
-    """Stop button (the layout also cancels the running stream)."""
+    """Stop button: the running stream ends at its next piece and unlocks the editor."""
     request_stop(session)
     return "Draft stopped. The text so far is kept: edit it, or Generate again."
 

@@ -185,12 +185,13 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
             yield from stream(s, text, h.regenerate_settings(s))
 
         stream_outputs = [editor, latest, latest_box, notice]
-        gen_ev = gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
-                               concurrency_id="model", api_name="generate")
-        regen_ev = regen_btn.click(regenerate, [session, editor], stream_outputs,
-                                   show_progress="hidden", concurrency_id="model")
-        stop_btn.click(lambda s: (h.stop_message(s), gr.update(interactive=True)), session,
-                       [notice, editor], queue=False, cancels=[gen_ev, regen_ev])
+        gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
+                      concurrency_id="model", api_name="generate")
+        regen_btn.click(regenerate, [session, editor], stream_outputs, show_progress="hidden",
+                        concurrency_id="model")
+        # Stop is cooperative: the stream ends at its next piece and its last update unlocks
+        # the editor. (Gradio's `cancels` could land after a new Generate and cancel that one.)
+        stop_btn.click(h.stop_message, session, notice, queue=False)
         editor.input(h.note_edit, [session, editor], None, queue=False, show_progress="hidden")
         use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False)), session,
                          [editor, latest_box], queue=False)
