@@ -102,10 +102,6 @@ class TrainConfig:
     # epoch) and keep the epoch with the best val AUC, before the report phase starts.
     encoder_warmup_epochs: int = 0
     encoder_warmup_lr: float = 2e-3
-    # > 0: the warm-up ends with the average of the weights of its last encoder_swa share of
-    # epochs (stochastic weight averaging, batch-norm statistics recomputed on train) instead
-    # of the single epoch with the best val AUC: less variance, and val picks nothing.
-    encoder_swa: float = 0.0
     # Keep the (warmed-up) encoder fixed in the report phase, batch-norm statistics included, so
     # the probability and Grad-CAM stay those selected on val AUC while the prompts learn.
     freeze_encoder: bool = False
@@ -419,7 +415,8 @@ def validate(model, loss_module, loader, examples: list[Example], cache: ImageCa
             sums[k] += float(out[k]) * len(reports)
         n += len(reports)
         probs += torch.sigmoid(logits[:, t].float()).tolist()
-        ys += labels.view(len(reports), -1)[:, t if labels.dim() > 1 else 0].tolist()
+        y = labels.view(len(reports), -1)
+        ys += y[:, t if y.shape[1] > 1 else 0].tolist()
     row = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
     y, p = np.array(ys), np.array(probs)
     keep = ~np.isnan(y)
@@ -642,29 +639,19 @@ def init_encoder(model, folder: str | Path) -> dict:
 
 def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator) -> list[dict]:
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
-    the best val AUC (or average the last epochs, cfg.encoder_swa). A CNN trained from scratch
-    learns to discriminate slowly when the LM loss dominates the gradient, and every later part
-    (prompts, Grad-CAM) builds on these features."""
+    the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
+    dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features."""
     import copy
 
     from sklearn.metrics import roc_auc_score
-    from torch.optim.swa_utils import AveragedModel, update_bn
     from transformers import get_cosine_schedule_with_warmup
-
-    def val_auc() -> float:
-        enc.eval()
-        p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
-                                     accelerator.device)
-        keep = ~np.isnan(y)
-        return float(roc_auc_score(y[keep].astype(int), p[keep]))
 
     enc, t = model.encoder, _target_index(model)
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg.encoder_warmup_lr,
                             weight_decay=cfg.weight_decay)
     total = cfg.encoder_warmup_epochs * len(train_loader)
     sched = get_cosine_schedule_with_warmup(opt, int(0.05 * total), total)
-    best, best_state, rows, swa = -1.0, None, [], None
-    swa_from = cfg.encoder_warmup_epochs * (1 - cfg.encoder_swa) if cfg.encoder_swa else None
+    best, best_state, rows = -1.0, None, []
     for epoch in range(cfg.encoder_warmup_epochs):
         enc.train()
         te, loss_sum, n = time.time(), 0.0, 0
@@ -681,11 +668,11 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             sched.step()
             opt.zero_grad()
             loss_sum, n = loss_sum + float(loss.detach()) * len(labels), n + len(labels)
-        if swa_from is not None and epoch >= swa_from:
-            if swa is None:
-                swa = AveragedModel(enc)
-            swa.update_parameters(enc)
-        auc = val_auc()
+        enc.eval()
+        p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
+                                     accelerator.device)
+        keep = ~np.isnan(y)
+        auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
         row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),
                "train_cls_loss": loss_sum / max(n, 1), "val_auc": auc}
         if auc > best:
@@ -693,12 +680,7 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
         rows.append(row)
         accelerator.print("encoder warm-up " + json.dumps({k: (round(v, 4) if isinstance(v, float)
                                                                 else v) for k, v in row.items()}))
-    if swa is not None:
-        update_bn(((pix.to(accelerator.device),) for pix, _r, _l in train_loader), swa)
-        enc.load_state_dict(swa.module.state_dict())
-        rows.append({"swa_epochs": swa.n_averaged.item(), "val_auc": val_auc()})
-        accelerator.print("encoder warm-up, weight average " + json.dumps(rows[-1]))
-    elif best_state is not None:
+    if best_state is not None:
         enc.load_state_dict(best_state)
     enc.train()
     return rows

@@ -117,6 +117,15 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
     assert set(best.config.label_thresholds) == set(best.finding_names) == {
         "ground_glass", "RUL", "RLL", "LUL", "LLL"}
     assert best.config.label_thresholds == hist["threshold"]["finding_thresholds"]
+    # the evaluation reports each finding head next to the drafts that state its findings
+    from mrg_core.data import load_covctr
+    from mrg_core.evaluation.runner import evaluate_model
+
+    splits = load_covctr(run["data"])
+    m = evaluate_model(best, splits["test"], splits["train"], tmp_path / "eval", meteor=False,
+                       clinical=False)
+    assert set(m["finding_heads"]) == set(best.finding_names)
+    assert "## Finding heads" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
 def test_training_targets_name_the_reports_findings(run):

@@ -19,8 +19,8 @@ from ..data.images import ImageCache, is_png_only
 from .baselines import MostFrequentBaseline, RetrievalBaseline, TemplateBaseline, pixel_features
 from .caption import METRIC_NAMES, CaptionScorer
 from .classification import classification_metrics
-from .clinical import (ReportTextClassifier, diagnostic_accuracy, finding_scores,
-                       label_agreement)
+from .clinical import (ReportTextClassifier, diagnostic_accuracy, extract_findings,
+                       finding_scores, label_agreement)
 from .plots import plot_reliability, plot_roc, plot_training_curves
 
 
@@ -40,7 +40,7 @@ def run_model(model, examples: list[Example], cache: ImageCache, settings=None) 
             else model.generate_report(study)
         out[ex.id] = {"probability": float(pred.probability), "label": int(pred.label),
                       "report": text}
-        if pred.findings or getattr(model, "finding_names", None):
+        if getattr(model, "finding_names", None):
             out[ex.id]["finding_probabilities"] = {k: round(float(pred.labels[k]), 4)
                                                    for k in model.finding_names}
             out[ex.id]["findings"] = list(pred.findings)
@@ -134,8 +134,6 @@ def finding_head_metrics(model, examples: list[Example], preds: dict) -> dict:
     """Per finding head (finding_prompt models): AUC of its probability and F1 of its stated
     decision against the findings the reference report names."""
     from sklearn.metrics import f1_score, roc_auc_score
-
-    from ..evaluation.clinical import extract_findings
 
     said = [(extract_findings(ex.report), preds[ex.id]) for ex in examples if ex.has_report]
     out = {}

@@ -194,9 +194,9 @@ class ReportModel(nn.Module):
 
     def findings_from(self, probs: list[float]) -> tuple[str, ...]:
         """Finding labels whose probability passes their threshold (default 0.5)."""
-        th = self.config.label_thresholds
+        th, names = self.config.label_thresholds, set(self.finding_names)
         return tuple(n for n, p in zip(self.config.labels, probs)
-                     if n in self.finding_names and p >= th.get(n, 0.5))
+                     if n in names and p >= th.get(n, 0.5))
 
     def label_matrix(self, labels: torch.Tensor, b: int) -> torch.Tensor:
         """Targets as [B, n_labels], NaN = unknown; a single column is the target label's."""
