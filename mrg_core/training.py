@@ -296,8 +296,8 @@ class LossModule(nn.Module):
                                           labels[idx])
             cls_sum = out["cls_loss"] * int(has.sum())
         idx = (~has).nonzero().flatten().to(dev)
-        logits = self.model.encoder(pixel_values[idx]).logits.float()
-        cls_sum = cls_sum + self.model.classification_loss(logits, labels[idx.cpu()]) * len(idx)
+        enc = self.model.encoder(pixel_values[idx])
+        cls_sum = cls_sum + self.model.encoder_loss(enc, labels[idx.cpu()]) * len(idx)
         cls = cls_sum / n
         w = float(getattr(self.model.config, "cls_weight", 1.0))
         return {"loss": out["lm_loss"] + w * cls, "lm_loss": out["lm_loss"], "cls_loss": cls}
@@ -549,7 +549,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
         if accelerator.num_processes > 1:
             accelerator.print("encoder warm-up skipped: it runs on a single process only")
         else:
-            state["warmup"] = warmup_encoder(model, train_loader, val_loader, cfg, accelerator)
+            state["warmup"] = warmup_encoder(model, train_loader, val_loader, cfg, accelerator,
+                                             sampler)
             history["encoder_warmup"] = state["warmup"]
 
     if state["epoch"] == 0:
@@ -637,7 +638,8 @@ def init_encoder(model, folder: str | Path) -> dict:
     return {"folder": str(folder), "tensors": len(src), "fresh": missing}
 
 
-def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator) -> list[dict]:
+def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator,
+                   sampler: EpochSampler | None = None) -> list[dict]:
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
     the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
     dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features."""
@@ -654,14 +656,16 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
     best, best_state, rows = -1.0, None, []
     for epoch in range(cfg.encoder_warmup_epochs):
         enc.train()
+        if sampler is not None:  # a new order every epoch (a fixed one repeats the same batches)
+            sampler.set_epoch(epoch)
         te, loss_sum, n = time.time(), 0.0, 0
         for pix, _reports, labels in train_loader:
             pix = pix.to(accelerator.device)
             if cfg.augment:
                 pix = _augment(pix)
             with accelerator.autocast():
-                logits = enc(pix).logits.float()
-            loss = model.classification_loss(logits, labels)
+                out = enc(pix)
+            loss = model.encoder_loss(out, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip or 1e9)
             opt.step()
@@ -699,11 +703,26 @@ def encoder_probabilities(encoder, batches, target: int, device) -> tuple[np.nda
     return np.array(probs), np.array(ys)
 
 
+def platt_scaling(probs: np.ndarray, y: np.ndarray) -> list[float] | None:
+    """[a, b] with sigmoid(a * logit(p) + b) fitted to the labels (Platt 1999); None when the
+    fit is not increasing (it would reverse the ranking) or one class is missing."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(y.astype(int).tolist())) < 2:
+        return None
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    x = np.log(p / (1 - p))[:, None]
+    fit = LogisticRegression(C=1e4).fit(x, y.astype(int))
+    a, b = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    return [round(a, 4), round(b, 4)] if a > 0 else None
+
+
 @torch.no_grad()
 def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, device) -> dict:
     """Set the saved model's threshold to the val point with the best Youden's J
     (sensitivity + specificity - 1): a from-scratch classifier's probabilities are seldom
-    centred on 0.5. Val only: test never chooses anything."""
+    centred on 0.5. Also fit the Platt scaling of the probability shown to users. Val only:
+    test never chooses anything."""
     from sklearn.metrics import roc_curve
 
     from .models import ReportModel
@@ -717,13 +736,16 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
     fpr, tpr, thr = roc_curve(y.astype(int), probs)
     best = int(np.argmax(tpr - fpr))
     threshold = float(min(max(thr[best], 1e-4), 1 - 1e-4))
-    model.config.threshold = round(threshold, 4)
+    # not rounded: near-duplicate slices can sit 1e-5 apart on either side of the threshold
+    model.config.threshold = threshold
+    model.config.calibration = platt_scaling(probs, y)
     if model.finding_names:
         model.config.label_thresholds = finding_thresholds(model, val_ex, cache)
     card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() \
         else None
     model.save_pretrained(folder, card=card)
-    return {"threshold": model.config.threshold, "val_sensitivity": float(tpr[best]),
+    return {"threshold": model.config.threshold, "calibration": model.config.calibration,
+            "val_sensitivity": float(tpr[best]),
             "val_specificity": float(1 - fpr[best]),
             "finding_thresholds": model.config.label_thresholds}
 
@@ -751,7 +773,7 @@ def finding_thresholds(model, val_ex: list[Example], cache: ImageCache,
             continue
         prec, rec, thr = precision_recall_curve(y[:, j].astype(int), probs[:, j])
         f1 = 2 * prec[:-1] * rec[:-1] / np.clip(prec[:-1] + rec[:-1], 1e-9, None)
-        out[name] = round(float(min(max(thr[int(np.argmax(f1))], 1e-4), 1 - 1e-4)), 4)
+        out[name] = float(min(max(thr[int(np.argmax(f1))], 1e-4), 1 - 1e-4))
     return out
 
 

@@ -99,11 +99,14 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
         "RLL": "lower lobe of the right lung", "LUL": "upper lobe of the left lung",
         "LLL": "lower lobe of the left lung"}
     cfg.jpeg_augment = 0.5
+    cfg.model["encoder"]["members"] = 2  # a deep-ensemble classifier through every phase
     hist = train(cfg, device="cpu")
     assert len(hist["encoder_warmup"]) == 2 and any(r.get("best") for r in hist["encoder_warmup"])
     assert 0.0 < hist["threshold"]["threshold"] < 1.0
     best = ReportModel.from_pretrained(tmp_path / "recipe" / "best")
     assert best.config.threshold == hist["threshold"]["threshold"]
+    assert best.config.calibration == hist["threshold"]["calibration"]  # Platt fit, saved
+    assert best.encoder.n_members == 2
     # frozen encoder: the report phase left its classifier output unchanged between epochs
     # (the finding head alone keeps learning, so compare the pneumonia output's AUC)
     assert hist["epochs"][0]["val_auc"] == pytest.approx(hist["epochs"][1]["val_auc"])
@@ -154,3 +157,34 @@ def test_training_targets_name_the_reports_findings(run):
     assert (a - b).abs().mean() < 0.1  # artefacts, not another image
     ds = ExampleDataset([covid], plain, names, jpeg, jpeg_p=1.0)
     assert torch.equal(ds[0][0], b) and ds[0][2] == said
+
+
+def test_encoder_warmup_draws_a_new_batch_order_every_epoch(run):
+    """The warm-up advances the sampler's epoch: a fixed order would repeat the very same
+    batches every epoch (the 1.1.0 warm-up did)."""
+    import torch
+
+    from mrg_core.data import ImageCache, load_covctr
+    from mrg_core.models import tiny_model
+    from mrg_core.training import (EpochSampler, ExampleDataset, TrainConfig, collate,
+                                   make_accelerator, warmup_encoder)
+
+    cfg = TrainConfig.load(CONFIG)
+    cfg.encoder_warmup_epochs, cfg.augment = 3, False
+    model = tiny_model("medvlm")
+    splits = load_covctr(run["data"])
+    cache = ImageCache(model.config.preprocess)
+    sampler = EpochSampler([max(ex.label, 0) for ex in splits["train"]], seed=0, balanced=False)
+    train = torch.utils.data.DataLoader(ExampleDataset(splits["train"], cache), batch_size=4,
+                                        sampler=sampler, collate_fn=collate)
+    val = torch.utils.data.DataLoader(ExampleDataset(splits["val"], cache), batch_size=4,
+                                      collate_fn=collate)
+    first_batches = []
+    model.encoder.register_forward_hook(
+        lambda mod, args, out: first_batches.append(args[0].sum().item()) if mod.training else None)
+    rows = warmup_encoder(model, train, val, cfg, make_accelerator(cfg, "cpu"), sampler)
+    assert len(rows) == 3
+    per_epoch = len(first_batches) // 3  # 12 studies / batch 4 = 3 batches per epoch
+    orders = [tuple(round(x, 3) for x in first_batches[i * per_epoch:(i + 1) * per_epoch])
+              for i in range(3)]
+    assert len(set(orders)) == 3, orders

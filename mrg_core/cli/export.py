@@ -4,6 +4,10 @@ Package a trained model folder for shipping (e.g. runs/x/best -> assets/model): 
 store the weights as float16 (half the disk; loading computes in float32), write the model
 card, and set config fields chosen on val (e.g. --set label_guidance=1.5). Prints the folder
 size and how far the re-loaded model's probabilities moved from the source's.
+
+The threshold and calibration were fitted on the float32 weights. Near-duplicate val slices can
+sit 1e-5 apart, so float16 storage may move one of them across the threshold: re-fit both on
+the exported folder and pass them with --set threshold=... --set calibration=[a,b].
 """
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     cache = ImageCache(model.config.preprocess)
-    threshold = float(getattr(model.config, "threshold", 0.5))
+    # the threshold on the scale of the probabilities the model reports (calibrated or raw)
+    threshold = model.calibrated(model.config.threshold)
 
     preds = run_model(model, examples, cache, settings)
     ok = [ex for ex in examples if "error" not in preds[ex.id]]

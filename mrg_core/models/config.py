@@ -23,6 +23,7 @@ class EncoderConfig:
     fusion: str = "mean"  # multi-view fusion: "mean" | "attention"
     n_visual_tokens: int = 16  # pooled to a grid (4x4 for 16) then projected to the LM width
     dropout: float = 0.1  # before the classifier head
+    members: int = 1  # > 1: a deep ensemble of this many backbones + heads, logits averaged
     backbone_config: dict | None = None  # filled at build time from pretrained weights (reload)
 
 
@@ -73,7 +74,11 @@ class ReportModelConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     instruction: str = "Describe the findings of this chest CT slice."
     labels: list[str] = field(default_factory=lambda: ["pneumonia"])
-    threshold: float = 0.5
+    threshold: float = 0.5  # on the classifier's raw probability
+    # Platt scaling [a, b] of the target label's logit, fitted on val: the probability shown is
+    # sigmoid(a * logit + b), with the threshold mapped alike. Monotone, so AUC and decisions
+    # do not change. A from-scratch classifier on a few hundred images is seldom calibrated.
+    calibration: list[float] | None = None
     cls_weight: float = 1.0
     max_report_tokens: int = 160
     # Discrimination-enhanced text: state the classifier's decision in words after the

@@ -3,6 +3,13 @@ classifier logits.
 
 Every backbone kind is reduced to one spatial map [B*V, C, h, w] that passes through
 `self.spatial` (an identity module): Grad-CAM hooks that one layer whatever the architecture.
+
+`members` > 1 makes the classifier a deep ensemble: independently initialised copies of the
+backbone and classifier head, each trained on the labels on its own, whose logits are averaged.
+With a few hundred training images one network's AUC swings by several points with its seed;
+the average does not. All members' maps pass through `self.spatial` together (stacked on the
+batch axis), so one Grad-CAM pass covers the ensemble. Tokens for the LM and the finding head
+come from the first member.
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ from mrg_core.models.config import EncoderConfig
 class EncoderOutput:
     global_feat: torch.Tensor  # [B, C] views fused
     tokens: torch.Tensor  # [B, N, C] pooled grid, views fused
-    logits: torch.Tensor  # [B, n_labels]
+    logits: torch.Tensor  # [B, n_labels]; an ensemble's classifier logits are the members' mean
     view_weights: torch.Tensor  # [B, V] fusion weights
+    member_logits: torch.Tensor | None = None  # [B, K, n_classifier_labels] for K > 1 members
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -74,6 +82,10 @@ class VisualEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg, image_size)
+        self.n_members = max(1, cfg.members)
+        # members 2..K (member 1 keeps the single-network names, so older weights still load)
+        self.member_backbones = nn.ModuleList(build_backbone(cfg, image_size)
+                                              for _ in range(self.n_members - 1))
         self.in_channels = getattr(self.backbone.config, "num_channels", 1)
         self.spatial = nn.Identity()  # Grad-CAM target layer
         self.grid = _grid(cfg.n_visual_tokens)
@@ -85,16 +97,20 @@ class VisualEncoder(nn.Module):
         self.view_score = nn.Linear(self.feat_dim, 1) if cfg.fusion == "attention" else None
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout),
                                         nn.Linear(self.feat_dim, n_labels - n_token_labels))
+        self.member_classifiers = nn.ModuleList(
+            nn.Sequential(nn.Dropout(cfg.dropout),
+                          nn.Linear(self.feat_dim, n_labels - n_token_labels))
+            for _ in range(self.n_members - 1))
         self.token_classifier = nn.Sequential(
             nn.Dropout(cfg.dropout),
             nn.Linear(self.feat_dim * cfg.n_visual_tokens, n_token_labels)) \
             if n_token_labels else None
 
-    def _map(self, x: torch.Tensor) -> torch.Tensor:
+    def _map(self, x: torch.Tensor, backbone: nn.Module | None = None) -> torch.Tensor:
         """[N, 1, S, S] -> [N, C, h, w] for any backbone kind."""
         if self.in_channels != 1:
             x = x.expand(-1, self.in_channels, -1, -1)  # grey repeated for RGB weights
-        h = self.backbone(pixel_values=x).last_hidden_state
+        h = (backbone or self.backbone)(pixel_values=x).last_hidden_state
         if h.dim() == 3:  # token sequence (ViT with CLS, Swin without): back to a grid
             side = math.isqrt(h.shape[1])
             if side * side != h.shape[1]:
@@ -105,7 +121,11 @@ class VisualEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         b, v = pixel_values.shape[:2]
-        fmap = self.spatial(self._map(pixel_values.flatten(0, 1)))  # [B*V, C, h, w]
+        flat = pixel_values.flatten(0, 1)
+        maps = [self._map(flat)] + [self._map(flat, bb) for bb in self.member_backbones]
+        stacked = maps[0] if len(maps) == 1 else torch.cat(maps)
+        fmaps = self.spatial(stacked).chunk(self.n_members)  # K x [B*V, C, h, w]
+        fmap = fmaps[0]
         glob = fmap.mean(dim=(2, 3)).view(b, v, -1)
         toks = F.adaptive_avg_pool2d(fmap, self.grid).flatten(2).transpose(1, 2)
         toks = toks.reshape(b, v, toks.shape[1], toks.shape[2])
@@ -115,7 +135,12 @@ class VisualEncoder(nn.Module):
             w = torch.full((b, v), 1.0 / v, device=glob.device, dtype=glob.dtype)
         glob = (w[..., None] * glob).sum(1)
         toks = (w[..., None, None] * toks).sum(1)
-        logits = self.classifier(glob)
+        logits, members = self.classifier(glob), None
+        if self.n_members > 1:
+            others = [head((w[..., None] * m.mean(dim=(2, 3)).view(b, v, -1)).sum(1))
+                      for head, m in zip(self.member_classifiers, fmaps[1:])]
+            members = torch.stack([logits] + others, dim=1)
+            logits = members.mean(1)
         if self.token_classifier is not None:
             logits = torch.cat([logits, self.token_classifier(toks.detach().flatten(1))], dim=1)
-        return EncoderOutput(glob, toks, logits, w)
+        return EncoderOutput(glob, toks, logits, w, members)

@@ -11,6 +11,7 @@ Only report tokens and EOS are scored; everything before is context (labels -100
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -223,6 +224,16 @@ class ReportModel(nn.Module):
                                                  reduction="none")
         return (bce * w * known).sum() / known.any(dim=1).sum()
 
+    def encoder_loss(self, enc: EncoderOutput, labels: torch.Tensor) -> torch.Tensor:
+        """classification_loss of an encoder output. An ensemble's members each learn the labels
+        on their own (the mean of their losses): a loss on the averaged logit would let them
+        co-adapt and lose the diversity the average needs."""
+        if enc.member_logits is None:
+            return self.classification_loss(enc.logits, labels)
+        k = enc.member_logits.shape[2]
+        return torch.stack([self.classification_loss(torch.cat([m, enc.logits[:, k:]], 1), labels)
+                            for m in enc.member_logits.unbind(1)]).mean()
+
     def _heads(self, enc: EncoderOutput, labels: torch.Tensor) -> list[Head]:
         """What each study's text states before the report: the classifier's decision and
         findings, or (training, teacher forcing) the true label and the report's findings."""
@@ -305,7 +316,7 @@ class ReportModel(nn.Module):
         logits = logits[:, p:-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                   lm_labels[:, 1:].reshape(-1), ignore_index=-100)
-        cls_loss = self.classification_loss(enc.logits, labels)
+        cls_loss = self.encoder_loss(enc, labels)
         return {"loss": lm_loss + self.config.cls_weight * cls_loss,
                 "lm_loss": lm_loss, "cls_loss": cls_loss}
 
@@ -333,13 +344,23 @@ class ReportModel(nn.Module):
         with self._eval(), torch.inference_mode():
             return self._remember(study.content_hash, self.encoder(x), x)
 
+    def calibrated(self, p: float) -> float:
+        """A raw classifier probability on the scale shown to users (config.calibration)."""
+        c = self.config.calibration
+        if not c:
+            return float(p)
+        p = min(max(float(p), 1e-7), 1 - 1e-7)
+        return 1.0 / (1.0 + math.exp(-(c[0] * math.log(p / (1 - p)) + c[1])))
+
     def _prediction(self, logits: torch.Tensor) -> Prediction:
         probs = torch.sigmoid(logits.float())[0].tolist()
+        t = self._target_index
+        label = int(probs[t] >= self.config.threshold)  # decided on the raw scale, as in _heads
         labels = dict(zip(self.config.labels, probs))
-        p = probs[self._target_index]
-        return Prediction(probability=p, threshold=self.config.threshold,
-                          label=int(p >= self.config.threshold), labels=labels,
-                          findings=self.findings_from(probs))
+        labels[self.config.labels[t]] = self.calibrated(probs[t])
+        return Prediction(probability=self.calibrated(probs[t]),
+                          threshold=self.calibrated(self.config.threshold),
+                          label=label, labels=labels, findings=self.findings_from(probs))
 
     @property
     def _target_index(self) -> int:
@@ -361,6 +382,9 @@ class ReportModel(nn.Module):
         with self._eval(), torch.inference_mode(False), torch.enable_grad():
             cams = grad_cam(forward, self.encoder.spatial, x.requires_grad_(True),
                             target=self._target_index, size=(s, s))
+        if self.encoder.n_members > 1:  # one map per member and view: the members' mean
+            cams = cams.reshape(self.encoder.n_members, -1, s, s).mean(0)
+            cams = cams / max(float(cams.max()), 1e-12)
         enc = seen["enc"]
         enc = EncoderOutput(enc.global_feat.detach(), enc.tokens.detach(), enc.logits.detach(),
                             enc.view_weights.detach())
@@ -446,6 +470,6 @@ class ReportModel(nn.Module):
     def info(self) -> dict:
         c = self.config
         return {"name": c.name, "version": c.version, "method": c.method,
-                "trained_on": dict(c.trained_on), "threshold": c.threshold,
+                "trained_on": dict(c.trained_on), "threshold": self.calibrated(c.threshold),
                 "n_params": sum(p.numel() for p in self.parameters()),
                 "n_trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
