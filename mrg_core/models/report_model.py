@@ -356,10 +356,10 @@ class ReportModel(nn.Module):
         probs = torch.sigmoid(logits.float())[0].tolist()
         t = self._target_index
         label = int(probs[t] >= self.config.threshold)  # decided on the raw scale, as in _heads
+        shown = self.calibrated(probs[t])
         labels = dict(zip(self.config.labels, probs))
-        labels[self.config.labels[t]] = self.calibrated(probs[t])
-        return Prediction(probability=self.calibrated(probs[t]),
-                          threshold=self.calibrated(self.config.threshold),
+        labels[self.config.labels[t]] = shown
+        return Prediction(probability=shown, threshold=self.calibrated(self.config.threshold),
                           label=label, labels=labels, findings=self.findings_from(probs))
 
     @property
