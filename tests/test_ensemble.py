@@ -1,31 +1,18 @@
 """A deep-ensemble classifier (encoder.members > 1): averaged logits, members trained on their
-own, one Grad-CAM pass for all members, save/load, and single-network weights unchanged."""
+own, one Grad-CAM pass for all members, save/load, and single-network weights unchanged.
+That a trained ensemble's map finds the lesion is in test_explain."""
 import numpy as np
-import pytest
 import torch
 
 from mrg_core.explain import grad_cam
-from mrg_core.models import ReportModel, tiny_config
-from mrg_core.preprocess import heatmap_to_view, study_to_tensor
+from mrg_core.models import ReportModel, tiny_model
 from mrg_core.models.factory import SAMPLE_REPORTS
+from mrg_core.preprocess import heatmap_to_view, study_to_tensor
 from mrg_core.study import study_from_arrays
-from mrg_core.text import train_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(list(SAMPLE_REPORTS), min_frequency=1)
-
-
-def build(tokenizer, members: int, method: str = "medvlm", seed: int = 0) -> ReportModel:
-    cfg = tiny_config(method)
-    cfg.encoder.members = members
-    torch.manual_seed(seed)
-    return ReportModel.build(cfg, tokenizer)
-
-
-def test_logits_are_the_members_mean_and_each_member_learns_alone(tokenizer):
-    model = build(tokenizer, 3).eval()
+def test_logits_are_the_members_mean_and_each_member_learns_alone():
+    model = tiny_model("medvlm", members=3).eval()
     x = torch.rand(4, 1, 1, 64, 64)
     with torch.no_grad():
         out = model.encoder(x)
@@ -44,8 +31,8 @@ def test_logits_are_the_members_mean_and_each_member_learns_alone(tokenizer):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bb.parameters())
 
 
-def test_ensemble_grad_cam_saves_and_loads(tokenizer, tmp_path):
-    model = build(tokenizer, 3).eval()
+def test_ensemble_grad_cam_saves_and_loads(tmp_path):
+    model = tiny_model("medvlm", members=3).eval()
     img = np.random.default_rng(0).integers(0, 256, (50, 80)).astype(np.uint8)
     study = study_from_arrays([img, np.zeros((64, 64), np.uint8)])
     pred, maps = model.analyze(study)
@@ -66,41 +53,12 @@ def test_ensemble_grad_cam_saves_and_loads(tokenizer, tmp_path):
     assert abs(back.predict(study).probability - pred.probability) < 1e-5
 
 
-def test_single_network_keeps_its_weight_names(tokenizer):
+def test_single_network_keeps_its_weight_names():
     """members = 1 adds no tensors: older checkpoints load as before."""
-    one = build(tokenizer, 1)
-    three = build(tokenizer, 3)
+    one = tiny_model("medvlm", members=1)
+    three = tiny_model("medvlm", members=3)
     keys1, keys3 = set(one.encoder.state_dict()), set(three.encoder.state_dict())
     assert not any(k.startswith("member_") for k in keys1)
     assert keys1 < keys3
     assert all(k.startswith("member_") for k in keys3 - keys1)
 
-
-def test_a_trained_ensemble_finds_the_lesion():
-    """Grad-CAM of the ensemble (members' maps averaged) still points at the evidence."""
-    from tests.test_explain import S, blob_image
-
-    tok = train_tokenizer(list(SAMPLE_REPORTS), min_frequency=1)
-    model = build(tok, 2, method="prompt")
-    model.config.cls_weight = 5.0
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    rng = np.random.default_rng(0)
-    model.train()
-    for _ in range(50):
-        ys = [float(i % 2 == 0) for i in range(16)]
-        x = torch.stack([study_to_tensor(study_from_arrays([blob_image(rng, "tl" if y else None)]),
-                                         model.config.preprocess) for y in ys])
-        reports = ["pneumonia in the left upper lobe ." if y else "the lungs are clear ."
-                   for y in ys]
-        loss = model.compute_loss(x, reports, torch.tensor(ys))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    h = S // 2
-    for _ in range(3):
-        pred, (cam,) = model.analyze(study_from_arrays([blob_image(rng, "tl")]))
-        assert pred.probability > 0.5
-        quads = [cam[:h, :h].sum(), cam[:h, h:].sum(), cam[h:, :h].sum(), cam[h:, h:].sum()]
-        assert int(np.argmax(quads)) == 0, quads
-    assert model.analyze(study_from_arrays([blob_image(rng, None)]))[0].probability < 0.5

@@ -1,5 +1,6 @@
 """Grad-CAM: shapes and range, overlays, and that a trained classifier looks at the lesion."""
 import numpy as np
+import pytest
 import torch
 
 from mrg_core.explain import grad_cam, overlay
@@ -42,10 +43,11 @@ def test_grad_cam_maps_per_view_in_unit_range():
     assert raw.shape[0] == 2 and raw.max() <= 1.0
 
 
-def test_grad_cam_finds_the_lesion_after_training():
+@pytest.mark.parametrize("members", [1, 2])  # one network; a deep ensemble (maps averaged)
+def test_grad_cam_finds_the_lesion_after_training(members):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = tiny_model(seed=0)
+    model = tiny_model(seed=0, members=members)
     model.config.cls_weight = 5.0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()

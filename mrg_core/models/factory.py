@@ -59,9 +59,11 @@ def tiny_config(method: str = "prompt", family: str = "gpt2", adapter: str = "lo
 
 
 def tiny_model(method: str = "prompt", family: str = "gpt2", seed: int = 0,
-               texts: list[str] | None = None, adapter: str = "lora") -> ReportModel:
+               texts: list[str] | None = None, adapter: str = "lora",
+               members: int = 1) -> ReportModel:
     """A random tiny ReportModel in eval mode (image 64 px, 2-layer width-64 LM)."""
     cfg = tiny_config(method, family, adapter)
+    cfg.encoder.members = members
     tok = train_tokenizer(list(texts or SAMPLE_REPORTS) + [cfg.instruction], min_frequency=1)
     torch.manual_seed(seed)
     return ReportModel.build(cfg, tok).eval()
