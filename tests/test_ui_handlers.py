@@ -1,6 +1,7 @@
 """The page's handlers with a real tiny model, a real SQLite file and real DICOM files."""
 import base64
 import json
+import os
 import sqlite3
 
 import numpy as np
@@ -257,3 +258,54 @@ def test_export_files_without_phi(engine, tmp_path):
     assert fhir["resourceType"] == "DiagnosticReport" and fhir["status"] == "final"
     assert base64.b64decode(fhir["presentedForm"][0]["data"]).decode() == "Clear lungs."
     assert h.export_files(engine, s, " ", "x", tmp_path)[0] == []
+
+
+def test_export_files_belong_to_one_session_study_and_text(engine, tmp_path):
+    """Issue 17: export files are per session, remembered with their study and text (so the
+    page can tell they are stale), and deleted when replaced or cleared."""
+    out = tmp_path / "out"
+    a, b = Session(), Session()
+    for s in (a, b):
+        assert h.load_files(engine, s, [str(CT_SAMPLE)]).ok
+    pa, _ = h.export_files(engine, a, "Report A.", "", out)
+    pb, _ = h.export_files(engine, b, "Report B.", "", out)
+    assert len(pa) == len(pb) == 3 and not set(pa) & set(pb)  # same study, two tabs
+    assert "Report A." in open(pa[0], encoding="utf-8").read()
+    assert "Report B." in open(pb[0], encoding="utf-8").read()
+    assert not h.exports_stale(a, "Report A.")
+    assert h.exports_stale(a, "Report A. Edited.")
+
+    assert h.load_files(engine, a, [str(SAMPLES_DIR / "ct_phantom_normal.dcm")]).ok
+    assert h.exports_stale(a, "Report A.")  # another study on the page
+    pa2, _ = h.export_files(engine, a, "Report A2.", "", out)
+    assert all(os.path.isfile(p) for p in pa2)
+    assert not any(os.path.exists(p) for p in set(pa) - set(pa2))  # the old study's are gone
+
+    assert h.export_files(engine, a, "  ", "", out)[0] == []  # refused: the old files go too
+    assert not any(os.path.exists(p) for p in pa2) and a.export_key is None
+    h.clear_exports(b)
+    assert not any(os.path.exists(p) for p in pb) and b.export_paths == []
+    assert not h.exports_stale(b, "anything")  # nothing prepared: nothing stale
+    assert not any(out.iterdir())
+    h.clear_exports(b)  # twice is harmless
+
+
+def test_export_refused_while_streaming(engine, ct_session, tmp_path):
+    gen = h.stream_draft(engine, ct_session, "")
+    next(gen), next(gen)
+    paths, msg = h.export_files(engine, ct_session, "partial", "", tmp_path)
+    assert paths == [] and "still being generated" in msg
+    gen.close()
+    assert len(h.export_files(engine, ct_session, "Done.", "", tmp_path)[0]) == 3
+
+
+def test_fhir_is_final_only_for_the_text_that_was_saved(engine, ct_session, tmp_path):
+    stream_all(engine, ct_session)
+    assert h.save(engine, ct_session, "Clear lungs.", "Dr Ada").ok
+
+    def status(text):
+        paths, _ = h.export_files(engine, ct_session, text, "Dr Ada", tmp_path)
+        return json.loads(open(paths[2], encoding="utf-8").read())["status"]
+
+    assert status("Clear lungs.") == "final"
+    assert status("Clear lungs. Edited after saving.") == "preliminary"

@@ -372,7 +372,7 @@ def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> Sa
         log_failure("saving", exc)
         return SaveOutcome(False, "**Not saved.** Something went wrong while saving. Your text "
                                   "was not lost — copy it and try Save again.")
-    session.last_save = result
+    session.last_save, session.saved_text = result, final_text or ""
     log.info("saved correction #%s (model %s %s)", result.correction_id, draft.model_name,
              draft.model_version)
     when = result.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -414,33 +414,59 @@ def diff_text(draft: str, final: str) -> str:
 
 def export_files(engine: Engine, session: Session, final_text: str, reviewer: str,
                  folder: str | Path) -> tuple[list[str], str]:
-    """Write the report as .txt, .json and FHIR .json; returns (paths, message)."""
+    """Write the report as .txt, .json and FHIR .json; returns (paths, message).
+
+    The session's earlier export files are deleted first; the new ones are named after the
+    study and the session (two tabs on one study never share a file) and are remembered with
+    the study and text they hold, so the page can tell when they go stale (exports_stale)."""
+    clear_exports(session)
     if session.study is None:
         return [], "Load a study first."
     if not (final_text or "").strip():
         return [], "The report is empty: nothing to export."
+    if session.streaming and not session.stop_requested:
+        return [], ("A draft is still being generated; press Stop or wait for it to finish, "
+                    "then prepare the export files.")
     a = session.analysis
     common = dict(probability=None if a is None else a.probability,
                   threshold=None if a is None else a.threshold,
                   model_info=engine.model_info, study_summary=session.study.summary())
-    save = session.last_save
+    # "final" only for the text that was saved: a later edit or draft is not signed off yet
+    save = session.last_save if _norm(session.saved_text) == _norm(final_text) else None
     effective = save.created_at if save is not None else None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"report_{session.study.content_hash[:10]}"
-    txt = folder / f"{stem}.txt"
+    stem = f"report_{session.study.content_hash[:10]}_{session.id}"
+    txt, js, fhir = folder / f"{stem}.txt", folder / f"{stem}.json", folder / f"{stem}.fhir.json"
+    # Remembered before writing, so a half-written set is deleted by the next clear as well.
+    session.export_paths = [str(txt), str(js), str(fhir)]
+    session.export_key = (session.study.content_hash, final_text)
     txt.write_text(report_export.to_text(final_text, effective=effective, reviewer=reviewer,
                                          **common), encoding="utf-8")
-    js = folder / f"{stem}.json"
     js.write_text(report_export.to_json(final_text, effective=effective, reviewer=reviewer,
                                         draft_text=session.draft, **common), encoding="utf-8")
     status = "final" if save is not None else "preliminary"
-    fhir = folder / f"{stem}.fhir.json"
     fhir.write_text(report_export.json.dumps(report_export.to_fhir_diagnostic_report(
         final_text, status=status, effective=effective, **common), indent=2,
         ensure_ascii=False), encoding="utf-8")
     note = "" if save is not None else " (not saved yet: FHIR status 'preliminary')"
-    return [str(txt), str(js), str(fhir)], f"Export files ready{note}."
+    return list(session.export_paths), f"Export files ready{note}."
+
+
+def clear_exports(session: Session) -> None:
+    """Forget the session's export files and delete them: called whenever the study, the draft
+    or the model changes, so a download can never carry another study's report."""
+    for p in session.export_paths:
+        Path(p).unlink(missing_ok=True)
+    session.export_paths, session.export_key = [], None
+
+
+def exports_stale(session: Session, text: str) -> bool:
+    """True when export files are prepared but hold another study or text than the page's."""
+    if session.export_key is None:
+        return False
+    study = None if session.study is None else session.study.content_hash
+    return session.export_key != (study, text)
 
 
 # ----------------------------------------------------------------------------- small helpers

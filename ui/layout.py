@@ -106,10 +106,13 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
                 with gr.Accordion("Export", open=False):
                     export_btn = gr.Button("Prepare export files", size="sm", elem_id="export")
                     with gr.Row():
-                        dl_txt = gr.DownloadButton("Text", visible=False, size="sm")
-                        dl_json = gr.DownloadButton("JSON", visible=False, size="sm")
-                        dl_fhir = gr.DownloadButton("FHIR R4", visible=False, size="sm")
-                    export_msg = gr.Markdown()
+                        dl_txt = gr.DownloadButton("Text", visible=False, size="sm",
+                                                   elem_id="download-txt")
+                        dl_json = gr.DownloadButton("JSON", visible=False, size="sm",
+                                                    elem_id="download-json")
+                        dl_fhir = gr.DownloadButton("FHIR R4", visible=False, size="sm",
+                                                    elem_id="download-fhir")
+                    export_msg = gr.Markdown(elem_id="export-message")
                 with gr.Accordion("History of this study", open=True):
                     history = gr.Markdown("No study loaded.", elem_id="history")
                 with gr.Accordion("Model (admin)", open=False, elem_id="model-admin"):
@@ -129,18 +132,32 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
             img = h.render_view(engine, s, int(idx or 1) - 1, pre, c, w, ov, op)
             return None if img is None else h.png_file(img, view_dir)
 
+        # Export files and the save notice belong to one study, draft and model: whenever one
+        # of these changes they are hidden and the files deleted, so nothing on the page can
+        # offer the previous study's report.
+        downloads = [dl_txt, dl_json, dl_fhir]
+        stale_outputs = [*downloads, export_msg, save_msg]
+        keep_stale = (gr.update(),) * len(stale_outputs)
+
+        def no_downloads(s):
+            h.clear_exports(s)  # deletes the files as well
+            return (gr.update(value=None, visible=False),) * len(downloads)
+
+        def clear_stale(s):
+            return (*no_downloads(s), "", "")
+
         def on_loaded(s, res: h.Loaded):
-            if not res.ok:
+            if not res.ok:  # the previous study and the user's text stay; its exports do not
                 kept = " The previous study is still shown." if s.study is not None else ""
                 return (s, res.message + kept, gr.update(), gr.update(), gr.update(),
-                        gr.update(), gr.update(), gr.update(), gr.update())
+                        gr.update(), gr.update(), gr.update(), *clear_stale(s))
             return (s, res.message,
                     gr.update(visible=res.n_views > 1, maximum=max(res.n_views, 2), value=1),
                     gr.update(visible=res.is_ct), gr.update(value=""),  # editor: new study
-                    gr.update(visible=False), "", "", "Analysing…")
+                    gr.update(visible=False), "", "Analysing…", *clear_stale(s))
 
         load_outputs = [session, load_msg, view_idx, ct_box, editor, latest_box, notice,
-                        save_msg, probability]
+                        probability, *stale_outputs]
 
         def analyze(s):
             a = h.analyze(engine, s)
@@ -168,6 +185,7 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         # Draft streaming: the editor is read-only while a draft streams into it (server updates
         # would race keystrokes); a draft over the user's own text goes to "Latest draft".
         def stream(s, text, settings=None):
+            stale = clear_stale(s)  # a new draft: the old one's saved/exported notices go
             inner = h.stream_draft(engine, s, text, settings, update_every_s=h.UPDATE_EVERY_S)
             try:
                 for u in inner:
@@ -177,14 +195,15 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
                     yield (gr.update(**ed),
                            gr.update() if u.latest is None else u.latest,
                            gr.update() if u.latest is None else gr.update(visible=True),
-                           u.notice)
+                           u.notice, *stale)
+                    stale = keep_stale
             finally:
                 inner.close()
 
         def regenerate(s, text):
             yield from stream(s, text, h.regenerate_settings(s))
 
-        stream_outputs = [editor, latest, latest_box, notice]
+        stream_outputs = [editor, latest, latest_box, notice, *stale_outputs]
         gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
                       concurrency_id="model", api_name="generate")
         regen_btn.click(regenerate, [session, editor], stream_outputs, show_progress="hidden",
@@ -192,9 +211,17 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         # Stop is cooperative: the stream ends at its next piece and its last update unlocks
         # the editor. (Gradio's `cancels` could land after a new Generate and cancel that one.)
         stop_btn.click(h.stop_message, session, notice, queue=False)
-        editor.input(h.note_edit, [session, editor], None, queue=False, show_progress="hidden")
-        use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False)), session,
-                         [editor, latest_box], queue=False)
+
+        def edited(s, text):  # user keystrokes: export files of an earlier text are stale
+            h.note_edit(s, text)
+            if not h.exports_stale(s, text):
+                return (gr.update(),) * 4
+            return (*no_downloads(s), "The report changed: prepare the export files again.")
+
+        editor.input(edited, [session, editor], [*downloads, export_msg], queue=False,
+                     show_progress="hidden")
+        use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False), *clear_stale(s)),
+                         session, [editor, latest_box, *stale_outputs], queue=False)
 
         def save(s, text, who, request: gr.Request):
             if auth:  # the login is the reviewer; a value sent for the locked box is ignored
@@ -210,12 +237,10 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
                 who = getattr(request, "username", None) or ""
             paths, msg = h.export_files(engine, s, text, who, export_dir)
             if not paths:
-                hide = gr.update(visible=False)
-                return hide, hide, hide, msg
+                return (*no_downloads(s), msg)
             return (*(gr.update(value=p, visible=True) for p in paths), msg)
 
-        export_btn.click(export, [session, editor, reviewer], [dl_txt, dl_json, dl_fhir,
-                                                              export_msg])
+        export_btn.click(export, [session, editor, reviewer], [*downloads, export_msg])
 
         # ---------------------------------------------------------------- model versions
         def refresh_versions(keep=None):
@@ -224,12 +249,13 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
             return gr.update(choices=opts, value=keep if keep in paths else
                              (paths[0] if paths else None))
 
-        def use_model(path):
-            _, msg = mp.switch_model(engine, path)
-            return msg, h.model_info_markdown(engine), refresh_versions(path)
+        def use_model(s, path):
+            ok, msg = mp.switch_model(engine, path)  # a new model: this page's exports go
+            return (msg, h.model_info_markdown(engine), refresh_versions(path),
+                    *(clear_stale(s) if ok else keep_stale))
 
-        use_btn.click(use_model, version, [model_msg, model_info, version],
-                      concurrency_id="admin")
+        use_btn.click(use_model, [session, version], [model_msg, model_info, version,
+                                                      *stale_outputs], concurrency_id="admin")
 
         def run_finetune(path):
             msg = ""

@@ -2,6 +2,7 @@
 session, so the stream generator sees edits recorded by the editor's input event)."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,20 @@ class Session:
     latest: str = ""  # a draft that went to the "Latest draft" box instead of the editor
 
     last_save: Any = None  # storage.SaveResult
+    saved_text: str = ""  # the report text of last_save
+
+    # Export files prepared by this session (handlers.export_files) and what they hold:
+    # (study content_hash, report text). Files of another study or text are stale.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # in its export file names
+    export_paths: list = field(default_factory=list)
+    export_key: tuple | None = None
 
     def reset_study(self, study, label: str) -> None:
         """A new study: forget everything tied to the previous one. The page clears the editor
-        too, so one study's report can never be saved against another."""
+        and the export files too (handlers.clear_exports), so one study's report can never be
+        saved or exported against another."""
         self.study, self.analysis, self.study_label = study, None, label
         self.draft, self.draft_settings, self.draft_timings = "", None, {}
         self.latest, self.last_save, self.editor_shadow = "", None, ""
+        self.saved_text = ""
         self.stream_count += 1  # an unfinished stream of the old study stops
