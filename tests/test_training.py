@@ -72,6 +72,22 @@ def test_evaluate_cli_writes_metrics_and_plots(run, tmp_path, monkeypatch):
     assert "png_only" in m["classifier"] and m["classifier"]["n"] == 4
     md = (out / "metrics.md").read_text()
     assert "| nearest_neighbour |" in md and "PNG-only" in md
+    # draft quality: diversity per system, decision-text agreement and lung saliency of the model
+    q = m["draft_quality"]
+    assert set(q["diversity"]) == set(m["systems"])
+    assert all(0 < d["distinct_ratio"] <= 1 and d["n"] == 4 for d in q["diversity"].values())
+    most = q["diversity"]["most_frequent"]  # one text for every study
+    assert most["distinct_drafts"] == 1 and most["different_findings_different_drafts"] == 0.0
+    t = q["decision_text"]
+    assert t["n_negative"] + t["n_positive"] == 4
+    assert all(v is None or 0 <= v <= 1
+               for v in (t["negative_states_no_finding"], t["positive_states_finding"]))
+    s = q["saliency"]
+    assert s["n_studies"] == 4 and s["n_scored"] + s["n_excluded"] == 4
+    assert s["lung_share_mean"] is None or 0 <= s["lung_share_mean"] <= 1
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert all("lung_share" in r and isinstance(r["lung_mask"], bool) for r in rows)
+    assert "## Draft quality" in md and "| class_template |" in md.split("## Draft quality")[1]
     for name in ("roc.png", "reliability.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000
 

@@ -1,8 +1,13 @@
 """One evaluation of a ReportModel on one split, next to three baselines on the same split.
 
+Besides caption, clinical and classifier metrics, "draft quality" checks what those miss: draft
+diversity of every system (a template scores well on captions), the share of the model's
+Grad-CAM mass on the lung fields (does the classifier look at the lungs?) and whether the model's
+drafts agree with its own positive/negative call.
+
 Writes to out_dir: metrics.json (everything), metrics.md (the tables), generations.jsonl (per
-study: reference, model draft, baselines, probability) and roc.png / reliability.png /
-training_curves.png.
+study: reference, model draft, baselines, probability, lung share of the saliency) and roc.png /
+reliability.png / training_curves.png.
 """
 from __future__ import annotations
 
@@ -21,13 +26,20 @@ from .caption import METRIC_NAMES, CaptionScorer
 from .classification import classification_metrics
 from .clinical import (ReportTextClassifier, diagnostic_accuracy, extract_findings,
                        finding_scores, label_agreement)
+from .decision_text import decision_text_agreement
+from .diversity import draft_diversity
 from .plots import plot_reliability, plot_roc, plot_training_curves
+from .saliency import saliency_summary, study_lung_share
 
 
 def run_model(model, examples: list[Example], cache: ImageCache, settings=None) -> dict:
-    """{id: {"probability", "label", "report"}} (+ "error" for studies that fail to load)."""
+    """{id: {"probability", "label", "report"}} (+ "error" for studies that fail to load).
+
+    Models with `analyze` (one forward + backward that also yields Grad-CAM maps, no extra
+    forward pass) add "lung_share" and "lung_mask" (see saliency.py)."""
     from ..io import StudyLoadError
 
+    analyze = getattr(model, "analyze", None)
     out = {}
     for ex in tqdm(examples, desc="model: predict + generate", leave=False):
         try:
@@ -35,11 +47,18 @@ def run_model(model, examples: list[Example], cache: ImageCache, settings=None) 
         except StudyLoadError as e:
             out[ex.id] = {"error": f"{e.code}: {e.message}"}
             continue
-        pred = model.predict(study)
+        saliency = {}
+        if analyze is not None:
+            pred, maps = analyze(study)
+            share, found = study_lung_share([v.display for v in study.views], maps)
+            saliency = {"lung_share": None if share is None else round(share, 4),
+                        "lung_mask": found}
+        else:
+            pred = model.predict(study)
         text = model.generate_report(study, settings) if settings is not None \
             else model.generate_report(study)
         out[ex.id] = {"probability": float(pred.probability), "label": int(pred.label),
-                      "report": text}
+                      "report": text, **saliency}
         if getattr(model, "finding_names", None):
             out[ex.id]["finding_probabilities"] = {k: round(float(pred.labels[k]), 4)
                                                    for k in model.finding_names}
@@ -100,6 +119,7 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
                "systems": table, "classifier": classifier}
     if getattr(model, "finding_names", None):
         metrics["finding_heads"] = finding_head_metrics(model, ok, preds)
+    metrics["draft_quality"] = draft_quality(systems, refs, preds, labels)
     if clf is not None:
         ref_texts = {k: r[0] for k, r in refs.items()}
         metrics["reference_diagnostic_accuracy"] = \
@@ -129,6 +149,18 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
             rec.update({n: systems[n].get(ex.id) for n in systems if n != "model"})
             f.write(json.dumps(rec) + "\n")
     return metrics
+
+
+def draft_quality(systems: dict, refs: dict, preds: dict, labels: dict) -> dict:
+    """Diversity of every system's drafts; saliency on the lungs and decision-text agreement of
+    the model (saliency only for models with `analyze`)."""
+    first = {k: r[0] for k, r in refs.items()}
+    out = {"diversity": {name: draft_diversity(hyps, first) for name, hyps in systems.items()},
+           "decision_text": decision_text_agreement(preds)}
+    analysed = {k: v for k, v in preds.items() if "lung_mask" in v}
+    if analysed:
+        out["saliency"] = saliency_summary(analysed, labels)
+    return out
 
 
 def finding_head_metrics(model, examples: list[Example], preds: dict) -> dict:
@@ -190,9 +222,36 @@ def metrics_markdown(m: dict) -> str:
             lines.append(f"| {name} | {r['n_positive']} | {_fmt(r['auc'])} | {_fmt(r['f1'])} "
                          f"| {r['stated']} |")
         lines.append("")
+    if m.get("draft_quality"):
+        lines += draft_quality_markdown(m["draft_quality"])
     for name, file in m.get("plots", {}).items():
         lines.append(f"![{name}]({file})")
     return "\n".join(lines) + "\n"
+
+
+def draft_quality_markdown(q: dict) -> list[str]:
+    lines = ["## Draft quality", "",
+             "Distinct = distinct cleaned drafts / studies; told apart = share of study pairs "
+             "whose reference findings differ that got different drafts.", "",
+             "| system | distinct drafts | distinct / studies | told apart |", "|---|---|---|---|"]
+    for name, d in q["diversity"].items():
+        lines.append(f"| {name} | {d['distinct_drafts']} | {_fmt(d['distinct_ratio'])} "
+                     f"| {_fmt(d['different_findings_different_drafts'])} |")
+    t = q["decision_text"]
+    lines += ["", f"Model drafts that agree with the image classifier's call: negative calls "
+                  f"stating no abnormal finding (other than the finding heads' own) "
+                  f"{_fmt(t['negative_states_no_finding'])} (n={t['n_negative']}); positive "
+                  f"calls stating at least one {_fmt(t['positive_states_finding'])} "
+                  f"(n={t['n_positive']})."]
+    if "saliency" in q:
+        s = q["saliency"]
+        lines += ["", f"Grad-CAM mass on the lung fields (classical lung mask from the pixels; "
+                      f"a uniform map scores the mask's area share): all "
+                      f"{_fmt(s['lung_share_mean'])} (n={s['n_scored']}), positive-label "
+                      f"studies {_fmt(s['lung_share_positive_mean'])} "
+                      f"(n={s['n_positive_scored']}); {s['n_with_mask']} of {s['n_studies']} "
+                      f"studies have a lung mask, {s['n_excluded']} left out."]
+    return lines + [""]
 
 
 def json_safe(x):
