@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Example, ImageCache, load_splits
+from .models.language_model import lm_folder
 from .paths import data_dir
 from .text import clean_report, train_tokenizer
 
@@ -483,8 +484,11 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
 
     # (a)+(b) tokenizer and LM -------------------------------------------------------------
     model_cfg = ReportModelConfig.from_dict(cfg.model)
-    lm_dir = Path(cfg.lm_pretrain.path) if cfg.lm_pretrain.path else out / "lm"
     lm_rows: list[dict] = []
+    if model_cfg.lm.package:  # a frozen pretrained LLM from an installed package: no LM training
+        lm_dir = Path(lm_folder(model_cfg.lm))
+    else:
+        lm_dir = Path(cfg.lm_pretrain.path) if cfg.lm_pretrain.path else out / "lm"
     if cfg.lm_pretrain.path and not lm_dir.is_dir():
         raise FileNotFoundError(f"LM folder {lm_dir} not found")
     if not (lm_dir / "config.json").is_file():

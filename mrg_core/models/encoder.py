@@ -40,7 +40,13 @@ def _grid(n: int) -> tuple[int, int]:
     return h, n // h
 
 
-def build_backbone(cfg: EncoderConfig, image_size: int) -> nn.Module:
+def build_backbone(cfg: EncoderConfig, image_size: int,
+                   input_norm: tuple[float, float] = (0.5, 0.25)) -> nn.Module:
+    """input_norm: (mean, std) of the preprocessing, for backbones with their own input scale."""
+    if cfg.kind.startswith("efficientnet-lite"):
+        from mrg_core.models.efficientnet_lite import EfficientNetLiteBackbone
+        return EfficientNetLiteBackbone(cfg.kind, pretrained=cfg.imagenet,
+                                        input_mean=input_norm[0], input_std=input_norm[1])
     if cfg.pretrained_path:
         model = AutoModel.from_pretrained(cfg.pretrained_path, local_files_only=True)
         cfg.backbone_config = model.config.to_dict()  # lets from_pretrained rebuild it offline
@@ -75,16 +81,16 @@ def build_backbone(cfg: EncoderConfig, image_size: int) -> nn.Module:
 
 class VisualEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, image_size: int, n_labels: int,
-                 n_token_labels: int = 0):
+                 n_token_labels: int = 0, input_norm: tuple[float, float] = (0.5, 0.25)):
         """n_token_labels: the last labels (findings, lobes) read by their own linear head from
         the pooled token grid, which keeps where a finding is (global pooling loses it), on
         detached features: their loss never moves the features the first labels use."""
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg, image_size)
+        self.backbone = build_backbone(cfg, image_size, input_norm)
         self.n_members = max(1, cfg.members)
         # members 2..K (member 1 keeps the single-network names, so older weights still load)
-        self.member_backbones = nn.ModuleList(build_backbone(cfg, image_size)
+        self.member_backbones = nn.ModuleList(build_backbone(cfg, image_size, input_norm)
                                               for _ in range(self.n_members - 1))
         self.in_channels = getattr(self.backbone.config, "num_channels", 1)
         self.spatial = nn.Identity()  # Grad-CAM target layer

@@ -19,9 +19,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mrg_core.models.config import ReportModelConfig
+from mrg_core.models.language_model import lm_folder
 
 
 def _lm_is_reference_only(cfg: ReportModelConfig) -> bool:
+    """The base LM is not copied into the folder: a packaged LM always (its adapter tensors are
+    in model.safetensors), a path only when nothing of the LM was trained."""
+    if cfg.lm.package:
+        return True
     no_adapter = cfg.method != "medvlm" or cfg.medvlm.adapter == "none"
     return bool(cfg.lm.path) and cfg.lm.freeze and no_adapter
 
@@ -88,7 +93,7 @@ def load_model(folder, device=None):
     folder = Path(folder)
     cfg = ReportModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    lm_dir = folder / "lm" if (folder / "lm").is_dir() else cfg.lm.path
+    lm_dir = folder / "lm" if (folder / "lm").is_dir() else lm_folder(cfg.lm)
     if lm_dir is None:
         raise FileNotFoundError(f"{folder} has no lm/ folder and its config names no LM path")
     # float32 whatever the stored dtype (a float16 folder would otherwise load as float16)
@@ -97,6 +102,7 @@ def load_model(folder, device=None):
     # the encoder architecture comes from backbone_config; its weights from model.safetensors
     build_cfg = copy.deepcopy(cfg)
     build_cfg.encoder.pretrained_path = None
+    build_cfg.encoder.imagenet = False
     model = ReportModel.build(build_cfg, tokenizer, lm=lm)
     model.config = cfg
     state = {k: v.float() if v.is_floating_point() else v

@@ -13,9 +13,26 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 from mrg_core.models.config import LMConfig
 
 
+def lm_folder(cfg: LMConfig) -> str | None:
+    """The local folder of a pretrained LM: the packaged one (converted on first use) or path."""
+    if cfg.package:
+        from mrg_core.models.packaged_lm import packaged_lm_folder
+        from mrg_core.weights import MissingWeights, spec
+
+        w = spec(cfg.package)
+        if cfg.package_sha256 and cfg.package_sha256 != w.sha256:
+            raise MissingWeights(f"this model was trained with {cfg.package} weights of sha256 "
+                                 f"{cfg.package_sha256[:12]}…, but this MRG Studio knows "
+                                 f"{w.package} {w.version} ({w.sha256[:12]}…) only")
+        cfg.package_sha256 = w.sha256
+        return str(packaged_lm_folder(cfg.package))
+    return cfg.path
+
+
 def build_lm(cfg: LMConfig, tokenizer) -> PreTrainedModel:
-    if cfg.path:
-        return AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True,
+    folder = lm_folder(cfg)
+    if folder:
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                                     dtype=torch.float32)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -67,15 +67,19 @@ class ReportModel(nn.Module):
         if config.labels[n_labels - n_found:] != self._finding_names(config):
             raise ValueError("finding labels (finding_phrases) must come after the others in "
                              "labels")
-        self.encoder = VisualEncoder(config.encoder, config.preprocess.image_size, n_labels,
-                                     n_found)
-        self.report_encoder = (VisualEncoder(config.encoder, config.preprocess.image_size,
-                                             n_labels, n_found)
+        pre = config.preprocess
+        norm = (pre.mean, pre.std)
+        self.encoder = VisualEncoder(config.encoder, pre.image_size, n_labels, n_found, norm)
+        self.report_encoder = (VisualEncoder(config.encoder, pre.image_size, n_labels, n_found,
+                                             norm)
                                if config.report_encoder else None)
         feat, width = self.encoder.feat_dim, lm_hidden_size(lm)
         if lm.config.model_type in LORA_TARGETS:  # an LM passed in or loaded decides the family
             config.lm.family = lm.config.model_type
         self.family = config.lm.family
+        if config.lm.package and not config.lm.package_sha256:  # the weights it was built on
+            from mrg_core.weights import spec
+            config.lm.package_sha256 = spec(config.lm.package).sha256
         if config.method in ("prompt", "promptbook"):
             self.bridge = PromptBridge(config.prompt, feat, width, config.method == "promptbook")
             lm = freeze(lm) if config.lm.freeze else lm
