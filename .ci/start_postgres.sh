@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start a throw-away PostgreSQL for tests/test_storage_postgres.py and print the export line.
+# Start a throw-away PostgreSQL for tests/test_storage_postgres.py and print the export lines
+# (MRG_TEST_POSTGRES_URL, and MRG_TEST_PGDATA for .ci/stop_postgres.sh).
 #   eval "$(.ci/start_postgres.sh)"      # then: .venv/bin/pytest -q tests/test_storage_postgres.py
+#   bash .ci/stop_postgres.sh "$MRG_TEST_PGDATA"   # stop it (and delete a temp data dir)
 # Works as root on a fresh Debian/Ubuntu (installs postgresql if missing; the server runs as the
 # `postgres` user) or as a normal user who already has the server binaries.
 # Env: PGPORT (5432), PGDATA_DIR (a new temp dir), MRG_PG_DB/MRG_PG_USER/MRG_PG_PASSWORD.
@@ -35,10 +37,15 @@ as_pg "$BIN/initdb" -D "$DATA" -U postgres --auth-local=trust --auth-host=scram-
   -E UTF8 >"$DATA/../$(basename "$DATA").initdb.log" 2>&1 || { log "initdb failed"; exit 1; }
 as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -t 60 \
   -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DATA -c fsync=on" start >&2
+# A failure from here on must not leave a server holding the port.
+ready=0
+trap '[ "$ready" = 1 ] || { log "setup failed: stopping the server"; as_pg "$BIN/pg_ctl" -D "$DATA" -m fast -w stop >&2 || true; }' EXIT
 
 psql_() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DATA" -p "$PORT" -U postgres "$@"; }
 psql_ -d postgres -c "CREATE ROLE \"$USER_\" LOGIN PASSWORD '$PASS'" >&2
 psql_ -d postgres -c "CREATE DATABASE \"$DB\" OWNER \"$USER_\"" >&2
 
-log "running: data $DATA, log $DATA/server.log; stop with: $( [ "$(id -u)" = 0 ] && echo 'runuser -u postgres -- ')$BIN/pg_ctl -D $DATA stop"
+ready=1
+log "running: data $DATA, log $DATA/server.log; stop with: bash .ci/stop_postgres.sh $DATA"
 echo "export MRG_TEST_POSTGRES_URL=postgresql+psycopg://$USER_:$PASS@127.0.0.1:$PORT/$DB"
+echo "export MRG_TEST_PGDATA=$DATA"

@@ -17,6 +17,7 @@ from mrg_core.io.deid import BASIC_PROFILE
 from mrg_core.samples import CR_IMAGE_STORAGE, CT_IMAGE_STORAGE, new_dataset
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def ct_hu_pattern(rows: int = 64, cols: int = 64) -> np.ndarray:
@@ -90,6 +91,55 @@ def write_rgb(path, rows: int = 12, cols: int = 10) -> np.ndarray:
     ds.set_pixel_data(arr, "RGB", 8)
     ds.save_as(path, enforce_file_format=True)
     return arr
+
+
+def _lut_item(first: int, bits: int, table: np.ndarray) -> Dataset:
+    item = Dataset()
+    item.add_new(0x00283002, "US", [len(table) % 65536, first, bits])  # LUT Descriptor
+    item.add_new(0x00283006, "OW", np.asarray(table, "<u2").tobytes())  # LUT Data
+    return item
+
+
+def write_lut_cr(path, rows: int = 32, cols: int = 32) -> np.ndarray:
+    """12-bit CR with a Modality LUT Sequence (reverses the range) and a VOI LUT Sequence
+    (a gamma curve, 8-bit output) and a window beside it. Returns the stored values."""
+    from pydicom.sequence import Sequence
+
+    ds = new_dataset(CR_IMAGE_STORAGE, "CR", f"lut-{path}")
+    arr = np.linspace(0, 4095, rows * cols).round().astype(np.uint16).reshape(rows, cols)
+    ds.set_pixel_data(arr, "MONOCHROME2", 12)
+    ds.ModalityLUTSequence = Sequence([_lut_item(0, 16, 4095 - np.arange(4096))])
+    ds.VOILUTSequence = Sequence([_lut_item(
+        100, 8, np.round(255 * (np.arange(3000) / 2999) ** 0.5))])
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.save_as(path, enforce_file_format=True)
+    return arr
+
+
+def write_enhanced_ct(path, frames: int = 3, rows: int = 16, cols: int = 16) -> np.ndarray:
+    """Enhanced CT multi-frame whose rescale is only in the per-frame functional groups
+    (frame i: slope i + 1, intercept -1024 * (i + 1)) and pixel spacing in the shared ones.
+    Returns the HU of each frame."""
+    from pydicom.sequence import Sequence
+
+    def item(**attrs):
+        it = Dataset()
+        for k, v in attrs.items():
+            setattr(it, k, v)
+        return it
+
+    stored = np.tile(np.linspace(0, 2000, cols).round().astype(np.int64), (frames, rows, 1))
+    hu = np.stack([stored[i] * (i + 1) - 1024 * (i + 1) for i in range(frames)])
+    ds = new_dataset(ENHANCED_CT_IMAGE_STORAGE, "CT", f"enhanced-{path}")
+    ds.set_pixel_data(stored.astype(np.uint16), "MONOCHROME2", 16)
+    ds.SharedFunctionalGroupsSequence = Sequence([item(
+        PixelMeasuresSequence=Sequence([item(PixelSpacing=[0.7, 0.8])]))])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([item(
+        PixelValueTransformationSequence=Sequence([item(
+            RescaleSlope=i + 1, RescaleIntercept=-1024 * (i + 1), RescaleType="HU")]))
+        for i in range(frames)])
+    ds.save_as(path, enforce_file_format=True)
+    return hu
 
 
 def write_no_pixels(path) -> None:

@@ -1,6 +1,7 @@
 """Sign-in (mrg_core.auth + app.py) and upload limits: hashes, the add-user CLI, plain-text
 refusal, Gradio's login route on a real server, one size limit for upload and loader."""
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from mrg_core import auth
 from mrg_core.engine import Engine
+from mrg_core.io import load_study
 from mrg_core.storage import Store
 from ui import handlers as h
 from ui.state import Session
@@ -157,6 +159,35 @@ def test_login_required_then_the_page(signed_in_app):
     assert reviewer.interactive is False
     # Gradio's upload limit is the loader's limit.
     assert demo.max_file_size == engine.limits.max_file_bytes == 3 * 2**20
+
+
+def test_api_call_with_another_reviewer_is_stored_under_the_signed_in_user(signed_in_app,
+                                                                          tmp_path):
+    """A script (or a doctored page) calls the app's API as ada but names someone else as the
+    reviewer: the saved correction and the export carry the login, never the name sent."""
+    from gradio_client import Client, handle_file
+
+    from tests import factories
+
+    demo, engine, _ = signed_in_app
+    src = tmp_path / "study.dcm"
+    factories.write_mono1(src)
+    client = Client(demo.local_url, auth=("ada", "right-password"), verbose=False,
+                    download_files=str(tmp_path / "downloads"))
+    loaded = client.predict([handle_file(str(src))], api_name="/load_files")
+    assert str(loaded[0]).startswith("Loaded")
+    saved, history = client.predict("Clear lungs.", "mallory", api_name="/save")
+    assert saved.startswith("Saved as correction")
+    rows = engine.store.history(load_study([src]).content_hash)
+    assert [(r.final_text, r.reviewer) for r in rows] == [("Clear lungs.", "ada")]
+    assert "mallory" not in history
+    *files, msg = client.predict("Clear lungs.", "mallory", api_name="/export")
+    paths = [f.get("value") if isinstance(f, dict) else f for f in files]  # gr.update(value=)
+    texts = {Path(f).name.split(".", 1)[1]: Path(f).read_text() for f in paths if f}
+    assert set(texts) == {"txt", "json", "fhir.json"}, msg
+    assert json.loads(texts["json"])["reviewer"] == "ada"
+    assert "Reviewed by: ada" in texts["txt"]
+    assert not any("mallory" in t for t in texts.values())
 
 
 def test_upload_limit_flag_and_environment(monkeypatch):

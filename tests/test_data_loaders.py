@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import require
 from mrg_core.data import (ImageCache, file_format, is_png_only, load_corrections, load_covctr,
                            load_r2gen, load_splits, resolve_data_spec, split_by_id)
 from mrg_core.data.synthetic import write_synthetic_covctr, write_synthetic_r2gen
@@ -96,8 +97,7 @@ def test_corrections_export(tmp_path, covctr_root):
 
 def test_real_covctr_counts(shared_data):
     root = shared_data / "covctr"
-    if not root.is_dir():
-        pytest.skip("COV-CTR absent")
+    require(root.is_dir(), f"COV-CTR folder {root} is absent")
     splits = load_covctr(root)
     expected = {k: len(v) for k, v in json.loads((root / "splits.json").read_text()).items()}
     assert {k: len(v) for k, v in splits.items()} == expected == {"train": 468, "val": 72,

@@ -1,7 +1,10 @@
 """Caption metrics (real pycocoevalcap + Java), finding extraction, classifier metrics."""
+import shutil
+
 import numpy as np
 import pytest
 
+from conftest import require
 from mrg_core.evaluation import (CaptionScorer, classification_metrics, extract_findings,
                                  finding_scores, reliability_curve)
 from mrg_core.evaluation.clinical import label_agreement
@@ -15,6 +18,7 @@ REFS = {
 
 
 def test_caption_metrics_identical_and_unrelated():
+    require(shutil.which("java"), "METEOR needs Java (apt-get install openjdk-17-jre-headless)")
     with CaptionScorer() as scorer:  # one JVM for both calls
         same = scorer.score(REFS, REFS)
         other = scorer.score(REFS, {k: "banana bread recipe with walnuts" for k in REFS})

@@ -1,12 +1,12 @@
 """Draft-quality metrics of the evaluation: draft diversity, Grad-CAM mass on the lung fields
 (classical lung mask: phantom, real COV-CTR slices) and decision-text agreement."""
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import require
 from mrg_core.evaluation.clinical import extract_findings
 from mrg_core.evaluation.decision_text import abnormal_findings, decision_text_agreement
 from mrg_core.evaluation.diversity import draft_diversity
@@ -167,10 +167,7 @@ def covctr_test():
     from mrg_core.data import load_covctr
 
     d = data_dir() / "covctr"
-    if not (d / "images").is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared data {d} is absent under CI=true")
-        pytest.skip(f"shared data {d} is absent")
+    require((d / "images").is_dir(), f"shared data {d} is absent")
     return {ex.id: ex for ex in load_covctr(d)["test"]}
 
 

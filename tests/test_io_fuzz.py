@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from factories import (write_ct_signed, write_mono1, write_multiframe, write_rgb,
-                       write_rle_pair)
+from factories import (write_ct_signed, write_enhanced_ct, write_lut_cr, write_mono1,
+                       write_multiframe, write_rgb, write_rle_pair)
 from mrg_core.io import CODES, LoadLimits, StudyLoadError, load_study
 from mrg_core.paths import data_dir
 
@@ -60,6 +60,8 @@ def _build_corpus() -> dict[str, bytes]:
         "ct_signed": _bytes_of(write_ct_signed),
         "multiframe": _bytes_of(write_multiframe, frames=4),
         "rgb": _bytes_of(write_rgb),
+        "lut_cr": _bytes_of(write_lut_cr),  # Modality + VOI LUT Sequences
+        "enhanced_ct": _bytes_of(write_enhanced_ct),  # per-frame functional groups
         "png8": _image_bytes(grey, "PNG"),
         "png16": _image_bytes((grey.astype(np.uint16) * 200), "PNG"),
         "png_rgba": _image_bytes(np.dstack([grey] * 4), "PNG"),

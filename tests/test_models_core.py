@@ -1,12 +1,15 @@
 """Shapes, one optimizer step, what is frozen and what trains, for every method x LM family."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from mrg_core.models import ReportModel, ReportModelConfig, tiny_config
 from mrg_core.models.config import EncoderConfig
+from mrg_core.models.encoder import EncoderOutput
 from mrg_core.models.factory import SAMPLE_REPORTS
+from mrg_core.study import study_from_arrays
 from mrg_core.text import train_tokenizer
 
 REPORTS = ["The lungs are clear bilaterally.", "Patchy consolidation in the right lower lobe."]
@@ -79,6 +82,40 @@ def test_customized_prompts_depend_on_the_image(tokenizer):
             assert torch.allclose(weights.sum(-1), torch.ones(2))
             assert (weights.max(-1).values < 0.999).all()  # a mixture, not one-hot
             assert not torch.allclose(weights[0], weights[1])
+
+
+def test_medvlm_bridge_output_depends_on_the_classifier_probabilities(tokenizer):
+    """The discrimination-enhanced bridge: the same visual tokens with other label
+    probabilities give another LM prefix, both when the probabilities are passed (label
+    teacher forcing) and when the bridge reads the classifier's own logits (inference)."""
+    model = build(tokenizer, "medvlm").eval()
+
+    def gap(a, b):  # per study, the change relative to the prefix's own size; the smallest
+        return ((a - b).norm(dim=(1, 2)) / b.norm(dim=(1, 2))).min().item()
+
+    with torch.no_grad():
+        enc = model.encoder(torch.randn(2, 1, 1, 64, 64))
+        out = {p: model.bridge(enc, probs=torch.full((2, 1), p)) for p in (0.0, 0.5, 1.0)}
+        assert torch.equal(out[0.0], model.bridge(enc, probs=torch.zeros(2, 1)))  # no dropout
+        assert gap(out[1.0], out[0.0]) > 1e-2 and gap(out[0.5], out[0.0]) > 5e-3
+        # the default path: only the classifier's logits differ between the two calls
+        sure_no = EncoderOutput(enc.global_feat, enc.tokens, torch.full((2, 1), -6.0),
+                                enc.view_weights)
+        sure_yes = EncoderOutput(enc.global_feat, enc.tokens, torch.full((2, 1), 6.0),
+                                 enc.view_weights)
+        assert gap(model.bridge(sure_yes), model.bridge(sure_no)) > 1e-2
+    # end to end: a study's prefix follows what the classifier head decides
+    study = study_from_arrays([np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)])
+    head = model.encoder.classifier[-1]
+    prefixes = []
+    for bias in (-6.0, 6.0):
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(bias)
+        model._cache.clear()
+        assert model.predict(study).label == int(bias > 0)
+        prefixes.append(model.encode(study).prefix)
+    assert gap(prefixes[1], prefixes[0]) > 1e-2
 
 
 def test_prompt_position_is_configurable(tokenizer):

@@ -59,9 +59,17 @@ def test_step_logits_match_transformers(study):
     dict(max_new_tokens=30, label_guidance=1.0, num_beams=2),
     dict(max_new_tokens=30, do_sample=True, temperature=0.9, seed=4)])
 def test_drafts_equal_the_transformers_path(study, settings):
+    """Whole drafts: the same token ids, as many of them, and the same text. The tiny model
+    never picks EOS in 30 steps, so a draft cut short fails the length check."""
     model = merged_model(True)
     s = GenerationSettings(**settings)
+    assert model.fast_decode and supports_fast_step(model.lm)
+    with torch.inference_mode():
+        fast_ids = list(model._report_tokens(study, s))
     fast = model.generate_report(study, s)
     model.fast_decode = False
+    with torch.inference_mode():
+        slow_ids = list(model._report_tokens(study, s))
     slow = model.generate_report(study, s)
+    assert len(slow_ids) >= 25 and fast_ids == slow_ids
     assert fast == slow and fast

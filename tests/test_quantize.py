@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
+from conftest import require
 from mrg_core.engine import Engine, torch_threads
 from mrg_core.models import GenerationSettings, tiny_model
 from mrg_core.models.quantize import (apply_precision, conv1d_to_linear, model_precision,
@@ -86,8 +87,7 @@ def default_fp32():
     from mrg_core.models import ReportModel
     from mrg_core.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR
 
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-        pytest.skip("no default model in assets/model")
+    require((DEFAULT_MODEL_DIR / "config.json").is_file(), "no default model in assets/model")
     sample = load_study([SAMPLES_DIR / "ct_phantom_covid.dcm"])
     ref = ReportModel.from_pretrained(DEFAULT_MODEL_DIR)
     with torch.inference_mode():

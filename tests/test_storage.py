@@ -1,7 +1,6 @@
 """Correction store behaviour on real SQLite files (no mocks)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
 import time
@@ -13,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 from PIL import Image
 
+from factories import write_phi_dicom
+from mrg_core.io import load_study
 from mrg_core.storage import MAX_TEXT_CHARS, InvalidCorrection, Store, StoreUnavailable
 from storage_writer import make_draft, make_study
 
@@ -234,20 +235,6 @@ def test_any_report_text_round_trips(tmp_path):
 
 # ------------------------------------------------------------------------------------- PHI
 
-FACTORIES = Path(__file__).with_name("factories.py")
-
-
-def _load_factories():
-    if not FACTORIES.exists():
-        pytest.skip("tests/factories.py (write_phi_dicom) is not in this tree yet")
-    spec = importlib.util.spec_from_file_location("_mrg_test_factories", FACTORIES)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if not hasattr(mod, "write_phi_dicom"):
-        pytest.skip("tests/factories.py has no write_phi_dicom")
-    return mod
-
-
 def test_metadata_stored_is_view_meta_only(store, db_path):
     """Whatever a Study carries, the store keeps pixels + ViewMeta fields, nothing else."""
     study = make_study(17)
@@ -302,23 +289,20 @@ def _save_and_export(study, db_path, tmp_path):
 
 
 def test_no_phi_from_a_loaded_dicom(tmp_path, db_path):
-    io = pytest.importorskip("mrg_core.io")
     markers = {"PatientName": "PHIMARK^NAME", "PatientID": "PHIMARKID123",
                "InstitutionName": "PHIMARK HOSPITAL", "ReferringPhysicianName": "PHIMARK^DOC",
                "StudyDate": "19990909", "AccessionNumber": "PHIMARKACC"}
-    study = io.load_study(_phi_dicom(tmp_path / "phi.dcm", markers))
+    study = load_study(_phi_dicom(tmp_path / "phi.dcm", markers))
     store, export = _save_and_export(study, db_path, tmp_path)
     _assert_no_marker(list(markers.values()) + ["PHIMARK"], db_path, export)
     store.close()
 
 
 def test_no_phi_from_factories_dicom(tmp_path, db_path):
-    fac = _load_factories()
-    io = pytest.importorskip("mrg_core.io")
     path = tmp_path / "factory_phi.dcm"
-    markers = fac.write_phi_dicom(path)  # returns the marker strings it planted
+    markers = write_phi_dicom(path)  # returns the marker strings it planted
     assert markers
-    study = io.load_study(path)
+    study = load_study(path)
     store, export = _save_and_export(study, db_path, tmp_path)
     _assert_no_marker([str(m) for m in markers if len(str(m)) >= 6], db_path, export)
     store.close()

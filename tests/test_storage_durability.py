@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from mrg_core.storage import Store
 from storage_writer import SHARED_SEEDS, make_draft, make_study, study_for
@@ -37,6 +38,47 @@ def ids_on_disk(db: Path) -> set[int]:
 
 def expected_study_count(tags: list[str], n: int) -> int:
     return len({study_for(t, i).content_hash for t in tags for i in range(n)})
+
+
+def test_every_store_connection_has_the_durability_settings(tmp_path):
+    """Asked of the live SQLite connections the Store itself uses (the one a save commits
+    through and new ones opened beside it), not of the code that sets them up: a committed
+    save survives power loss (synchronous FULL, or EXTRA), readers never block the writer
+    (WAL), foreign keys are enforced, and a busy file waits busy_timeout before failing."""
+    db = tmp_path / "durable.db"
+    store = Store(f"sqlite:///{db}", busy_timeout_s=7.0)
+    used = {}
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _seen(conn, *_):
+        raw = conn.connection.dbapi_connection
+        used[id(raw)] = raw
+
+    store.save_review(make_study(1), make_draft(), "final", "r")
+    assert store.history(make_study(1).content_hash)
+    held = [store.engine.connect() for _ in range(3)]  # forces connections beside the first
+    for c in held:
+        c.exec_driver_sql("SELECT 1").all()
+    assert len(used) >= 3
+
+    def pragma(raw, name):
+        return raw.execute(f"PRAGMA {name}").fetchone()[0]
+
+    for raw in used.values():
+        assert pragma(raw, "synchronous") in (2, 3)  # 2 = FULL, 3 = EXTRA (0 OFF, 1 NORMAL)
+        assert str(pragma(raw, "journal_mode")).lower() == "wal"
+        assert pragma(raw, "foreign_keys") == 1
+        assert pragma(raw, "busy_timeout") == 7000
+    for c in held:
+        c.close()
+    assert any(p.name == "durable.db-wal" for p in tmp_path.iterdir())
+    # WAL is a property of the file: a plain connection that sets nothing sees it too.
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    finally:
+        con.close()
+    store.close()
 
 
 def test_threads_lose_nothing(tmp_path):

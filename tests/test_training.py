@@ -1,10 +1,12 @@
 """End to end on a synthetic COV-CTR: tokenizer → LM pretraining → report model → best
 checkpoint → from_pretrained → text; --resume continues; the evaluate CLI writes its files."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import require
 from mrg_core.data.synthetic import write_synthetic_covctr
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_test.json"
@@ -60,6 +62,7 @@ def test_best_checkpoint_loads_and_generates(run):
 
 
 def test_evaluate_cli_writes_metrics_and_plots(run, tmp_path, monkeypatch):
+    require(shutil.which("java"), "METEOR needs Java (apt-get install openjdk-17-jre-headless)")
     from mrg_core.cli.evaluate import main
 
     monkeypatch.setenv("MRG_CACHE_DIR", str(tmp_path / "cache"))

@@ -2,6 +2,8 @@
 
 Order of work: read the header, check geometry against the limits, check the pixel data is
 all there and decodable, then decode. Nothing outside deid.ALLOWED leaves this module.
+Enhanced multi-frame objects keep rescale, window and pixel spacing in functional group
+macros: each frame is read with its own (shared, then per-frame) values.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import warnings
 import numpy as np
 import pydicom
 import pydicom.config
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from ..study import CT_WINDOWS, View
-from .deid import safe_meta
+from .deid import _get, safe_meta
 from .errors import StudyLoadError
 from .limits import Budget
 from .pixels import finite_or_none, linear_window, minmax_window, rgb_to_grey
@@ -119,11 +122,81 @@ def _decode(ds, name: str, frames: int) -> np.ndarray:
     return arr[np.newaxis] if frames == 1 else arr
 
 
-def _voi_output_range(ds) -> tuple[float, float]:
-    """The output range of pydicom's apply_voi_lut (PS3.3 C.11.2.1.2), to scale it to 0..255."""
-    seq = ds.get("VOILUTSequence")
-    if seq and "WindowCenter" not in ds:
-        return 0.0, float(2 ** int(seq[0].LUTDescriptor[2]) - 1)
+# Functional group macros (PS3.3 C.7.6.16) whose attributes the grey-scale code reads.
+_FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence",
+                 "PixelMeasuresSequence")
+_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def _frame_datasets(ds, frames: int) -> list:
+    """One dataset per frame. Enhanced multi-frame objects hold Rescale Slope/Intercept/Type,
+    Window Center/Width and Pixel Spacing in the shared and per-frame functional groups (a
+    per-frame value wins); they are lifted to the top level of a per-frame copy of the header
+    (elements shared, pixel data left out). Other files, or damaged groups: `ds` itself."""
+    shared, per_frame = (_get(ds, k) for k in _GROUPS)  # unreadable: None
+    if not shared and not per_frame:
+        return [ds] * frames
+    try:
+        top = Dataset()
+        for elem in ds:
+            if elem.keyword not in _GROUPS and elem.tag != 0x7FE00010:  # PixelData
+                top.add(elem)
+        out = []
+        for i in range(frames):
+            fd = Dataset()
+            fd.update(top)
+            if hasattr(ds, "file_meta"):  # the LUT Data byte order and transfer syntax
+                fd.file_meta = ds.file_meta
+            groups = [shared[0] if shared else None,
+                      per_frame[i] if per_frame and i < len(per_frame) else None]
+            for group in groups:
+                for macro in _FRAME_MACROS:
+                    seq = group.get(macro) if group is not None else None
+                    if seq:
+                        for elem in seq[0]:
+                            fd[elem.tag] = elem
+            out.append(fd)
+        return out
+    except Exception:  # noqa: BLE001 - damaged functional groups: read the frames as before
+        return [ds] * frames
+
+
+def _lut_table(item, ds) -> tuple[np.ndarray, int, int] | None:
+    """(table, first value mapped, output bits) of a LUT Sequence item (PS3.3 C.11.2.1.1)."""
+    n, first, bits = (int(x) for x in item.LUTDescriptor)
+    n = n or 65536
+    data = item["LUTData"].value
+    if isinstance(data, (bytes, bytearray)):  # OW: 16-bit words in the file's byte order
+        tsyntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+        big = tsyntax is not None and tsyntax == pydicom.uid.ExplicitVRBigEndian
+        table = np.frombuffer(bytes(data), dtype=">u2" if big else "<u2")
+    else:
+        table = np.asarray(list(data) if isinstance(data, (list, pydicom.multival.MultiValue))
+                           else [data], dtype=np.int64)
+    table = table[:n].astype(np.float64)
+    if table.size == 0 or not 8 <= bits <= 16:
+        return None
+    return table, first, bits
+
+
+def _voi_lut_display(values: np.ndarray, ds) -> np.ndarray | None:
+    """uint8 display through the first VOI LUT: inputs below the first mapped value take the
+    first entry, past the end the last; the output 0 .. 2**bits - 1 is scaled to 0..255.
+    (pydicom's apply_voi_lut indexes an 8-bit LUT with 8-bit integers, which wraps.)"""
+    try:
+        lut = _lut_table(ds.VOILUTSequence[0], ds)
+    except Exception:  # noqa: BLE001 - damaged LUT: the caller falls back
+        return None
+    if lut is None:
+        return None
+    table, first, bits = lut
+    idx = np.clip(np.rint(values.astype(np.float64)) - first, 0, table.size - 1).astype(np.int64)
+    out = table[idx] / float(2**bits - 1)
+    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _window_output_range(ds) -> tuple[float, float]:
+    """The output range of pydicom's windowing (PS3.3 C.11.2.1.2), to scale it to 0..255."""
     bits = int(ds.BitsStored)
     if ds.get("ModalityLUTSequence"):
         return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
@@ -141,14 +214,14 @@ def _first(value) -> float:
 
 def _grey_view(ds, frame: np.ndarray, index: int) -> View:
     photometric = str(ds.PhotometricInterpretation).strip().upper()
-    modality = str(ds.get("Modality") or "").upper()
+    modality = str(_get(ds, "Modality") or "").upper()  # damaged optional values: None
     try:
         values = finite_or_none(np.asarray(apply_modality_lut(frame, ds), dtype=np.float32))
     except Exception:  # noqa: BLE001 - a damaged rescale/LUT: fall back to stored values
         values = None
     if values is None:
         values = frame.astype(np.float32)
-    is_ct = modality == "CT" and str(ds.get("RescaleType") or "HU").upper() == "HU"
+    is_ct = modality == "CT" and str(_get(ds, "RescaleType") or "HU").upper() == "HU"
     units = "HU" if is_ct else "raw"
 
     window, display = None, None
@@ -157,17 +230,21 @@ def _grey_view(ds, frame: np.ndarray, index: int) -> View:
         # window the scanner stored; View.windowed() re-windows on demand.
         window = CT_WINDOWS["lung"]
         display = linear_window(values, *window)
-    elif "VOILUTSequence" in ds or "WindowCenter" in ds:
-        try:
-            out = np.asarray(apply_voi_lut(values.astype(np.float64), ds, index=0))
-            lo, hi = _voi_output_range(ds)
-            scaled = (out - lo) / max(hi - lo, 1e-6)
-            if np.isfinite(scaled).all():
-                display = (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
-                if "WindowCenter" in ds:
+    else:
+        # A VOI LUT, when there is one, is preferred to a window stored beside it (as pydicom
+        # does); `window` stays None then: no (centre, width) made the display.
+        display = _voi_lut_display(values, ds) if _get(ds, "VOILUTSequence") else None
+        if display is None and "WindowCenter" in ds:
+            try:
+                out = np.asarray(apply_voi_lut(values.astype(np.float64), ds, index=0,
+                                               prefer_lut=False))
+                lo, hi = _window_output_range(ds)
+                scaled = (out - lo) / max(hi - lo, 1e-6)
+                if np.isfinite(scaled).all():
+                    display = (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
                     window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
-        except Exception:  # noqa: BLE001 - bad window or LUT: use the min/max window below
-            display, window = None, None
+            except Exception:  # noqa: BLE001 - bad window: use the min/max window below
+                display, window = None, None
     if display is None:
         window = minmax_window(values)
         display = linear_window(values, *window)
@@ -205,7 +282,8 @@ def _decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool) ->
     if arr.shape[0] != frames or arr.shape[1:3] != (rows, cols):
         raise StudyLoadError("corrupt", name=name)
     make = _colour_view if spp == 3 else _grey_view
+    per_frame = _frame_datasets(ds, frames)
     try:
-        return [make(ds, arr[i], i) for i in range(frames)]
+        return [make(per_frame[i], arr[i], i) for i in range(frames)]
     except MemoryError as exc:
         raise StudyLoadError("too_large", name=name) from exc

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -14,12 +16,13 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 @pytest.fixture(scope="session")
 def browser():
-    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
+    require(os.path.exists(CHROMIUM) or shutil.which("chromium"),
+            f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright (python) is not installed")
+        sync_playwright = None
+    require(sync_playwright is not None, "playwright (python) is not installed")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield b
