@@ -16,6 +16,7 @@ dataset); model selection uses val only; test is never read here.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -97,6 +98,9 @@ class TrainConfig:
     # study): compression artefacts on every source, so the file format is no shortcut.
     jpeg_augment: float = 0.0
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16); CPU: fp32
+    # bf16 autocast on the CPU too: ~2x faster steps through a frozen 135M LLM on CPUs with
+    # AVX512-BF16/AMX (measured 4.5 s -> 2.2 s, batch 8 x 150 tokens, 2 cores)
+    cpu_bf16: bool = False
     balance: str = "auto"  # "auto" | "sampler" | "none": class-balanced sampling
     eval_generate: int = 8  # val studies generated each validation for a quick BLEU/ROUGE
     # Discrimination first: train encoder + classifier alone (no LM forward, so ~5x cheaper an
@@ -453,6 +457,8 @@ def make_accelerator(cfg: TrainConfig, device: str = "auto"):
     mp = "no"
     if cfg.amp and not cpu:
         mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif cpu and cfg.cpu_bf16:
+        mp = "bf16"
     # a batch made only of report-less studies leaves the prompt/LM path unused
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp])
@@ -627,7 +633,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
 
 def init_encoder(model, folder: str | Path) -> dict:
     """Copy encoder.* tensors from a saved model folder; the architectures must match, except
-    that a finding head (token_classifier) the source lacks starts fresh."""
+    that a finding head (token_classifier) the source lacks starts fresh, and one the target
+    lacks is left out."""
     from safetensors.torch import load_file
 
     src = {k[len("encoder."):]: v for k, v in
@@ -635,6 +642,8 @@ def init_encoder(model, folder: str | Path) -> dict:
            if k.startswith("encoder.")}
     if not src:
         raise ValueError(f"{folder} holds no encoder weights")
+    if model.encoder.token_classifier is None:  # a finding model's encoder, reused without it
+        src = {k: v for k, v in src.items() if not k.startswith("token_classifier.")}
     missing, unexpected = model.encoder.load_state_dict(src, strict=False)
     if unexpected or any(not k.startswith("token_classifier.") for k in missing):
         raise ValueError(f"{folder}: encoder mismatch (missing {missing}, unexpected "
@@ -667,8 +676,8 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             pix = pix.to(accelerator.device)
             if cfg.augment:
                 pix = _augment(pix)
-            with accelerator.autocast():
-                out = enc(pix)
+            with accelerator.autocast() if pix.is_cuda else contextlib.nullcontext():
+                out = enc(pix)  # fp32 on the CPU: cpu_bf16 is for the LLM's steps
             loss = model.encoder_loss(out, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip or 1e9)

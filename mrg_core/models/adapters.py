@@ -11,7 +11,9 @@ from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from mrg_core.models.config import MedVLMConfig
 from mrg_core.models.language_model import decoder_layers
 
-LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+# Attention query/value projections per model_type (others default to q_proj/v_proj).
+LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                "gemma3_text": ["q_proj", "v_proj"]}
 
 
 def freeze(lm: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import PeftModel
 
-from mrg_core.models.adapters import LORA_TARGETS, apply_adapter, freeze
+from mrg_core.models.adapters import apply_adapter, freeze
 from mrg_core.models.config import ReportModelConfig
 from mrg_core.models.encoder import EncoderOutput, VisualEncoder
 from mrg_core.models.fast_decode import FastGPT2Decoder, supports_fast_step
@@ -74,8 +74,7 @@ class ReportModel(nn.Module):
                                              norm)
                                if config.report_encoder else None)
         feat, width = self.encoder.feat_dim, lm_hidden_size(lm)
-        if lm.config.model_type in LORA_TARGETS:  # an LM passed in or loaded decides the family
-            config.lm.family = lm.config.model_type
+        config.lm.family = lm.config.model_type  # an LM passed in or loaded decides the family
         self.family = config.lm.family
         if config.lm.package and not config.lm.package_sha256:  # the weights it was built on
             from mrg_core.weights import spec
