@@ -3,11 +3,14 @@
     python app.py [--host 127.0.0.1] [--port 7860] [--model-dir assets/model]
                   [--db-url sqlite:///mrg_studio.db] [--auth-file users.txt]
                   [--max-upload-mb 256] [--precision fp32|fp32-merged|bf16|int8]
-                  [--decode-threads auto|N]
+                  [--decode-threads auto|N] [--admin-open]
 
 Every flag has an environment variable (MRG_HOST, MRG_PORT or GRADIO_SERVER_PORT, MRG_MODEL_DIR,
-MRG_DB_URL, MRG_AUTH_FILE, MRG_MAX_UPLOAD_MB, MRG_PRECISION, MRG_DECODE_THREADS). The auth file holds `user:<pbkdf2 hash>` lines
-made with `python -m mrg_core.auth add-user FILE USER`; plain-text passwords are refused.
+MRG_DB_URL, MRG_AUTH_FILE, MRG_MAX_UPLOAD_MB, MRG_PRECISION, MRG_DECODE_THREADS,
+MRG_ADMIN_OPEN). The auth file holds `user:<pbkdf2 hash>[:admin]` lines made with
+`python -m mrg_core.auth add-user FILE USER [--admin]`; plain-text passwords are refused.
+Switching the live model and fine-tuning (the Model panel) need the admin role; without sign-in
+the panel is read-only unless the app is started with --admin-open.
 """
 from __future__ import annotations
 
@@ -67,17 +70,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads while a draft decodes (env MRG_DECODE_THREADS; default "
                         "auto: one core fewer than the machine has, so the web server keeps a "
                         "core; 1 on a 2-core machine)")
+    p.add_argument("--admin-open", action="store_true",
+                   default=truthy(env("MRG_ADMIN_OPEN")),
+                   help="without sign-in, let every visitor switch the live model and start "
+                        "fine-tuning (env MRG_ADMIN_OPEN=1; default: the Model panel is "
+                        "read-only without sign-in; with --auth-file the admin role decides)")
     return p.parse_args(argv)
 
 
+def truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def decode_threads(value: str) -> int | str:
-    """'auto' (resolved by the engine: cores − 1, at least 1) or a positive number."""
-    if str(value).strip().lower() == "auto":
-        return "auto"
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("--decode-threads must be 1 or more, or auto")
-    return n
+    """'auto' (resolved by the engine: cores − 1, at least 1) or a positive number (the
+    report CLI's --threads takes the same values: mrg_core.engine.parse_threads)."""
+    from mrg_core.engine import parse_threads
+
+    try:
+        return parse_threads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("--decode-threads must be 1 or more, or auto") from None
 
 
 def read_auth_file(path: Path | None):
@@ -100,8 +113,20 @@ def load_limits(max_upload_mb: float):
     return LoadLimits(max_file_bytes=int(max_upload_mb * 2**20))
 
 
+def quiet_known_warnings() -> None:
+    """Silence third-party warnings the app's user can do nothing about. Only exact, known
+    messages: anything else still shows.
+    - peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model
+      with a LoRA adapter (transformers says: removed in v6; peft will follow)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    quiet_known_warnings()
     from mrg_core.logging_setup import configure
 
     configure(logging.INFO)  # stderr; see logging_setup for what may be logged
@@ -119,9 +144,18 @@ def main(argv=None) -> None:
         logging.getLogger("mrg_core.engine").info("warm-up took %.2f s", engine.warm_up())
     except Exception:  # a failed warm-up only means a slower first request
         logging.getLogger("mrg_core.engine").exception("warm-up failed")
-    demo = build_app(engine, auth=auth, model_roots=[model_dir, models_dir()])
+    if auth and args.admin_open:
+        logging.getLogger("mrg_core.auth").warning(
+            "--admin-open is ignored with --auth-file: the admin role in the auth file decides")
+    demo = build_app(engine, auth=auth, model_roots=[model_dir, models_dir()],
+                     admin_open=args.admin_open and not auth)
+    # quiet: Gradio's banner ends with a "set share=True" hint, wrong for this app (never
+    # shared); the address is printed here instead.
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, auth=auth, **launch_kwargs(engine))
+        server_name=args.host, server_port=args.port, auth=auth, quiet=True,
+        prevent_thread_lock=True, **launch_kwargs(engine))
+    print(f"* MRG Studio running on {demo.local_url}", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

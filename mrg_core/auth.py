@@ -1,9 +1,15 @@
 """Optional sign-in: an auth file of `username:<hash>` lines, checked by Gradio's login page.
 
     python -m mrg_core.auth add-user users.txt ada      # asks for the password (or reads stdin)
+    python -m mrg_core.auth add-user users.txt root --admin   # an administrator
 
-Hash format: `pbkdf2_sha256$<iterations>$<salt-hex>$<hash-hex>` (hashlib.pbkdf2_hmac). A line
-whose password part is not such a hash is refused: plain-text passwords are never accepted.
+Line format: `username:<hash>` or `username:<hash>:admin`. Hash format:
+`pbkdf2_sha256$<iterations>$<salt-hex>$<hash-hex>` (hashlib.pbkdf2_hmac). A line whose password
+part is not such a hash is refused: plain-text passwords are never accepted.
+
+Roles: "admin" may switch the live model and start fine-tuning (the Model panel); every other
+signed-in user may read studies and save reports only. Files without roles still load (nobody
+is an admin then).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ SCHEME = "pbkdf2_sha256"
 DEFAULT_ITERATIONS = 600_000  # OWASP 2023 figure for PBKDF2-HMAC-SHA256
 _HASH = re.compile(r"^pbkdf2_sha256\$(\d{1,9})\$([0-9a-f]{16,256})\$([0-9a-f]{64})$")
 _USER = re.compile(r"^[^\s:#][^\s:]{0,127}$")
+ADMIN = "admin"
+ROLES = (ADMIN,)
 
 
 class AuthFileError(ValueError):
@@ -53,17 +61,30 @@ def verify_password(password: str, encoded: str) -> bool:
 
 def read_auth_file(path: str | os.PathLike) -> dict[str, str]:
     """{username: hash}. Raises AuthFileError on a plain-text password or a malformed line."""
+    return read_users(path)[0]
+
+
+def read_admins(path: str | os.PathLike) -> frozenset[str]:
+    """The usernames with the admin role."""
+    return read_users(path)[1]
+
+
+def read_users(path: str | os.PathLike) -> tuple[dict[str, str], frozenset[str]]:
+    """({username: hash}, admins). Raises AuthFileError on a plain-text password, a malformed
+    line or an unknown role."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise AuthFileError(f"{path}: cannot read the auth file ({exc.strerror})") from None
     users: dict[str, str] = {}
+    admins: set[str] = set()
     for no, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         user, sep, secret = line.partition(":")
+        secret, _, role = secret.partition(":")  # the hash has no ':'
         if not sep or not _USER.match(user):
             raise AuthFileError(f"{path}, line {no}: expected username:{SCHEME}$… ")
         if not is_hash(secret):  # do not echo the line: it may hold a real password
@@ -71,11 +92,17 @@ def read_auth_file(path: str | os.PathLike) -> dict[str, str]:
                 f"{path}, line {no} (user {user!r}): the password is not a {SCHEME} hash. "
                 "Plain-text passwords are refused; create the entry with "
                 f"`python -m mrg_core.auth add-user {path} {user}`.")
+        role = role.strip()
+        if role and role not in ROLES:
+            raise AuthFileError(f"{path}, line {no} (user {user!r}): unknown role {role!r} "
+                                f"(known: {', '.join(ROLES)})")
         users[user] = secret
+        if role == ADMIN:
+            admins.add(user)
     if not users:
         raise AuthFileError(f"{path}: no user found; add one with "
                             f"`python -m mrg_core.auth add-user {path} USERNAME`")
-    return users
+    return users, frozenset(admins)
 
 
 def make_checker(users: dict[str, str]) -> Callable[[str, str], bool]:
@@ -92,19 +119,33 @@ def make_checker(users: dict[str, str]) -> Callable[[str, str], bool]:
 
 
 def load_auth(path: str | os.PathLike | None) -> Callable[[str, str], bool] | None:
-    """None when sign-in is off; else the checker for the file (read once, at start)."""
-    return None if path is None else make_checker(read_auth_file(path))
+    """None when sign-in is off; else the checker for the file (read once, at start). The
+    checker's `admins` attribute holds the admin usernames (is_admin)."""
+    if path is None:
+        return None
+    users, admins = read_users(path)
+    check = make_checker(users)
+    check.admins = admins
+    return check
+
+
+def is_admin(auth, username: str | None) -> bool:
+    """True when sign-in is on and `username` has the admin role. A checker made without
+    roles (a bare callable) has no admins."""
+    return bool(auth) and bool(username) and username in getattr(auth, "admins", frozenset())
 
 
 def add_user(path: str | os.PathLike, username: str, password: str,
-             iterations: int = DEFAULT_ITERATIONS) -> None:
-    """Add or replace one user; other lines are kept as they are. The file is created 0600."""
+             iterations: int = DEFAULT_ITERATIONS, admin: bool = False) -> None:
+    """Add or replace one user (with the admin role when `admin`); other lines are kept as
+    they are. The file is created 0600."""
     if not _USER.match(username or ""):
         raise AuthFileError("a username is 1-128 characters without spaces or ':'")
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     kept = [ln for ln in lines if ln.strip().partition(":")[0] != username]
-    kept.append(f"{username}:{hash_password(password, iterations)}")
+    role = f":{ADMIN}" if admin else ""
+    kept.append(f"{username}:{hash_password(password, iterations)}{role}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("\n".join(kept) + "\n")
@@ -127,6 +168,8 @@ def main(argv=None) -> int:
                                           "or the first line of stdin)")
     add.add_argument("file", type=Path)
     add.add_argument("username")
+    add.add_argument("--admin", action="store_true",
+                     help="give the user the admin role: switch the live model, fine-tune")
     add.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                      help=f"PBKDF2 iterations (default {DEFAULT_ITERATIONS})")
     args = p.parse_args(argv)
@@ -136,11 +179,12 @@ def main(argv=None) -> int:
         password = _read_password()
         if not password:
             raise AuthFileError("the password is empty")
-        add_user(args.file, args.username, password, args.iterations)
+        add_user(args.file, args.username, password, args.iterations, admin=args.admin)
     except AuthFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"user {args.username!r} written to {args.file}")
+    role = " (admin)" if args.admin else ""
+    print(f"user {args.username!r}{role} written to {args.file}")
     return 0
 
 

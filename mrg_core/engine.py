@@ -95,6 +95,41 @@ def resolve_threads(n: int | str | None) -> int | None:
     return int(n)
 
 
+def parse_threads(value) -> int | str:
+    """A thread flag's value: "auto" (see resolve_threads) or a positive number. ValueError
+    otherwise. Used by app.py --decode-threads and the report CLI's --threads."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    n = int(value)
+    if n < 1:
+        raise ValueError("the thread count must be 1 or more, or auto")
+    return n
+
+
+def domain_warning(info: dict | None, study: Study) -> str | None:
+    """Plain words when the study is not what the model (its `info`) was trained on."""
+    if info is None:
+        return None
+    trained = info.get("trained_on", {}) or {}
+    if not isinstance(trained, dict):
+        return None
+    want_mod, want_part = trained.get("modality"), trained.get("body_part")
+    problems = []
+    mod = study.modality
+    if want_mod and mod and mod.upper() != want_mod.upper():
+        problems.append(f"this study is {mod}, the model was trained on {want_mod} only")
+    part = study.body_part
+    if want_part and part and part.upper() != want_part.upper():
+        problems.append(f"body part is {part}, the model was trained on {want_part} only")
+    if want_mod and mod is None:
+        problems.append(f"the image has no DICOM modality; the model expects {want_mod} "
+                        f"({trained.get('description', 'see the model card')})")
+    if not problems:
+        return None
+    return ("Out of domain: " + "; ".join(problems) +
+            ". The probability and draft below are unreliable for this study.")
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None):
     """torch's intra-op thread count set to `n` inside the block (None: left alone)."""
@@ -187,24 +222,7 @@ class Engine:
 
     def domain_warning(self, study: Study) -> str | None:
         """Plain words when the study is not what the model was trained on."""
-        if self.model is None:
-            return None
-        trained = self.model.info.get("trained_on", {}) or {}
-        want_mod, want_part = trained.get("modality"), trained.get("body_part")
-        problems = []
-        mod = study.modality
-        if want_mod and mod and mod.upper() != want_mod.upper():
-            problems.append(f"this study is {mod}, the model was trained on {want_mod} only")
-        part = study.body_part
-        if want_part and part and part.upper() != want_part.upper():
-            problems.append(f"body part is {part}, the model was trained on {want_part} only")
-        if want_mod and mod is None:
-            problems.append(f"the image has no DICOM modality; the model expects {want_mod} "
-                            f"({trained.get('description', 'see the model card')})")
-        if not problems:
-            return None
-        return ("Out of domain: " + "; ".join(problems) +
-                ". The probability and draft below are unreliable for this study.")
+        return domain_warning(self.model_info, study)
 
     def analyze(self, study: Study) -> Analysis:
         model = self._require_model()

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mrg_core.storage import CorrectionExample
+from mrg_core.storage import ACCEPTED, CorrectionExample
 from mrg_core.study import study_from_arrays
 from mrg_core.text import clean_report
 
@@ -65,6 +65,8 @@ class FinetuneConfig:
     holdout_fraction: float = 0.2
     k: int = 5
     min_corrections: int = 10  # after keeping the newest correction per study
+    # Drafts saved unchanged ("accepted as drafted"): left out by default (select_corrections)
+    include_accepted: bool = False
     augment: bool = True  # same photometric/affine jitter as training (few studies: overfitting)
     grad_clip: float = 1.0
     max_new_tokens: int = 120
@@ -101,10 +103,20 @@ class TooFewCorrections(ValueError):
 
 # ----------------------------------------------------------------------------- data
 
-def select_corrections(examples: list[CorrectionExample]
+def select_corrections(examples: list[CorrectionExample], include_accepted: bool = False
                        ) -> tuple[list[CorrectionExample], list[int]]:
     """Newest correction per study (a later edit supersedes an earlier one; one study must not
-    sit in both train and held-out), oldest first. Returns (kept, superseded ids)."""
+    sit in both train and held-out), oldest first. Returns (kept, superseded ids).
+
+    Drafts saved unchanged (kind "accepted", "accepted as drafted") are left out unless
+    `include_accepted`: their target is the parent model's own output, so training on them
+    teaches nothing new (it only reinforces what the model already writes, and with many of
+    them pulls it towards its own drafts), and on the held-out side they flatter the parent,
+    which reproduces them exactly. They are not counted as superseded either; the lineage
+    lists them as "accepted" (finetune_from_store). With `include_accepted` they are ordinary
+    positive examples, still tagged by their `kind`."""
+    if not include_accepted:
+        examples = [e for e in examples if e.kind != ACCEPTED]
     newest: dict[str, CorrectionExample] = {}
     for ex in sorted(examples, key=lambda e: (e.created_at, e.correction_id)):
         if ex.images and ex.final_text.strip():
@@ -408,7 +420,9 @@ def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | Non
     cfg = cfg or FinetuneConfig()
     t0 = time.time()
     all_ex = store.iter_corrections()
-    kept, superseded = select_corrections(all_ex)
+    kept, superseded = select_corrections(all_ex, cfg.include_accepted)
+    accepted = [] if cfg.include_accepted else [e.correction_id for e in all_ex
+                                                if e.kind == ACCEPTED]
     needed = max(cfg.min_corrections, cfg.k if cfg.holdout == "kfold" else 2)
     if len(kept) < needed:
         raise TooFewCorrections(len(kept), needed)
@@ -477,7 +491,9 @@ def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | Non
         "corrections": {"train": [e.correction_id for e in train_ex],
                         "heldout": [] if cfg.holdout == "kfold" else
                         [e.correction_id for e in held],
-                        "superseded": superseded, "store": _store_url(store)},
+                        "superseded": superseded, "accepted": accepted,
+                        "include_accepted": cfg.include_accepted,
+                        "store": _store_url(store)},
         "evaluation": evaluation,
         "adapter": {"requested": cfg.adapter, "applied": how,
                     "trainable_params": counts},

@@ -7,14 +7,28 @@ is the radiologist's text, the model's probability/threshold, `Engine.model_info
 from __future__ import annotations
 
 import base64
+import html
 import json
+import re
 from datetime import datetime, timezone
 
 DISCLAIMER = "Draft produced with a research demo model, not for clinical use."
 FHIR_STATUSES = frozenset({"registered", "partial", "preliminary", "final", "amended",
                            "corrected", "appended", "cancelled", "entered-in-error", "unknown"})
-# Our own extension (an absolute URI is required; example.org is FHIR's placeholder domain).
-AI_EXTENSION_URL = "http://example.org/fhir/StructureDefinition/mrg-studio-ai-draft"
+# The project's own FHIR namespace: every canonical URL we define starts with it.
+FHIR_BASE = "https://mrg-studio.org/fhir"
+# Complex extension: how the AI draft was made (model, probability, threshold, disclaimer).
+AI_EXTENSION_URL = f"{FHIR_BASE}/StructureDefinition/ai-draft"
+# SNOMED CT 233604007 |Pneumonia (disorder)|: the coded conclusion of a positive decision.
+# A negative decision gets no code: "no pneumonia" is a situation (absence of finding) with no
+# single well-established concept we can vouch for, and a wrong code is worse than none.
+SNOMED = "http://snomed.info/sct"
+PNEUMONIA = {"system": SNOMED, "code": "233604007", "display": "Pneumonia"}
+# "Impression:" / "IMPRESSION -" / "Conclusion:" at the start of a line; the section runs to the
+# next "Heading:" line or the end. (Findings-only drafts have none: see impression().)
+_IMPRESSION = re.compile(r"^[ \t]*(?:impression|conclusions?)[ \t]*[:\-–][ \t]*",
+                         re.IGNORECASE | re.MULTILINE)
+_HEADING = re.compile(r"^[ \t]*[A-Za-z][A-Za-z /]{0,40}:", re.MULTILINE)
 
 
 def _aware(dt: datetime | None) -> datetime:
@@ -48,6 +62,43 @@ def _probability_line(probability: float | None, threshold: float | None) -> str
         call = "positive" if probability >= threshold else "negative"
         line += f" (threshold {threshold:.2f} → {call})"
     return line
+
+
+def impression(final_text: str) -> str | None:
+    """The report's impression section, or None when it has none.
+
+    FHIR's DiagnosticReport.conclusion is the impression, not the report (the whole text is in
+    presentedForm and the narrative). Without an "Impression:" (or "Conclusion:") heading, the
+    field is left out rather than guessed: the last sentence of a findings narrative is a
+    finding, and presenting it as the radiologist's conclusion would be wrong."""
+    m = _IMPRESSION.search(final_text or "")
+    if m is None:
+        return None
+    rest = final_text[m.end():]
+    nxt = _HEADING.search(rest, 1)  # from 1: only a heading at the start of a later line
+    text = (rest[:nxt.start()] if nxt else rest).strip()
+    return text or None
+
+
+def _narrative(final_text: str, status: str, prob_line: str | None, model: dict,
+               study: dict) -> dict:
+    """FHIR Narrative (status "generated"): the report's paragraphs, then how it was made."""
+    paras = [p.strip() for p in re.split(r"\n\s*\n", final_text.strip()) if p.strip()]
+    body = "".join("<p>" + "<br/>".join(html.escape(line) for line in p.splitlines()) + "</p>"
+                   for p in paras)
+    facts = []
+    if study:
+        part = " ".join(x for x in (study.get("modality"), study.get("body_part")) if x)
+        facts.append(f"Study: {part or 'unknown modality'}, {study['n_views']} view(s)")
+    facts.append(f"Status: {status}")
+    if prob_line:
+        facts.append(prob_line)
+    facts.append(f"Model: {model['name']} {model['version']}")
+    facts.append(DISCLAIMER)
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in facts)
+    return {"status": "generated",
+            "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><h3>Radiology report</h3>'
+                   f"{body}<ul>{items}</ul></div>"}
 
 
 def to_text(final_text: str, probability: float | None = None, threshold: float | None = None,
@@ -96,7 +147,14 @@ def to_fhir_diagnostic_report(final_text: str, probability: float | None = None,
                               status: str = "final", effective: datetime | None = None,
                               study_summary: dict | None = None,
                               issued: datetime | None = None) -> dict:
-    """FHIR R4 DiagnosticReport (no subject: the app holds no patient identity)."""
+    """FHIR R4 DiagnosticReport (no subject: the app holds no patient identity).
+
+    - `conclusion`: the impression section only (impression()), left out when there is none;
+    - `conclusionCode`: SNOMED CT Pneumonia when the model's decision is positive
+      (probability >= threshold), absent otherwise (see PNEUMONIA);
+    - `text`: a generated XHTML narrative of the report and how it was made;
+    - `presentedForm`: the full report text; the model facts in the AI_EXTENSION_URL
+      extension (the project's namespace, FHIR_BASE)."""
     if status not in FHIR_STATUSES:
         raise ValueError(f"not a FHIR R4 DiagnosticReport status: {status!r}")
     model, study = _model_facts(model_info), _study_facts(study_summary)
@@ -111,9 +169,11 @@ def to_fhir_diagnostic_report(final_text: str, probability: float | None = None,
     if study.get("modality"):
         code_text += f" ({study['modality']}" + (f" {study['body_part']})" if study.get(
             "body_part") else ")")
-    return {
+    doc = {
         "resourceType": "DiagnosticReport",
         "status": status,
+        "text": _narrative(final_text, status, _probability_line(probability, threshold),
+                           model, study),
         "category": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
             "code": "RAD", "display": "Radiology"}]}],
@@ -122,10 +182,18 @@ def to_fhir_diagnostic_report(final_text: str, probability: float | None = None,
                  "text": code_text},
         "effectiveDateTime": _aware(effective).isoformat(),
         "issued": _aware(issued).isoformat(),
-        "conclusion": final_text.strip(),
-        "presentedForm": [{
-            "contentType": "text/plain; charset=utf-8",
-            "data": base64.b64encode(final_text.encode("utf-8")).decode("ascii"),
-            "title": "Radiology report"}],
-        "extension": [{"url": AI_EXTENSION_URL, "extension": ext}],
     }
+    conclusion = impression(final_text)
+    if conclusion:
+        doc["conclusion"] = conclusion
+    if probability is not None and threshold is not None and probability >= threshold:
+        doc["conclusionCode"] = [{
+            "coding": [dict(PNEUMONIA)],
+            "text": f"Pneumonia (model decision: probability {probability:.2f} >= threshold "
+                    f"{threshold:.2f})"}]
+    doc["presentedForm"] = [{
+        "contentType": "text/plain; charset=utf-8",
+        "data": base64.b64encode(final_text.encode("utf-8")).decode("ascii"),
+        "title": "Radiology report"}]
+    doc["extension"] = [{"url": AI_EXTENSION_URL, "extension": ext}]
+    return doc

@@ -103,12 +103,18 @@ def test_app_serves_page(tmp_path):
                 break
             except OSError:
                 time.sleep(0.5)
-        log.seek(0)
-        output = log.read()
+        for _ in range(40):  # the address line is printed just after the server answers
+            log.seek(0)
+            output = log.read()
+            if "running on" in output or proc.poll() is not None:
+                break
+            time.sleep(0.25)
         assert status == 200, f"app did not serve the page; log:\n{output}"
         assert "MRG Studio" in body
         assert "Traceback" not in output
         assert "0.0.0.0" not in output  # local by default
+        assert f"running on http://127.0.0.1:{port}" in output
+        assert "share=True" not in output and "public link" not in output  # never shared
     finally:
         proc.terminate()
         try:
@@ -117,3 +123,16 @@ def test_app_serves_page(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_start_up_hides_the_known_transformers_future_warning():
+    import warnings
+
+    app = load_app_module()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        app.quiet_known_warnings()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. "
+                      "Use `is_activation_checkpointing` instead.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)  # still shown
+    assert [str(w.message) for w in seen] == ["something else is deprecated"]

@@ -97,6 +97,40 @@ def test_cli_add_user_reads_the_password_from_stdin(tmp_path):
     assert empty.returncode == 2 and "empty" in empty.stderr
 
 
+def test_admin_role_in_the_auth_file(tmp_path):
+    f = tmp_path / "users.txt"
+    auth.add_user(f, "ada", "pw-ada", FAST)  # a file as the previous release wrote it
+    assert auth.read_admins(f) == frozenset() and auth.load_auth(f)("ada", "pw-ada")
+    out = subprocess.run([sys.executable, "-m", "mrg_core.auth", "add-user", str(f), "root",
+                          "--admin", "--iterations", str(FAST)], input="pw-root\n",
+                         capture_output=True, text=True, timeout=60, cwd=ROOT, env=child_env())
+    assert out.returncode == 0 and "(admin)" in out.stdout, out.stderr
+    check = auth.load_auth(f)
+    assert check.admins == frozenset({"root"}) and check("root", "pw-root")
+    assert auth.is_admin(check, "root") and not auth.is_admin(check, "ada")
+    assert not auth.is_admin(None, "root") and not auth.is_admin(check, None)
+    auth.add_user(f, "root", "pw-root2", FAST)  # replaced without --admin: the role goes
+    assert auth.read_admins(f) == frozenset()
+    f.write_text(f.read_text().replace("\n", ":superuser\n", 1))
+    with pytest.raises(auth.AuthFileError, match="unknown role 'superuser'"):
+        auth.read_auth_file(f)
+    f.write_text("eve:hunter2:admin\n")  # still a plain-text password, role or not
+    with pytest.raises(auth.AuthFileError, match="Plain-text") as err:
+        auth.read_auth_file(f)
+    assert "hunter2" not in str(err.value)
+
+
+def test_admin_open_flag_and_environment(monkeypatch):
+    app = app_module()
+    monkeypatch.delenv("MRG_ADMIN_OPEN", raising=False)
+    assert app.parse_args([]).admin_open is False
+    assert app.parse_args(["--admin-open"]).admin_open is True
+    monkeypatch.setenv("MRG_ADMIN_OPEN", "1")
+    assert app.parse_args([]).admin_open is True
+    monkeypatch.setenv("MRG_ADMIN_OPEN", "0")
+    assert app.parse_args([]).admin_open is False
+
+
 def test_app_refuses_a_plain_text_auth_file_at_start(tmp_path):
     f = tmp_path / "users.txt"
     f.write_text("ada:hunter2\n")
@@ -225,3 +259,23 @@ def test_oversized_upload_and_hostile_names_never_become_paths(tmp_path):
     assert not any("evil" in p.name for p in tmp_path.rglob("*"))
     assert not Path("/tmp/evil_<b>x</b>.dcm").exists()
     engine.store.close()
+
+
+def test_api_model_switch_by_a_user_without_the_admin_role_is_refused(signed_in_app, tmp_path):
+    """The server checks the role on every call: a script calling the Model panel's endpoints
+    directly gets the refusal, and the live model stays."""
+    from gradio_client import Client
+
+    demo, engine, _ = signed_in_app  # ada has no admin role
+    client = Client(demo.local_url, auth=("ada", "right-password"), verbose=False,
+                    download_files=str(tmp_path / "downloads"))
+    from ui import models_panel as mp
+
+    choices = mp.model_choices(engine)  # the dropdown accepts only a listed version
+    folder = choices[0][1] if choices else None
+    out = client.predict(folder, api_name="/use_model")
+    assert "Only an administrator can switch the live model" in str(out[0])
+    out = client.predict(folder, api_name="/run_finetune")
+    assert "Only an administrator can start fine-tuning" in str(out[0] if isinstance(
+        out, (list, tuple)) else out)
+    assert engine.model is None

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mrg_core.models import tiny_model
 from mrg_core.paths import REPO_ROOT, SAMPLES_DIR
 
@@ -41,3 +43,58 @@ def test_report_cli_without_a_model_folder_exits_2(tmp_path):
                           str(tmp_path / "none")], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "no model folder" in out.stderr
+
+
+def test_report_cli_threads_precision_and_out_of_domain(tmp_path):
+    """The app's flags and thread policy, and the app's out-of-domain decision in the JSON."""
+    from tests import factories
+
+    model_dir = tmp_path / "model"
+    tiny_model("medvlm", "gpt2", seed=1).save_pretrained(model_dir)
+    cr = tmp_path / "cr_chest.dcm"  # a radiograph: the tiny model was trained on CT only
+    factories.write_mono1(cr, rows=64, cols=48)
+    ct = SAMPLES_DIR / "ct_phantom_covid.dcm"
+
+    def run(*extra, env=None):
+        import os
+
+        e = {k: v for k, v in os.environ.items()
+             if k not in ("MRG_DECODE_THREADS", "MRG_PRECISION")}
+        out = subprocess.run([sys.executable, "-m", "mrg_core", "report", str(ct), str(cr),
+                              "--model", str(model_dir), "--jsonl", "--max-new-tokens", "6",
+                              *extra], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=300, env={**e, **(env or {})})
+        return out, [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+
+    out, (in_dom, out_dom) = run("--threads", "1", "--precision", "int8")
+    assert out.returncode == 0, out.stderr
+    assert in_dom["run"] == out_dom["run"] == {"threads": 1, "precision": "int8"}
+    assert in_dom["out_of_domain"] is False and in_dom["domain_warning"] is None
+    assert out_dom["out_of_domain"] is True and out_dom["domain_warning"].startswith(
+        "Out of domain") and out_dom["report"]  # still a report, flagged
+
+    import os
+
+    import torch
+
+    out, rows = run()  # defaults: the app's (auto threads, fp32-merged)
+    auto = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+    assert [r["run"] for r in rows] == [{"threads": auto, "precision": "fp32-merged"}] * 2
+    out, rows = run(env={"MRG_DECODE_THREADS": "1", "MRG_PRECISION": "fp32"})
+    assert rows[0]["run"] == {"threads": 1, "precision": "fp32"}
+
+    for bad in (["--threads", "0"], ["--threads", "many"], ["--precision", "fp16"]):
+        out, rows = run(*bad)
+        assert out.returncode == 2 and not rows and "Traceback" not in out.stderr, bad
+
+
+def test_report_cli_precisions_are_the_apps():
+    import app
+    from mrg_core.cli import report
+    from mrg_core.models.quantize import PRECISIONS
+
+    assert report.PRECISIONS == PRECISIONS  # the CLI's list (spelled out for a torch-free --help)
+    for p in PRECISIONS:  # and the app accepts exactly these
+        assert app.parse_args(["--precision", p]).precision == p
+    with pytest.raises(SystemExit):
+        app.parse_args(["--precision", "fp16"])

@@ -107,3 +107,22 @@ def test_real_covctr_counts(shared_data):
     no_report = [ex for v in splits.values() for ex in v if not ex.has_report]
     assert 20 <= len(no_report) <= 30 and all(ex.label in (0, 1) for ex in no_report)
     assert sum(len(ex.references) > 1 for v in splits.values() for ex in v) == 6
+
+
+def test_corrections_export_leaves_accepted_drafts_out_unless_asked(tmp_path, covctr_root):
+    from shutil import copy
+
+    (tmp_path / "images").mkdir()
+    src = load_covctr(covctr_root)["test"][:3]
+    with open(tmp_path / "corrections.jsonl", "w") as f:
+        for i, (ex, kind) in enumerate(zip(src, ["corrected", "accepted", None])):
+            copy(ex.image_paths[0], tmp_path / "images" / f"{i}.png")
+            rec = {"id": f"c{i}", "image_path": [f"images/{i}.png"], "report": ex.report,
+                   "label": ex.label}
+            if kind:  # None: a file exported before "kind" existed
+                rec["kind"] = kind
+            f.write(json.dumps(rec) + "\n")
+    assert [e.id for e in load_corrections(tmp_path)] == ["c0", "c2"]
+    every = load_corrections(tmp_path, include_accepted=True)
+    assert [(e.id, e.meta["kind"]) for e in every] == [("c0", "corrected"), ("c1", "accepted"),
+                                                       ("c2", None)]

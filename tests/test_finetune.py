@@ -309,3 +309,33 @@ def test_engine_finetune_without_a_known_folder(base_dir, store_url, tmp_path, m
         assert res.path.parent == tmp_path / "models" and res.lineage["parent"]["folder"] is None
         assert [m.version for m in engine.list_models()] == [res.version]
         assert engine.model.config.version == "0.1.0"  # the live model is left as it was
+
+
+def test_drafts_accepted_unchanged_are_left_out_of_the_fine_tuning_set(tmp_path):
+    """A draft saved unchanged is the parent's own text: not trained on (and not counted
+    towards min_corrections) unless include_accepted; a later acceptance does not hide an
+    earlier correction of the same study."""
+    from mrg_core.finetune import TooFewCorrections, select_corrections
+
+    url = f"sqlite:///{tmp_path / 'mixed.db'}"
+    with Store(url) as store:
+        pairs = studies(5, seed=700)
+        for kind, study in pairs[:3]:  # accepted as drafted
+            store.save_review(study, DraftRecord("m", "0.1.0", original(kind)), original(kind),
+                              "dr-test")
+        for kind, study in pairs[3:]:  # corrected, then the next draft accepted
+            store.save_review(study, DraftRecord("m", "0.1.0", original(kind)), reviewed(kind),
+                              "dr-test")
+            store.save_review(study, DraftRecord("m", "0.1.0", original(kind)), original(kind),
+                              "dr-test")
+        every = store.iter_corrections()
+        assert [e.kind for e in every] == ["accepted"] * 3 + ["corrected", "accepted"] * 2
+        kept, superseded = select_corrections(every)
+        assert [e.final_text for e in kept] == [reviewed(k) for k, _ in pairs[3:]]
+        assert superseded == [] and all(e.kind == "corrected" for e in kept)
+        kept_all, _ = select_corrections(every, include_accepted=True)
+        assert len(kept_all) == 5 and sum(e.kind == "accepted" for e in kept_all) == 5
+        with pytest.raises(TooFewCorrections) as err:  # before any model is loaded
+            finetune_from_store(store, tmp_path / "no-model", tmp_path / "out",
+                                FinetuneConfig(min_corrections=3))
+        assert err.value.n == 2

@@ -35,10 +35,13 @@ def test_fhir_structure():
     assert code["system"] == "http://loinc.org" and code["code"] == "18748-4"
     assert FHIR_DATETIME.match(r["effectiveDateTime"]) and FHIR_DATETIME.match(r["issued"])
     assert r["effectiveDateTime"] == "2026-03-04T05:06:07+01:00"
-    assert r["conclusion"] == TEXT
-    # Model name/version and probability travel in an extension with an absolute URL.
+    assert r["conclusion"] == "pneumonia — é ü."  # the impression only
+    assert r["conclusionCode"][0]["coding"] == [
+        {"system": "http://snomed.info/sct", "code": "233604007", "display": "Pneumonia"}]
+    # Model name/version and probability travel in an extension in the project's namespace.
     ext = r["extension"][0]
-    assert ext["url"].startswith("http")
+    assert ext["url"] == rx.AI_EXTENSION_URL == "https://mrg-studio.org/fhir/StructureDefinition/ai-draft"
+    assert ext["url"].startswith(rx.FHIR_BASE) and "example.org" not in json.dumps(r)
     values = {e["url"]: next(v for k, v in e.items() if k.startswith("value"))
               for e in ext["extension"]}
     assert values["modelName"] == "mrg-tiny" and values["modelVersion"] == "0.1.0"
@@ -92,3 +95,68 @@ def test_json_export():
     assert doc["positive"] is False and doc["probability"] == 0.2
     assert doc["model"]["version"] == "0.1.0" and doc["study"]["n_views"] == 2
     assert doc["effective"] == "2026-03-04T05:06:07+01:00"
+
+
+def r4b_report():
+    # requirements-dev.txt pins fhir.resources; since 7.x its R4 models are under R4B, whose
+    # DiagnosticReport has the same elements as R4's.
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+    return DiagnosticReport
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"status": "preliminary", "probability": None, "threshold": None, "model_info": None,
+     "effective": None, "study_summary": None},
+    {"final_text": "Bilateral opacities <5 mm> & 'small' effusion.\n\nNo impression heading.",
+     "probability": 0.1},
+])
+def test_fhir_resource_validates_with_fhir_resources(kw):
+    DiagnosticReport = r4b_report()
+    doc = fhir(**kw)
+    parsed = DiagnosticReport.model_validate(doc)
+    assert parsed.status == doc["status"] and parsed.text.status == "generated"
+    assert json.loads(parsed.model_dump_json())["resourceType"] == "DiagnosticReport"
+    # The validator is real: a missing required element or an unknown one is refused.
+    # (fhir.resources does not check code bindings: test_fhir_status_and_defaults does that.)
+    from pydantic import ValidationError
+
+    for bad in ({k: v for k, v in doc.items() if k != "code"}, dict(doc, impression="x"),
+                dict(doc, extension=[{"valueString": "no url"}])):
+        with pytest.raises(ValidationError):
+            DiagnosticReport.model_validate(bad)
+
+
+def test_fhir_narrative_is_xhtml_with_the_whole_report():
+    import xml.etree.ElementTree as ET
+
+    text = "Findings: <3 mm> nodule & 'GGO'.\nSecond line.\n\nImpression: pneumonia."
+    div = fhir(final_text=text)["text"]["div"]
+    root = ET.fromstring(div)  # well-formed, and in the XHTML namespace as FHIR requires
+    assert root.tag == "{http://www.w3.org/1999/xhtml}div"
+    flat = "".join(root.itertext())
+    assert "Findings: <3 mm> nodule & 'GGO'." in flat and "Impression: pneumonia." in flat
+    assert "Pneumonia probability 0.87" in flat and rx.DISCLAIMER in flat
+
+
+@pytest.mark.parametrize("text,expected", [
+    (TEXT, "pneumonia — é ü."),
+    ("IMPRESSION:\nPneumonia in the RLL.\nNo effusion.\n\nRecommendation: CT in 6 weeks.",
+     "Pneumonia in the RLL.\nNo effusion."),
+    ("Findings: clear.\nConclusion - no acute disease.", "no acute disease."),
+    ("Impression: Pneumonia in RLL: extensive.", "Pneumonia in RLL: extensive."),
+    ("Ground glass opacity in the right lower lobe. No effusion.", None),
+    ("Impression:   ", None),
+])
+def test_conclusion_is_the_impression_or_absent(text, expected):
+    assert rx.impression(text) == expected
+    doc = fhir(final_text=text)
+    assert doc.get("conclusion") == expected
+    assert base64.b64decode(doc["presentedForm"][0]["data"]).decode("utf-8") == text
+
+
+def test_conclusion_code_only_for_a_positive_decision():
+    assert fhir(probability=0.5, threshold=0.5)["conclusionCode"][0]["coding"][0]["code"] == (
+        "233604007")
+    for kw in ({"probability": 0.49}, {"probability": None}, {"threshold": None}):
+        assert "conclusionCode" not in fhir(**kw)

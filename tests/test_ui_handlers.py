@@ -95,7 +95,8 @@ def test_stream_edit_save_history(engine, ct_session, db_path):
 
     hist = h.history_markdown(engine, s)
     assert f"| {s.last_save.correction_id} |" in hist and "Dr Ada" in hist
-    assert "+Right lower lobe consolidation." in hist and "--- model draft" in hist
+    assert "{+Right lower lobe consolidation.+}" in hist and "model draft → saved" in hist
+    assert "| corrected |" in hist
 
     with sqlite3.connect(db_path) as con:
         final, reviewer, draft = con.execute(
@@ -128,6 +129,46 @@ def test_locked_database_then_retry(engine, ct_session, db_path):
     out = h.save(engine, s, text, "Dr Ada")  # the same text, retried
     assert out.ok
     assert engine.history(s.study)[0].final_text == text
+
+
+@pytest.mark.parametrize("blank", ["", "  ", None])
+def test_saving_without_a_reviewer_is_refused(engine, ct_session, blank):
+    s = ct_session
+    assert list(h.stream_draft(engine, s, ""))[-1].done
+    out = h.save(engine, s, s.draft + " edited", blank)
+    assert not out.ok and "Not saved" in out.message and "reviewer's name" in out.message
+    assert engine.history(s.study) == [] and s.last_save is None
+
+
+def test_unchanged_draft_is_saved_as_accepted_as_drafted(engine, ct_session):
+    s = ct_session
+    assert list(h.stream_draft(engine, s, ""))[-1].done
+    out = h.save(engine, s, s.draft, "Dr Ada")
+    assert out.ok and out.message.startswith(f"Saved #{s.last_save.correction_id}, accepted "
+                                             "as drafted")
+    assert h.save(engine, s, s.draft + " Small effusion.", "Dr Ada").ok
+    hist = h.history_markdown(engine, s)
+    rows = [r for r in hist.splitlines() if r.startswith("| ") and "Dr Ada" in r]
+    assert "| corrected |" in rows[0] and "| accepted as drafted |" in rows[1]  # newest first
+    assert "**Accepted as drafted #" in hist and "(saved unchanged: accepted as drafted)" in hist
+    assert "{+Small effusion.+}" in hist
+
+
+def test_history_diff_is_word_level():
+    draft = ("Bilateral ground glass opacities in the lower lobes.\n"
+             "No pleural effusion. Heart size normal.")
+    final = ("Bilateral ground glass opacities in the upper lobes.\n"
+             "No pleural effusion. Heart size normal.")
+    assert h.diff_text(draft, final) == (
+        "Bilateral ground glass opacities in the [-lower-] {+upper+} lobes.\n"
+        "No pleural effusion. Heart size normal.")
+    assert h.diff_text(draft, draft.replace("\n", " \n ")) == (
+        "(saved unchanged: accepted as drafted)")
+    added = h.diff_text("Clear lungs.", "Clear lungs.\nSmall left effusion.")
+    assert added == "Clear lungs.\n{+Small left effusion.+}"
+    assert h.diff_text("a b c d", "a c d e") == "a [-b-] c d {+e+}"
+    assert h.diff_text("", "Hand\nwritten") == ("(no model draft: written by hand)\n"
+                                                  "{+Hand+}\n{+written+}")
 
 
 def test_bad_files_give_readable_errors(engine, tmp_path):
@@ -193,7 +234,7 @@ def test_stop_keeps_partial_text_and_allows_save(engine, ct_session):
     rest = list(gen)
     assert "stopped" in rest[-1].notice
     assert s.draft == ups[-1].editor and not s.streaming
-    assert h.save(engine, s, s.draft + " edited", "").ok  # blank reviewer is allowed
+    assert h.save(engine, s, s.draft + " edited", "Dr Ada").ok
 
 
 def test_a_superseded_stream_leaves_the_page_to_the_new_one(engine, ct_session):
@@ -309,3 +350,48 @@ def test_fhir_is_final_only_for_the_text_that_was_saved(engine, ct_session, tmp_
 
     assert status("Clear lungs.") == "final"
     assert status("Clear lungs. Edited after saving.") == "preliminary"
+
+
+def test_stop_before_any_text_says_so(engine, ct_session):
+    s = ct_session
+    gen = h.stream_draft(engine, s, "")
+    first = next(gen)  # the editor is locked, no piece yet
+    assert first.editor_locked
+    h.stop_message(s)
+    last = list(gen)[-1]
+    assert last.done and last.editor_locked is False
+    assert "before the model wrote anything" in last.notice
+    assert "0 words" not in last.notice
+
+
+def test_load_message_gives_every_views_size(engine, tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, (w, hgt) in enumerate([(64, 48), (80, 80), (64, 48)]):
+        p = tmp_path / f"view{i}.png"
+        Image.fromarray(np.full((hgt, w), 100 + i, np.uint8)).save(p)
+        paths.append(str(p))
+    res = h.load_files(engine, Session(), paths)
+    assert res.ok and "3 views, 64×48, 80×80 px" in res.message, res.message
+    res = h.load_files(engine, Session(), paths[:1])
+    assert res.ok and res.message.endswith("1 view, 64×48 px."), res.message
+    many = []
+    for i, w in enumerate((40, 50, 60, 70)):
+        p = tmp_path / f"m{i}.png"
+        Image.fromarray(np.full((32, w), 90, np.uint8)).save(p)
+        many.append(str(p))
+    res = h.load_files(engine, Session(), many)
+    assert "4 sizes from 40×32 to 70×32 px" in res.message, res.message
+
+
+def test_too_large_messages_state_the_limit(tmp_path):
+    from mrg_core.io import LoadLimits
+
+    with Store(f"sqlite:///{tmp_path / 'r.db'}") as store:
+        small = Engine(None, store, LoadLimits(max_file_bytes=2048))
+        res = h.load_files(small, Session(), [str(CT_SAMPLE)])
+        assert not res.ok and "the limit is 2 KB a file" in res.message, res.message
+        few = Engine(None, store, LoadLimits(max_pixels=1000))
+        res = h.load_files(few, Session(), [str(CT_SAMPLE)])
+        assert not res.ok and "at most 1,000 pixels" in res.message, res.message

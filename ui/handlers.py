@@ -23,7 +23,8 @@ from mrg_core import report_export
 from mrg_core.engine import Engine, ModelNotLoaded
 from mrg_core.io import StudyLoadError
 from mrg_core.paths import SAMPLES_DIR
-from mrg_core.storage import InvalidCorrection, StoreError
+from mrg_core.storage import (ACCEPTED, KIND_LABELS, REVIEWER_REQUIRED, InvalidCorrection,
+                              StoreError)
 from mrg_core.study import CT_WINDOWS
 
 from .state import Session
@@ -108,7 +109,19 @@ def study_description(study) -> str:
     kind = " ".join(x for x in (m.modality, m.body_part, m.view_position) if x)
     kind = kind or m.source_format.upper()
     n = len(study.views)
-    return f"{kind}, {n} view{'s' if n != 1 else ''}, {m.columns}×{m.rows} px"
+    return f"{kind}, {n} view{'s' if n != 1 else ''}, {view_sizes(study)}"
+
+
+def view_sizes(study) -> str:
+    """Every view's size: '512×512 px' when they agree, each distinct size in view order when
+    there are up to three, else the range (smallest to largest by pixel count)."""
+    sizes = list(dict.fromkeys((v.meta.columns, v.meta.rows) for v in study.views))
+    if len(sizes) == 1:
+        return f"{sizes[0][0]}×{sizes[0][1]} px"
+    if len(sizes) <= 3:
+        return ", ".join(f"{c}×{r}" for c, r in sizes) + " px"
+    lo, hi = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+    return f"{len(sizes)} sizes from {lo[0]}×{lo[1]} to {hi[0]}×{hi[1]} px"
 
 
 @dataclass
@@ -312,6 +325,11 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     log.info("draft %s: %d words in %.1f s", state, len(text.split()),
              session.draft_timings["generate_s"])  # never the text itself
     where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
+    if stopped and not text.strip():  # nothing was written: no "0 words in 0.1 s"
+        yield StreamUpdate(None, None, "Draft stopped before the model wrote anything. "
+                                       "Generate again, or write the report by hand.",
+                           done=True, editor_locked=False)
+        return
     editor = latest = None
     if text != sent:  # pieces not shown yet travel with the final update
         if into_editor:
@@ -356,9 +374,14 @@ class SaveOutcome:
 
 
 def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> SaveOutcome:
-    """Save the editor text as a correction of the current draft. Never touches the editor."""
+    """Save the editor text as a review of the current draft. Never touches the editor.
+
+    A reviewer is required (with sign-in, layout.py passes the login). The draft saved
+    unchanged is recorded as "accepted as drafted", not as a correction."""
     if session.study is None:
         return SaveOutcome(False, "**Not saved.** Load a study first.")
+    if not (reviewer or "").strip():
+        return SaveOutcome(False, f"**Not saved.** {REVIEWER_REQUIRED}")
     if session.streaming and not session.stop_requested:
         return SaveOutcome(False, "**Not saved.** A draft is still being generated; press Stop "
                                   "or wait for it to finish, then Save.")
@@ -373,9 +396,14 @@ def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> Sa
         return SaveOutcome(False, "**Not saved.** Something went wrong while saving. Your text "
                                   "was not lost — copy it and try Save again.")
     session.last_save, session.saved_text = result, final_text or ""
-    log.info("saved correction #%s (model %s %s)", result.correction_id, draft.model_name,
-             draft.model_version)
+    kind = getattr(result, "kind", None)
+    log.info("saved review #%s, %s (model %s %s)", result.correction_id, kind,
+             draft.model_name, draft.model_version)
     when = result.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if kind == ACCEPTED:
+        return SaveOutcome(True, f"Saved #{result.correction_id}, accepted as drafted "
+                                 f"({when}): the draft was saved unchanged, so it counts as "
+                                 "an acceptance, not as a correction.")
     return SaveOutcome(True, f"Saved as correction #{result.correction_id} ({when}).")
 
 
@@ -389,25 +417,82 @@ def history_markdown(engine: Engine, session: Session, max_diffs: int = 5) -> st
         return f"History unavailable: {_md(exc.message)}"
     if not entries:
         return "No saved versions of this study yet."
-    rows = ["| # | saved (UTC) | reviewer | model | probability |", "|---|---|---|---|---|"]
+    rows = ["| # | saved (UTC) | reviewer | kind | model | probability |",
+            "|---|---|---|---|---|---|"]
     for e in entries:
         prob = "–" if e.probability is None else f"{e.probability:.2f}"
         rows.append(f"| {e.correction_id} | {e.created_at:%Y-%m-%d %H:%M:%S} | "
-                    f"{_md(e.reviewer)} | {_md(e.model_version)} | {prob} |")
+                    f"{_md(e.reviewer)} | {KIND_LABELS.get(e.kind, e.kind)} | "
+                    f"{_md(e.model_version)} | {prob} |")
     parts = ["\n".join(rows)]
     for e in entries[:max_diffs]:
-        parts.append(f"**Correction #{e.correction_id}** — model draft → saved report")
-        parts.append(_fenced(diff_text(e.draft_text, e.final_text), "diff"))
+        what = "Accepted as drafted" if e.kind == ACCEPTED else "Correction"
+        parts.append(f"**{what} #{e.correction_id}** — model draft → saved report")
+        parts.append(_fenced(diff_text(e.draft_text, e.final_text)))
     return "\n\n".join(parts)
 
 
 def diff_text(draft: str, final: str) -> str:
+    """Word-level diff of the model draft → the saved report: unchanged words as they are,
+    removed words as [-…-], added words as {+…+} (the markup of `git diff --word-diff`).
+    Line breaks of the saved report are kept, so a one-word edit shows that word only."""
     if not (draft or "").strip():
         return "(no model draft: written by hand)\n" + "\n".join(
-            "+" + line for line in (final or "").splitlines())
-    lines = difflib.unified_diff((draft or "").splitlines(), (final or "").splitlines(),
-                                 "model draft", "saved report", lineterm="")
-    return "\n".join(lines) or "(saved unchanged)"
+            "{+" + line + "+}" if line.strip() else line for line in (final or "").splitlines())
+    a, b = _words_and_breaks(draft), _words_and_breaks(final or "")
+    if [w for w in a if w != "\n"] == [w for w in b if w != "\n"]:
+        return "(saved unchanged: accepted as drafted)"
+    out: list[str] = []
+    sm = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        if op == "equal":
+            out += b[j1:j2]
+            continue
+        old = [w for w in a[i1:i2] if w != "\n"]
+        new = b[j1:j2]
+        if old:
+            out.append("[-" + " ".join(old) + "-]")
+        if [w for w in new if w != "\n"]:
+            out += _mark_added(new)
+        else:
+            out += new  # only line breaks were added
+    return _join_words(out)
+
+
+def _words_and_breaks(text: str) -> list[str]:
+    """Words, with a "\n" token for each line break (diffed like a word)."""
+    tokens: list[str] = []
+    for i, line in enumerate(text.replace("\r\n", "\n").split("\n")):
+        if i:
+            tokens.append("\n")
+        tokens += line.split()
+    return tokens
+
+
+def _mark_added(tokens: list[str]) -> list[str]:
+    """{+words+} per line: a marker never spans a line break."""
+    out, run = [], []
+    for t in tokens + ["\n"]:
+        if t == "\n":
+            if run:
+                out.append("{+" + " ".join(run) + "+}")
+                run = []
+            out.append("\n")
+        else:
+            run.append(t)
+    return out[:-1]
+
+
+def _join_words(tokens: list[str]) -> str:
+    lines, cur = [], []
+    for t in tokens:
+        if t == "\n":
+            lines.append(" ".join(cur))
+            cur = []
+        else:
+            cur.append(t)
+    lines.append(" ".join(cur))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- export

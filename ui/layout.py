@@ -38,9 +38,12 @@ def launch_kwargs(engine: Engine) -> dict:
             "max_file_size": engine.limits.max_file_bytes, "footer_links": []}
 
 
-def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
+def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = False
+              ) -> gr.Blocks:
     """`auth` (Gradio's auth callable) is applied at launch; here it makes the signed-in user
     the reviewer: shown in a locked box, and taken from the login on Save whatever the box says.
+    Its `admins` (mrg_core.auth.load_auth) may use the Model panel's actions; without `auth`
+    only `admin_open` opens them to every visitor (models_panel.admin_check).
     `model_roots`: where the Model panel looks for versions (None = registry defaults)."""
     export_dir = tempfile.mkdtemp(prefix="mrg_export_")
     view_dir = tempfile.mkdtemp(prefix="mrg_views_")  # viewer PNGs (h.png_file)
@@ -123,7 +126,9 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
                         use_btn = gr.Button("Use this model", size="sm", elem_id="use-model")
                         ft_btn = gr.Button("Fine-tune on saved corrections", size="sm",
                                            elem_id="finetune")
-                    model_msg = gr.Markdown(elem_id="model-message")
+                    model_msg = gr.Markdown(
+                        "" if auth or admin_open else mp.READ_ONLY_NOTE,
+                        elem_id="model-message")
 
         # ---------------------------------------------------------------- wiring
         view_inputs = [session, view_idx, preset, centre, width, show_overlay, opacity]
@@ -249,7 +254,14 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
             return gr.update(choices=opts, value=keep if keep in paths else
                              (paths[0] if paths else None))
 
-        def use_model(s, path):
+        def refused(request: gr.Request | None, action: str):
+            user = getattr(request, "username", None) if request is not None else None
+            return mp.admin_check(auth, user, admin_open, action)
+
+        def use_model(s, path, request: gr.Request):
+            why = refused(request, "switch the live model")
+            if why:
+                return (why, gr.update(), gr.update(), *keep_stale)
             ok, msg = mp.switch_model(engine, path)  # a new model: this page's exports go
             return (msg, h.model_info_markdown(engine), refresh_versions(path),
                     *(clear_stale(s) if ok else keep_stale))
@@ -257,7 +269,11 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         use_btn.click(use_model, [session, version], [model_msg, model_info, version,
                                                       *stale_outputs], concurrency_id="admin")
 
-        def run_finetune(path):
+        def run_finetune(path, request: gr.Request):
+            why = refused(request, "start fine-tuning")
+            if why:
+                yield why, gr.update()
+                return
             msg = ""
             for msg in mp.finetune(engine):
                 yield msg, gr.update()
@@ -273,10 +289,12 @@ def build_app(engine: Engine, auth=None, model_roots=None) -> gr.Blocks:
         demo.load(lambda v: (h.model_info_markdown(engine), refresh_versions(v)), version,
                   [model_info, version], queue=False)
 
-        if auth:  # signed-in user = reviewer name
+        if auth:  # signed-in user = reviewer name; non-admins see the panel is read-only
             def who(request: gr.Request):
-                return getattr(request, "username", None) or ""
-            demo.load(who, None, reviewer, queue=False)
+                user = getattr(request, "username", None) or ""
+                return user, ("" if mp.admin_check(auth, user, admin_open) is None
+                              else mp.READ_ONLY_NOTE)
+            demo.load(who, None, [reviewer, model_msg], queue=False)
     return demo
 
 

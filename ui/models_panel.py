@@ -20,6 +20,32 @@ log = logging.getLogger(__name__)
 
 _finetune_busy = threading.Lock()  # one fine-tune per process: it takes every CPU core
 
+READ_ONLY_NOTE = ("Read-only: switching the model and fine-tuning need an administrator "
+                  "(sign-in with the admin role, or the app started with --admin-open).")
+
+
+def admin_check(auth, username: str | None, admin_open: bool = False,
+                action: str = "switch the model or start fine-tuning") -> str | None:
+    """None when this request may switch the live model or fine-tune, else why not (Markdown).
+
+    With sign-in (`auth`), only users with the admin role in the auth file (mrg_core.auth) may,
+    whatever `admin_open` says. Without sign-in nobody may, unless the app was started with
+    --admin-open (MRG_ADMIN_OPEN=1): every visitor is then an administrator. Checked on the
+    server for every click, so a doctored page or an API call gains nothing."""
+    from mrg_core.auth import is_admin
+
+    if auth:
+        if is_admin(auth, username):
+            return None
+        return (f"**Refused.** Only an administrator can {action}; "
+                f"{_md(username or 'this user')} does not have the admin role "
+                "(an admin adds it with `python -m mrg_core.auth add-user FILE USER --admin`).")
+    if admin_open:
+        return None
+    return (f"**Refused** ({action}). The Model panel is read-only: this app runs without "
+            "sign-in and was not started with `--admin-open`. Start it with an auth file and an "
+            "admin user, or with `--admin-open` on a machine only administrators can reach.")
+
 
 def model_label(mv, live: tuple[str, str] | None = None) -> str:
     """'name version (parent …)' as the dropdown shows it."""

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also score before/after on this COV-CTR split (shared data)")
     ap.add_argument("--covctr-limit", type=int)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--include-accepted", action="store_true",
+                    help="also train on drafts saved unchanged ('accepted as drafted'; left out "
+                         "by default: they are the parent model's own text)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, help="torch CPU threads (a busy machine: 1)")
     args = ap.parse_args(argv)
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.from_db)
     try:
         # cheap count first: no torch import and no image decoding when there is nothing to do
-        n = store.stats()["corrections"]
+        stats = store.stats()
+        n = stats["corrections"] - (0 if args.include_accepted else stats["accepted"])
     except StoreUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size, seed=args.seed, holdout=args.holdout,
                          holdout_fraction=args.holdout_fraction, k=args.k,
                          min_corrections=args.min_corrections, covctr_split=args.covctr_split,
-                         covctr_limit=args.covctr_limit, device=args.device)
+                         covctr_limit=args.covctr_limit, device=args.device,
+                         include_accepted=args.include_accepted)
     try:
         res = finetune_from_store(store, args.base, args.out, cfg)
     except TooFewCorrections as e:  # counted per study: several edits of one study count once

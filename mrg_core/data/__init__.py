@@ -46,5 +46,6 @@ def load_splits(spec: dict | str | Path | None = None) -> dict[str, list[Example
     if kind == "r2gen":
         return load_r2gen(spec["annotation"], spec.get("images"))
     if kind == "corrections":
-        return split_by_id(load_corrections(spec["folder"]), spec.get("val_fraction", 0.15))
+        return split_by_id(load_corrections(spec["folder"], bool(spec.get("include_accepted"))),
+                           spec.get("val_fraction", 0.15))
     raise ValueError(f"unknown data kind {kind!r}")

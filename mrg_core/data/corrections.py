@@ -2,7 +2,15 @@
 
 Layout: folder/corrections.jsonl, one JSON object a line:
 {"id", "image_path": [paths relative to folder], "report" (the reviewer's final text), "label",
- "draft", "probability", "model_version", "created_at"}, and the image files under folder/images/.
+ "kind", "draft", "probability", "model_version", "created_at"}, and the image files under
+folder/images/.
+
+"kind" is "corrected" (the reviewer edited the draft), "written" (no draft) or "accepted" (the
+draft saved unchanged, "accepted as drafted"; files exported before the field existed have no
+"kind" and count as corrections). Accepted drafts are left out by default, as in
+finetune.select_corrections: their report is the model's own output, so they add no
+supervision the model lacks and would pull it towards its own drafts. Pass
+include_accepted=True to keep them as positive examples (Example.meta["kind"] still tells).
 """
 from __future__ import annotations
 
@@ -12,10 +20,10 @@ from pathlib import Path
 
 from .example import Example
 
-META_KEYS = ("draft", "probability", "model_version", "created_at")
+META_KEYS = ("kind", "draft", "probability", "model_version", "created_at")
 
 
-def load_corrections(folder: str | Path) -> list[Example]:
+def load_corrections(folder: str | Path, include_accepted: bool = False) -> list[Example]:
     folder = Path(folder)
     examples = []
     with open(folder / "corrections.jsonl", encoding="utf-8") as f:
@@ -23,6 +31,8 @@ def load_corrections(folder: str | Path) -> list[Example]:
             if not line.strip():
                 continue
             rec = json.loads(line)
+            if rec.get("kind") == "accepted" and not include_accepted:
+                continue
             paths = rec.get("image_path") or []
             if isinstance(paths, str):
                 paths = [paths]

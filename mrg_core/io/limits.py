@@ -28,11 +28,29 @@ class Budget:
         if rows <= 0 or columns <= 0 or frames <= 0:
             raise StudyLoadError("empty_image", name=name)
         lim = self.limits
+        # The messages state the limit, never the file's own values (see errors.py).
         if rows * columns > lim.max_pixels:
-            raise StudyLoadError("too_large", name=name)
+            raise StudyLoadError("too_large", f"{name} is too large to display safely: one "
+                                 f"image may have at most {_mpx(lim.max_pixels)}.", name=name)
         if self.frames + frames > lim.max_frames:
-            raise StudyLoadError("too_large", name=name)
+            raise StudyLoadError("too_large", f"{name} is too large to display safely: a study "
+                                 f"may have at most {lim.max_frames} frames or slices.",
+                                 name=name)
         if self.pixels + rows * columns * frames > lim.max_total_pixels:
-            raise StudyLoadError("too_large", name=name)
+            raise StudyLoadError("too_large", f"{name} is too large to display safely: a study "
+                                 f"may have at most {_mpx(lim.max_total_pixels)} in all.",
+                                 name=name)
         self.frames += frames
         self.pixels += rows * columns * frames
+
+
+def _mpx(n: int) -> str:
+    return f"{n / 1e6:g} megapixels" if n >= 1_000_000 else f"{n:,} pixels"
+
+
+def mib(n: int) -> str:
+    """A byte count for a message: '256 MB', '1.5 MB' (MiB, as the --max-upload-mb flag),
+    '12 KB', '100 bytes'."""
+    if n >= 2**20:
+        return f"{n / 2**20:.3g} MB"
+    return f"{n / 2**10:.3g} KB" if n >= 2**10 else f"{n} bytes"

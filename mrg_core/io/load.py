@@ -13,7 +13,7 @@ from ..study import Study, View
 from .dicom import decode_dicom
 from .errors import StudyLoadError
 from .images import decode_image
-from .limits import Budget, LoadLimits
+from .limits import Budget, LoadLimits, mib
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, tuple]
 
@@ -58,7 +58,7 @@ def read_source(source: Source, limits: LoadLimits, index: int = 0) -> tuple[str
         try:
             size = path.stat().st_size
             if size > limits.max_file_bytes:
-                raise StudyLoadError("file_too_big", name=name)
+                raise _too_big(name, size, limits)
             if not path.is_file():
                 raise StudyLoadError("not_an_image", f"{name} is a folder, not an image file.",
                                      name=name)
@@ -70,8 +70,14 @@ def read_source(source: Source, limits: LoadLimits, index: int = 0) -> tuple[str
     else:
         raise TypeError(f"unsupported source type {type(source).__name__}")
     if len(data) > limits.max_file_bytes:
-        raise StudyLoadError("file_too_big", name=name)
+        raise _too_big(name, len(data), limits)
     return name, data
+
+
+def _too_big(name: str, size: int, limits: LoadLimits) -> StudyLoadError:
+    return StudyLoadError("file_too_big", f"{name} is larger than this viewer accepts "
+                          f"({mib(size)}; the limit is {mib(limits.max_file_bytes)} a file).",
+                          name=name)
 
 
 def _decode(name: str, data: bytes, budget: Budget) -> list[View]:

@@ -87,4 +87,7 @@ class CorrectionRow(Base):
     final_text: Mapped[str] = mapped_column(Text)
     reviewer: Mapped[str] = mapped_column(String(200))
     label: Mapped[int | None] = mapped_column(SmallInteger)  # reviewer-confirmed 0/1
+    # "corrected" | "accepted" (draft saved unchanged) | "written" (no draft). NULL only in rows
+    # of files made before the column existed (added by Store._ensure_schema); read as derived.
+    kind: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -6,6 +6,23 @@ from datetime import datetime
 
 import numpy as np
 
+# What a saved review is (CorrectionRow.kind). Only "corrected" carries a reviewer's edit.
+CORRECTED = "corrected"  # the reviewer changed the model's draft
+ACCEPTED = "accepted"  # the draft was saved unchanged ("accepted as drafted")
+WRITTEN = "written"  # no model draft: the report was written by hand
+KINDS = (CORRECTED, ACCEPTED, WRITTEN)
+KIND_LABELS = {CORRECTED: "corrected", ACCEPTED: "accepted as drafted",
+               WRITTEN: "written by hand"}
+
+
+def review_kind(draft_text: str | None, final_text: str) -> str:
+    """ACCEPTED when the saved text equals the draft up to whitespace (line breaks, trailing
+    spaces: no words changed), WRITTEN without a draft, else CORRECTED."""
+    draft = " ".join((draft_text or "").split())
+    if not draft:
+        return WRITTEN
+    return ACCEPTED if draft == " ".join((final_text or "").split()) else CORRECTED
+
 
 @dataclass
 class DraftRecord:
@@ -26,6 +43,7 @@ class SaveResult:
     draft_id: int
     correction_id: int
     created_at: datetime
+    kind: str = CORRECTED  # CORRECTED / ACCEPTED / WRITTEN (review_kind)
 
 
 @dataclass
@@ -38,6 +56,7 @@ class HistoryEntry:
     model_version: str
     probability: float | None
     label: int | None = None
+    kind: str = CORRECTED  # CORRECTED / ACCEPTED / WRITTEN
 
 
 @dataclass
@@ -53,3 +72,4 @@ class CorrectionExample:
     model_version: str
     probability: float | None
     created_at: datetime
+    kind: str = CORRECTED  # ACCEPTED rows are the model's own text: finetune leaves them out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import distinct, func, inspect, select
+from sqlalchemy import text as sql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,11 +24,13 @@ from .engine import WRITE, make_engine, translate_errors
 from .errors import InvalidCorrection
 from .images import decode_png, encode_png
 from .models import Base, CorrectionRow, DraftRow, StudyRow, ViewRow, utcnow
-from .records import CorrectionExample, DraftRecord, HistoryEntry, SaveResult
+from .records import (ACCEPTED, CorrectionExample, DraftRecord, HistoryEntry, SaveResult,
+                      review_kind)
 
 MAX_TEXT_CHARS = 20_000  # a long CT report is ~5k; more is a paste accident, not a report
 MAX_NAME_CHARS = 200
-ANONYMOUS = "anonymous"  # reviewer left blank: still saved (losing a report is worse)
+REVIEWER_REQUIRED = ("Enter the reviewer's name before saving: every saved report records who "
+                     "reviewed it. Your text was not lost.")
 
 
 class Store:
@@ -42,7 +45,11 @@ class Store:
 
     def save_review(self, study: Study, draft: DraftRecord, final_text: str, reviewer: str,
                     label: int | None = None) -> SaveResult:
-        """Study (get-or-create) + views + draft + correction in ONE transaction."""
+        """Study (get-or-create) + views + draft + correction in ONE transaction.
+
+        The row's kind says what the review was (records.review_kind): the draft saved
+        unchanged is ACCEPTED ("accepted as drafted"), not a correction. A blank reviewer is
+        refused (InvalidCorrection)."""
         final_text, reviewer, label = _check_correction(final_text, reviewer, label)
         _check_draft(draft)
         views = _encode_views(study)
@@ -52,10 +59,11 @@ class Store:
             s.add(d)
             s.flush()
             c = CorrectionRow(draft_id=d.id, study_id=study_id, final_text=final_text,
-                              reviewer=reviewer, label=label, created_at=utcnow())
+                              reviewer=reviewer, label=label,
+                              kind=review_kind(d.text, final_text), created_at=utcnow())
             s.add(c)
             s.flush()
-            result = SaveResult(study_id, d.id, c.id, c.created_at)
+            result = SaveResult(study_id, d.id, c.id, c.created_at, c.kind)
         return result  # only returned once the `with` block has committed
 
     def save_draft(self, study: Study, draft: DraftRecord) -> int:
@@ -73,12 +81,14 @@ class Store:
                         label: int | None = None) -> int:
         final_text, reviewer, label = _check_correction(final_text, reviewer, label)
         with self._write() as s:
-            study_id = s.scalar(select(DraftRow.study_id).where(DraftRow.id == draft_id))
-            if study_id is None:
+            row = s.execute(select(DraftRow.study_id, DraftRow.text)
+                            .where(DraftRow.id == draft_id)).first()
+            if row is None:
                 raise InvalidCorrection(f"The draft this report belongs to (#{draft_id}) is not "
                                         "in the database; generate the draft again.")
-            c = CorrectionRow(draft_id=draft_id, study_id=study_id, final_text=final_text,
-                              reviewer=reviewer, label=label, created_at=utcnow())
+            c = CorrectionRow(draft_id=draft_id, study_id=row.study_id, final_text=final_text,
+                              reviewer=reviewer, label=label,
+                              kind=review_kind(row.text, final_text), created_at=utcnow())
             s.add(c)
             s.flush()
             correction_id = c.id
@@ -95,7 +105,7 @@ class Store:
              .order_by(CorrectionRow.created_at.desc(), CorrectionRow.id.desc()))
         with self._read() as s:
             return [HistoryEntry(c.id, c.created_at, c.reviewer, c.final_text, d.text,
-                                 d.model_version, d.probability, c.label)
+                                 d.model_version, d.probability, c.label, _kind(c, d))
                     for c, d in s.execute(q).all()]
 
     def get_study_images(self, content_hash: str) -> list[np.ndarray]:
@@ -107,7 +117,8 @@ class Store:
         return [decode_png(p) for p in pngs]
 
     def iter_corrections(self) -> list[CorrectionExample]:
-        """Every correction with its images, oldest first, for fine-tuning."""
+        """Every saved review with its images, oldest first, for fine-tuning; `kind` tells
+        corrections from drafts accepted unchanged (finetune.select_corrections)."""
         out: list[CorrectionExample] = []
         images: dict[int, list[np.ndarray]] = {}
         for c, d, h, pngs in self._correction_rows():
@@ -115,7 +126,7 @@ class Store:
                 images[c.study_id] = [decode_png(p) for p in pngs]
             out.append(CorrectionExample(c.id, h, images[c.study_id], c.final_text,
                                          _label(c, d), d.text, d.model_version, d.probability,
-                                         c.created_at))
+                                         c.created_at, _kind(c, d)))
         return out
 
     def export_pairs(self, folder: str | os.PathLike) -> int:
@@ -123,6 +134,12 @@ class Store:
 
         The reviewer's name is left out on purpose: it is personal data about staff, a training
         set does not need it, and exports travel further than the database does.
+
+        Every saved review is written, each with its "kind": "corrected" (the reviewer edited
+        the draft), "written" (no draft) or "accepted" (the draft saved unchanged). Accepted
+        drafts are confirmed positives but hold no edit, and their target is the model's own
+        output: data.load_corrections leaves them out unless asked (include_accepted=True),
+        as finetune does.
         """
         folder = Path(folder)
         (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -136,6 +153,7 @@ class Store:
                 written.add(c.study_id)
             lines.append(json.dumps({
                 "id": c.id, "image_path": rel, "report": c.final_text, "label": _label(c, d),
+                "kind": _kind(c, d),
                 "draft": d.text, "probability": d.probability, "model_version": d.model_version,
                 "created_at": c.created_at.isoformat()}, ensure_ascii=False))
         # Write-then-rename: a reader never sees a half-written JSONL.
@@ -153,6 +171,8 @@ class Store:
                 "views": count(ViewRow.study_id),
                 "drafts": count(DraftRow.id),
                 "corrections": count(CorrectionRow.id),
+                "accepted": s.scalar(select(func.count(CorrectionRow.id))
+                                     .where(CorrectionRow.kind == ACCEPTED)) or 0,
                 "labelled": count(CorrectionRow.label),
                 "reviewers": count(distinct(CorrectionRow.reviewer)),
                 "url": self.engine.url.render_as_string(hide_password=True),
@@ -196,7 +216,22 @@ class Store:
                     # Another process created the tables between check and create.
                     if not set(Base.metadata.tables) <= set(inspect(self.engine).get_table_names()):
                         raise
+                self._migrate()
                 self._schema_ready = True
+
+    def _migrate(self) -> None:
+        """Columns added after the first release, added to older database files in place
+        (ADD COLUMN, nullable: old rows stay as they were; the append-only rule holds)."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("corrections")}
+        if "kind" not in have:
+            try:
+                with self._write_engine.begin() as conn:
+                    conn.execute(sql("ALTER TABLE corrections ADD COLUMN kind VARCHAR(16)"))
+            except Exception:
+                # Another process added it first.
+                have = {c["name"] for c in inspect(self.engine).get_columns("corrections")}
+                if "kind" not in have:
+                    raise
 
     @staticmethod
     def _get_or_create_study(s: Session, study: Study, views: list[ViewRow]) -> int:
@@ -248,7 +283,9 @@ def _check_correction(final_text, reviewer, label) -> tuple[str, str, int | None
     if len(final_text) > MAX_TEXT_CHARS:
         raise InvalidCorrection(f"The report is too long to save ({len(final_text):,} "
                                 f"characters; the limit is {MAX_TEXT_CHARS:,}).")
-    reviewer = _clean(reviewer or "").strip() or ANONYMOUS
+    reviewer = _clean(reviewer or "").strip()
+    if not reviewer:
+        raise InvalidCorrection(REVIEWER_REQUIRED)
     if len(reviewer) > MAX_NAME_CHARS:
         raise InvalidCorrection(f"The reviewer name is too long (limit {MAX_NAME_CHARS}).")
     if label is not None:
@@ -288,6 +325,11 @@ def _draft_row(study_id: int, draft: DraftRecord) -> DraftRow:
                     settings=dict(draft.settings), text=_clean(draft.text),
                     probability=num(draft.probability), threshold=num(draft.threshold),
                     timings=dict(draft.timings), created_at=utcnow())
+
+
+def _kind(c: CorrectionRow, d: DraftRow) -> str:
+    """The stored kind; rows saved before the column existed get it from their texts."""
+    return c.kind or review_kind(d.text, c.final_text)
 
 
 def _label(c: CorrectionRow, d: DraftRow) -> int | None:

@@ -26,7 +26,7 @@ def served_app(tmp_path_factory):
     tiny_model(method="prompt", family="gpt2", seed=0).save_pretrained(tmp / "model")
     engine = Engine.from_settings(EngineSettings(model_dir=tmp / "model",
                                                  database_url=f"sqlite:///{tmp / 'r.db'}"))
-    demo = build_app(engine, model_roots=[tmp / "model"])
+    demo = build_app(engine, model_roots=[tmp / "model"], admin_open=True)  # no sign-in
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -50,6 +50,7 @@ def load_sample(page, name: str):
 def save_and_export(page, text: str):
     """Type a report, save it and prepare the export files: every notice is on screen."""
     page.locator("#editor textarea").fill(text)
+    page.locator("#reviewer textarea, #reviewer input").first.fill("Dr E2E")
     page.locator("#save").click()
     wait_text(page, "#save-message", "Saved as correction #")
     if not page.locator("#export").is_visible():
