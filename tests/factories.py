@@ -181,6 +181,93 @@ def save_image(path, arr: np.ndarray, mode: str | None = None, fmt: str = "PNG",
 
 # ---- patient data markers ------------------------------------------------------------------
 
+# Values that are not text in the file (binary numbers) or too short to search in binary data
+# (an age): phi_readings gives the ways they read once printed. Distinct, and five digits or
+# more, so that they cannot turn up by chance in a page, a log or a database row.
+PHI_AGE = "077Y"
+PHI_NUMBERS: dict[str, int | float] = {
+    "US": 47093, "SS": -27183, "UL": 3141592653, "SL": -1718281828, "SV": -9007199254740993,
+    "UV": 18446744073709551557, "FL": 31337.25, "FD": -27182.8182,
+}
+PHI_VR_CREATOR = "PHI MARKER EVERY VR"
+
+
+def _every_vr_values() -> list[tuple[str, object]]:
+    """(VR, value) for a private element of each value representation."""
+    return [
+        ("AS", PHI_AGE), ("DA", "18930707"), ("TM", "071733.424242"),
+        ("DT", "18930707071733.424242"), ("PN", "PHI-MARKER-PrivFamily^PHIMARKGVprv"),
+        ("IS", "-1893070"), ("DS", "-1893.0707"), ("UC", "PHI-MARKER-private-UC"),
+        ("UR", "http://phi-marker.invalid/PHI-MARKER-private-UR"),
+        ("UT", "PHI-MARKER-private-UT"), ("LT", "PHI-MARKER-private-LT"),
+        ("ST", "PHI-MARKER-private-ST"),
+        *((vr, PHI_NUMBERS[vr]) for vr in ("US", "SS", "UL", "SL", "SV", "UV", "FL", "FD")),
+        ("US", [PHI_NUMBERS["US"], 47094]), ("FD", [PHI_NUMBERS["FD"], 27182.8183]),
+    ]
+
+
+def phi_readings(path) -> list[str]:
+    """How the markers of a write_phi_dicom file read once parsed and printed, beyond the
+    strings write_phi_dicom returns: the age, the binary numbers (US, SS, UL, SL, SV, UV, FL,
+    FD: decimal text, a float's whole part), IS/DS numbers, dates and times in ISO form
+    (1893-07-07, 07:17:33) and names as 'Given Family'. Search them in text (pages, logs,
+    database rows, JSON) with phi_found: they are not in the file as these bytes."""
+    import datetime
+
+    import pydicom
+    from pydicom.valuerep import DA, DT, TM
+
+    ds = pydicom.dcmread(BytesIO(Path(path).read_bytes()))  # pydicom logs a path it opens
+    readings: set[str] = set()
+
+    def read(elem):
+        for v in (list(elem.value) if elem.VM > 1 else [elem.value]):
+            if v is None or v == "":
+                continue
+            if elem.VR == "AS":
+                readings.update({str(v), f"{int(str(v)[:3])} years"})
+            elif elem.VR in ("US", "SS", "UL", "SL", "SV", "UV", "IS"):
+                readings.add(str(int(v)))
+            elif elem.VR in ("FL", "FD", "DS"):
+                readings.update({repr(float(v)), str(abs(int(float(v))))})
+            elif elem.VR == "DA":
+                readings.add(DA(str(v)).isoformat())
+            elif elem.VR == "TM":
+                t = TM(str(v))  # with its fraction: a bare HH:MM:SS could be a timestamp
+                if t.microsecond:
+                    readings.add(t.isoformat())
+            elif elem.VR == "DT":
+                t = DT(str(v))
+                readings.update({t.isoformat(), t.isoformat(sep=" "),
+                                 datetime.datetime.strftime(t, "%Y-%m-%d %H:%M:%S")})
+            elif elem.VR == "PN" and str(v):
+                name = pydicom.valuerep.PersonName(str(v))
+                if name.given_name and name.family_name:
+                    readings.add(f"{name.given_name} {name.family_name}")
+
+    def walk(d):
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.keyword in BASIC_PROFILE or (elem.tag.is_private and
+                                                   elem.tag.element >= 0x1000):
+                read(elem)
+
+    walk(ds)
+    # short whole numbers could be anything (a byte count in a log): five digits or more
+    return sorted(r for r in readings if len(r.strip("-")) >= (5 if r.strip("-").isdigit()
+                                                               else 4))
+
+
+def phi_found(readings, text: str) -> list[str]:
+    """The readings that occur in `text` as a whole (not inside a longer run of digits)."""
+    import re
+
+    return [r for r in readings
+            if re.search(rf"(?<![0-9]){re.escape(r)}(?![0-9])", text)]
+
+
 def _marker_value(keyword: str, vr: str, n: int):
     """(value, marker string or None). Text VRs carry 'PHI-MARKER-<keyword>'; dates, times and
     UIDs carry distinctive values that are markers too."""
@@ -188,8 +275,9 @@ def _marker_value(keyword: str, vr: str, n: int):
     if vr in ("LO", "LT", "ST", "UT", "UC", "SH"):
         text = text[:16] if vr == "SH" else text[:64] if vr == "LO" else text
         return text, text
-    if vr == "PN":
-        return text[:64], text[:64]
+    if vr == "PN":  # family^given^middle^prefix^suffix: each name part is a marker
+        family, given, middle = text[:35], f"PHIMARKGV{n:03d}", f"PHIMARKMD{n:03d}"
+        return f"{family}^{given}^{middle}^DR^III", [family, given, middle]
     if vr == "CS":
         return "PHIMARK" + str(n).zfill(3), "PHIMARK" + str(n).zfill(3)
     if vr == "AE":
@@ -206,12 +294,12 @@ def _marker_value(keyword: str, vr: str, n: int):
     if vr == "DT":
         t = f"18930303{n % 24:02d}1717.{n:06d}"
         return t, t
-    if vr == "AS":
-        return "077Y", None
+    if vr == "AS":  # 4 characters: too short to search in binary data, see phi_readings
+        return PHI_AGE, None
     if vr == "DS":
         return f"{n}.31337", f"{n}.31337"
-    if vr in ("US", "SS", "UL", "SL"):
-        return 31337, None
+    if vr in PHI_NUMBERS:  # stored in binary: see phi_readings
+        return PHI_NUMBERS[vr], None
     if vr in ("OB", "OW", "UN"):
         return text.encode().ljust(len(text) + len(text) % 2, b" "), text
     if vr == "SQ":
@@ -241,11 +329,17 @@ def write_phi_dicom(path) -> list[str]:
             continue
         setattr(ds, keyword, value)
         if marker:
-            markers.append(marker)
+            markers += marker if isinstance(marker, list) else [marker]
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     # a private block too: the allow-list must ignore it
     block = ds.private_block(0x0011, "PHI MARKER CREATOR", create=True)
     block.add_new(0x01, "LO", "PHI-MARKER-private")
     markers.append("PHI-MARKER-private")
+    # and one element of every other value representation, numbers and dates included
+    every = ds.private_block(0x0013, PHI_VR_CREATOR, create=True)
+    for i, (vr, value) in enumerate(_every_vr_values()):
+        every.add_new(0x10 + i, vr, value)
+        if vr in ("UC", "UR", "UT", "LT", "ST", "PN"):
+            markers += value.split("^")
     ds.save_as(path, enforce_file_format=True)
     return sorted(set(markers))

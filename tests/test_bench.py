@@ -75,3 +75,16 @@ def test_app_load_clients_drive_the_page(model_dir, tmp_path):
     finally:
         demo.close()
         engine.store.close()
+
+
+def test_timing_limits_measures_what_the_tests_no_longer_assert(tmp_path):
+    """bench/timing_limits.py runs (its figures are compared with their targets there)."""
+    from bench import timing_limits
+
+    out = tmp_path / "limits.json"
+    code = timing_limits.main(["--fuzz-inputs", "12", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert code == (1 if res["missed"] else 0)
+    assert res["loader_inputs"] == 12 and set(res["targets_s"]) == {
+        "loader_max_s", "tiny_model_s", "locked_store_s"}
+    assert all(res[k] > 0 for k in res["targets_s"])

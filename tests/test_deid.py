@@ -7,7 +7,7 @@ import sys
 
 from pydicom.datadict import tag_for_keyword
 
-from factories import write_phi_dicom
+from factories import phi_found, phi_readings, write_phi_dicom
 from mrg_core.io import StudyLoadError, load_study
 from mrg_core.io.deid import ALLOWED, BASIC_PROFILE
 from mrg_core.paths import REPO_ROOT
@@ -38,6 +38,11 @@ def test_markers_never_leak(tmp_path):
     texts += [out.stdout, out.stderr]
     blob = "\n".join(texts)
     assert [m for m in markers if m in blob] == []
+    # ages, binary numbers, dates and times, names: as they would read once printed
+    readings = phi_readings(path)
+    assert {"077Y", "47093", "-27183", "3141592653", "31337.25", "1893-07-07",
+            "07:17:33.424242", "PHIMARKGV137 PHI-MARKER-PatientName"} <= set(readings)
+    assert phi_found(readings, blob) == []
 
 
 def test_errors_carry_no_phi(tmp_path):

@@ -1,8 +1,9 @@
 """Fuzzing the loader: mutated real and generated DICOM / PNG / JPEG files.
 
-Only StudyLoadError may escape; every input must finish in < 5 s and allocate (tracemalloc
-peak, which sees numpy buffers) well under the memory the limits allow. Derandomized:
-the same inputs every run. MRG_FUZZ_EXAMPLES (default 2000) sets the total input count.
+Only StudyLoadError may escape; every input must allocate (tracemalloc peak, which sees
+numpy buffers) well under the memory the limits allow. The time per input is reported, not
+asserted: bench/timing_limits.py checks it (target 5 s). Derandomized: the same inputs every
+run. MRG_FUZZ_EXAMPLES (default 2000) sets the total input count.
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ TOTAL = int(os.environ.get("MRG_FUZZ_EXAMPLES", "2000"))
 SHARE = {"bytes": 0.45, "truncate": 0.2, "dicom_header": 0.25, "png_header": 0.1}
 # Small limits keep the memory assertion strict: at most 8 M pixels in one study.
 LIMITS = LoadLimits(max_pixels=4_000_000, max_total_pixels=8_000_000, max_frames=64)
-MAX_SECONDS = 5.0
 MAX_PEAK = 400 * 2**20  # bytes; 8 M pixels x (f64 working copy + f32 values + u8 display)
 STATS = {"inputs": 0, "errors": 0, "loaded": 0, "max_s": 0.0, "max_peak_mb": 0.0}
 
@@ -111,7 +111,6 @@ def _check(data: bytes) -> None:
     STATS["inputs"] += 1
     STATS["max_s"] = round(max(STATS["max_s"], seconds), 3)
     STATS["max_peak_mb"] = round(max(STATS["max_peak_mb"], peak / 2**20), 1)
-    assert seconds < MAX_SECONDS
     assert peak < MAX_PEAK
 
 

@@ -77,12 +77,9 @@ def test_frozen_lm_from_a_path_is_saved_by_reference(tmp_path, study):
     assert ReportModel.from_pretrained(tmp_path / "m", device="cpu").generate_report(study, s) == text
 
 
-def test_info_and_tiny_model_is_fast():
-    import time
-    t = time.perf_counter()
-    model = tiny_model()
-    assert time.perf_counter() - t < 2.0
-    info = model.info
+def test_info_of_the_tiny_model():
+    # its build time is measured by bench/timing_limits.py (tiny_model_s), not asserted here
+    info = tiny_model().info
     assert set(info) == {"name", "version", "method", "trained_on", "threshold", "n_params",
                          "n_trainable"}
     assert info["trained_on"]["modality"] == "CT" and 0 < info["n_trainable"] < info["n_params"]

@@ -3,12 +3,20 @@ handlers (load → analyse → stream draft → save → history → export) and
 a real tiny model and a real SQLite file, every logger at DEBUG into a file, stdout/stderr
 captured. Then every marker is searched in everything the app wrote or showed: zero hits.
 
+Markers cover every value representation: text, code strings, UIDs, names (each part), dates,
+times and date-times, the age (AS), decimal and integer strings, binary numbers (US, SS, UL,
+SL, SV, UV, FL, FD) and binary blobs, in the basic-profile attributes, in sequences and in
+private blocks. The text markers are searched as bytes everywhere; the readings of the others
+(factories.phi_readings: '077Y', '47093', '1893-07-07', '07:17:33.424242', 'Given Family')
+in all text: the Study's metadata, the page, logs, database rows and the export files.
+
 The figures (markers searched, places searched, hits) go to tests/artifacts/phi_end_to_end.json.
 """
 import json
 import logging
 import sqlite3
 import struct
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -30,6 +38,10 @@ PIXEL_CHUNKS = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}  # anything else could carry
 # The second file's markers: same shapes and lengths as the factory's, different values.
 SECOND = [("PHI-MARKER-", "PHI-SECOND-"), ("PHIMARK", "PHISCND"), ("PHIAE", "PHIAF"),
           (".9.7777.", ".9.8888."), ("1893", "1894"), ("1717.", "1818."), (".31337", ".42424")]
+# Value representations that carry a marker in the two files (all but AT and the float/long
+# binary arrays OD, OF, OL, OV, which hold no text or person data).
+EVERY_VR = {"AE", "AS", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OW", "PN",
+            "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UR", "US", "UT", "UV"}
 
 
 def second_marker(text: str) -> str:
@@ -104,12 +116,33 @@ def db_pngs(db: Path) -> list[bytes]:
         return [r[0] for r in con.execute("SELECT png FROM study_views")]
 
 
-def flow(engine: Engine, path: Path, final: str, out: Path) -> tuple[list[str], list[str]]:
-    """One file through every handler the page calls; returns (rendered strings, files)."""
+def study_texts(study) -> list[str]:
+    """Everything the Study tells about itself: repr, summary, each view's metadata."""
+    return [repr(study), json.dumps(study.summary()),
+            *(repr(v.meta) for v in study.views),
+            *(json.dumps(v.meta.to_dict()) for v in study.views)]
+
+
+def db_rows_text(db: Path) -> str:
+    """Every non-binary value of every table, as text."""
+    out = []
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for row in con.execute(f'SELECT * FROM "{table}"'):
+                out += [str(v) for v in row if not isinstance(v, bytes)]
+    return "\n".join(out)
+
+
+def flow(engine: Engine, path: Path, final: str, out: Path
+         ) -> tuple[list[str], list[str], list[str]]:
+    """One file through every handler the page calls; returns (rendered strings, files, the
+    loaded Study's own metadata)."""
     s = Session()
-    shown = []
     res = h.load_files(engine, s, [str(path)])
     assert res.ok, res.message
+    meta = study_texts(s.study)
+    shown = []
     a = h.analyze(engine, s)
     shown += [res.message, a.probability, h.warning_html(a.warning)]
     for u in h.stream_draft(engine, s, ""):
@@ -121,7 +154,7 @@ def flow(engine: Engine, path: Path, final: str, out: Path) -> tuple[list[str], 
     paths, msg = h.export_files(engine, s, final, "Dr Ada", out)
     assert len(paths) == 3
     shown.append(msg)
-    return shown, paths
+    return shown, paths, meta
 
 
 def test_no_phi_anywhere(tmp_path, debug_log, capfd):
@@ -135,6 +168,17 @@ def test_no_phi_anywhere(tmp_path, debug_log, capfd):
     raw = first.read_bytes() + second.read_bytes()
     missing = [m for m in markers if m.encode() not in raw]
     assert not missing, f"positive control: markers not in the input files: {missing[:5]}"
+    readings = sorted(set(factories.phi_readings(first)) | set(factories.phi_readings(second)))
+    planted = {e.VR for f in (first, second)  # read from bytes: pydicom logs a path it opens
+               for e in pydicom.dcmread(BytesIO(f.read_bytes())).iterall()}
+    assert planted >= EVERY_VR, f"no marker of VR {sorted(EVERY_VR - planted)}"
+    for must in ("077Y", "77 years", "47093", "-27183", "3141592653", "-1718281828", "31337.25",
+                 "1893-07-07", "1894-07-07", "07:17:33.424242", "1893-07-07 07:17:33",
+                 "PHIMARKGV137 PHI-MARKER-PatientName", "PHISCNDGV137 PHI-SECOND-PatientName"):
+        assert must in readings, must
+    # the search itself: a reading is found as a whole, not inside a longer number
+    assert factories.phi_found(readings, "age 077Y, value=47093.") == ["077Y", "47093"]
+    assert factories.phi_found(readings, "id 1470931 at 2026-11-30 07:17:33.5") == []
 
     model_dir = tmp_path / "model"
     tiny_model(method="prompt", family="gpt2", seed=0).save_pretrained(model_dir)
@@ -142,11 +186,12 @@ def test_no_phi_anywhere(tmp_path, debug_log, capfd):
     engine = Engine.from_settings(EngineSettings(model_dir=model_dir,
                                                  database_url=f"sqlite:///{db}"))
     exports = tmp_path / "export"
-    shown, files = [h.model_info_markdown(engine)], []
+    shown, files, meta = [h.model_info_markdown(engine)], [], []
     for path, final in ((first, "Clear lungs."), (second, "Right basal consolidation.")):
-        more, paths = flow(engine, path, final, exports)
+        more, paths, study_meta = flow(engine, path, final, exports)
         shown += more
         files += paths
+        meta += study_meta
     # A PHI file that fails to decode: the error message and the error log are searched too.
     broken = tmp_path / "phi_broken.dcm"
     broken.write_bytes(first.read_bytes()[:-3000])
@@ -160,12 +205,25 @@ def test_no_phi_anywhere(tmp_path, debug_log, capfd):
     engine.store.close()
 
     captured = capfd.readouterr()
+    text_places = {
+        "study metadata": "\n".join(meta),
+        "rendered handler output": "\n".join(shown),
+        "database rows": db_rows_text(db),
+        "debug log": debug_log.read_text(encoding="utf-8"),
+        "stdout+stderr": captured.out + captured.err,
+        **{f"file {Path(p).relative_to(tmp_path)}":
+           Path(p).read_text(encoding="utf-8", errors="replace")
+           for p in files if not p.endswith(".png")},
+    }
+    reading_hits = {where: found for where, text in text_places.items()
+                    if (found := factories.phi_found(readings, text))}
     places = {
         "database": b"".join(Path(f"{db}{x}").read_bytes() for x in ("", "-wal", "-shm")
                              if Path(f"{db}{x}").exists()),
         "debug log": debug_log.read_bytes(),
         "stdout+stderr": (captured.out + captured.err).encode(),
         "rendered handler output": "\n".join(shown).encode(),
+        "study metadata": "\n".join(meta).encode(),
         **{f"file {Path(p).relative_to(tmp_path)}": Path(p).read_bytes() for p in files},
     }
     hits = {where: [m for m in markers if m.encode() in data] for where, data in places.items()}
@@ -177,15 +235,19 @@ def test_no_phi_anywhere(tmp_path, debug_log, capfd):
     assert len(pngs) >= 4  # two studies in the database + two exported images
     text_chunks = [c for data in pngs for c in png_chunks(data) if c not in PIXEL_CHUNKS]
     log_text = debug_log.read_text()
-    assert "ui.handlers: study" in log_text and "saved correction" in log_text  # it captured
+    assert "ui.handlers: study" in log_text and (  # it captured (the save line's wording
+        "saved review #" in log_text or "saved correction #" in log_text)  # changed in ui/)
     assert "DEBUG sqlalchemy" in log_text or "DEBUG" in log_text
     assert not bad.ok and any("Out of domain" in x for x in shown)  # both paths exercised
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "phi_end_to_end.json").write_text(json.dumps({
         "markers_searched": len(markers) + 1, "places_searched": sorted(places),
+        "readings_searched": len(readings), "text_places_searched": sorted(text_places),
+        "vrs_planted": sorted(planted), "reading_hits_by_place": reading_hits,
         "bytes_searched": sum(len(d) for d in places.values()), "pngs_checked": len(pngs),
         "png_non_pixel_chunks": [c.decode() for c in text_chunks],
         "hits": sum(len(v) for v in hits.values()), "hits_by_place": hits}, indent=2))
     assert not hits, f"patient data leaked: {hits}"
+    assert not reading_hits, f"patient data leaked (ages, numbers, dates): {reading_hits}"
     assert not text_chunks, f"PNG chunks beyond pixels: {text_chunks}"

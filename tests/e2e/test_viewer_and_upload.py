@@ -1,0 +1,272 @@
+"""The viewer in a real headless Chromium: several files make one study whose views the slider
+shows one by one, rejected files get a clear message and break nothing, and the overlay,
+its opacity and the CT window presets change the pixels on screen.
+
+Pixels are read back from the page: the `#viewer img` source is fetched through the page and
+decoded, then compared with references computed here from the input files (a grey PNG's own
+values, HU through a linear window) or with each other (opacity blends linearly)."""
+import re
+from io import BytesIO
+from urllib.parse import urljoin
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import expect
+
+from mrg_core.io import load_study
+from tests import factories
+from tests.e2e.test_browser import CT_SAMPLE, WAIT_MS, upload, wait_text
+
+pytestmark = pytest.mark.e2e
+
+PIXEL_WAIT_S = 20.0
+SCRIPT_ERRORS: dict[int, list[str]] = {}  # id(page) -> uncaught errors in the page's scripts
+
+
+@pytest.fixture
+def page(browser, served_app):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors = SCRIPT_ERRORS.setdefault(id(page), [])
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(served_app[0])
+    page.locator("#generate").wait_for(timeout=WAIT_MS)
+    yield page
+    page.close()
+    SCRIPT_ERRORS.pop(id(page), None)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def viewer_pixels(page) -> np.ndarray | None:
+    """The image the viewer shows now, as RGB uint8 (None when it shows none)."""
+    img = page.locator("#viewer img").first
+    if not img.count() or not img.get_attribute("src"):
+        return None
+    src = img.get_attribute("src")
+    response = page.request.get(urljoin(page.url, src))
+    assert response.ok, f"viewer image {src}: HTTP {response.status}"
+    return np.asarray(Image.open(BytesIO(response.body())).convert("RGB"))
+
+
+def wait_pixels(page, check, what: str) -> np.ndarray:
+    """Poll the viewer until check(pixels) holds; fail with `what` when it never does."""
+    last = None
+    deadline = page.evaluate("Date.now()") + PIXEL_WAIT_S * 1000
+    while page.evaluate("Date.now()") < deadline:
+        last = viewer_pixels(page)
+        if last is not None and check(last):
+            return last
+        page.wait_for_timeout(250)
+    shape = None if last is None else last.shape
+    pytest.fail(f"the viewer never showed {what} (last image: {shape})")
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def chroma(rgb: np.ndarray) -> float:
+    """Mean spread between the colour channels (0 for grey)."""
+    rgb = rgb.astype(np.int16)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean())
+
+
+def shows_grey(expected: np.ndarray, tol: int = 0):
+    """check(): the viewer shows exactly this grey image (within tol grey levels)."""
+    def check(rgb):
+        return rgb.shape[:2] == expected.shape and is_grey(rgb) and \
+            int(np.abs(rgb[..., 0].astype(np.int16) - expected).max()) <= tol
+    return check
+
+
+def set_slider(page, label: str, value: float):
+    """Move a Gradio slider as a drag does: the range input's value, then its events."""
+    rng = page.get_by_label(f"range slider for {label}")
+    rng.evaluate("(el, v) => { el.value = String(v);"
+                 " el.dispatchEvent(new Event('input', {bubbles: true}));"
+                 " el.dispatchEvent(new Event('change', {bubbles: true}));"
+                 " el.dispatchEvent(new PointerEvent('pointerup', {bubbles: true})); }", value)
+
+
+def set_overlay(page, on: bool):
+    box = page.locator("#overlay input[type=checkbox]")
+    if box.is_checked() != on:
+        box.click()
+    expect(box).to_be_checked(checked=on)
+
+
+def load_ct_sample(page):
+    upload(page, CT_SAMPLE)
+    wait_text(page, "#load-message", "CT CHEST, 1 view")
+    wait_text(page, "#probability", "Pneumonia probability")
+
+
+def assert_page_intact(page):
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body and "Exception" not in body
+    errors = SCRIPT_ERRORS.get(id(page))
+    assert not errors, errors
+
+
+# ---------------------------------------------------------------------------- several files
+
+def test_several_files_are_one_study_and_the_slider_shows_each_view(page, tmp_path):
+    rng = np.random.default_rng(5)
+    views = {  # three grey PNGs, told apart by their size; 8-bit grey is shown as it is
+        "a_ramp.png": np.tile(np.linspace(0, 255, 48).astype(np.uint8), (64, 1)),
+        "b_noise.png": rng.integers(0, 256, (72, 56), dtype=np.uint8),
+        "c_blocks.png": np.kron(np.array([[30, 200], [120, 60]], np.uint8),
+                                np.ones((40, 32), np.uint8)),
+    }
+    paths = []
+    for name, arr in views.items():
+        factories.save_image(tmp_path / name, arr)
+        paths.append(str(tmp_path / name))
+    by_shape = {arr.shape: name for name, arr in views.items()}
+    assert len(by_shape) == 3
+
+    page.locator("#upload input[type=file]").set_input_files(paths)
+    wait_text(page, "#load-message", "3 views")
+    wait_text(page, "#probability", "Pneumonia probability")
+    slider = page.locator("#view-index")
+    expect(slider).to_be_visible(timeout=WAIT_MS)
+    expect(slider.get_by_test_id("max-value")).to_have_text("3")
+    set_overlay(page, False)  # the file's own pixels, no heat map
+
+    seen = {}  # slider position -> the shape of the view shown there
+    for position in (1, 2, 3):  # each position shows a view not shown before
+        set_slider(page, "View / slice", position)
+        shown = wait_pixels(page, lambda rgb: rgb.shape[:2] in by_shape and is_grey(rgb) and
+                            rgb.shape[:2] not in seen.values(),
+                            f"a new view at slider position {position}, without overlay")
+        name = by_shape[shown.shape[:2]]
+        assert np.array_equal(shown[..., 0], views[name]), f"view {position} is not {name}"
+        seen[position] = shown.shape[:2]
+    assert sorted(seen.values()) == sorted(by_shape), f"views shown: {seen}"
+    set_slider(page, "View / slice", 1)  # and back
+    wait_pixels(page, lambda rgb: rgb.shape[:2] == seen[1], "the first view again")
+
+    # with the overlay, each view has its own heat map over its own pixels
+    set_overlay(page, True)
+    for position in (1, 2, 3):
+        set_slider(page, "View / slice", position)
+        wait_pixels(page, lambda rgb: rgb.shape[:2] == seen[position] and chroma(rgb) > 5,
+                    f"view {position} with its heat map")
+    assert_page_intact(page)
+
+
+# ---------------------------------------------------------------------------- rejected files
+
+def test_rejected_files_get_a_clear_message_and_break_nothing(page, tmp_path):
+    corrupt = tmp_path / "damaged_scan.dcm"
+    factories.write_corrupt(corrupt)  # DICM preamble, then garbage
+    upload(page, corrupt)
+    wait_text(page, "#load-message", "Could not load the study")
+    message = page.locator("#load-message").inner_text()
+    assert "damaged_scan.dcm" in message and "damaged" in message.replace("damaged_scan", "")
+    assert viewer_pixels(page) is None  # nothing half-loaded is shown
+    expect(page.locator("#view-index")).to_be_hidden()
+
+    # A file that claims to be an image but is not: named, refused.
+    fake = tmp_path / "report.png"
+    fake.write_bytes(b"%PDF-1.4\n" + b"not an image at all\n" * 50)
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, fake)
+    wait_text(page, "#load-message", "report.png is not a DICOM, PNG or JPEG image")
+
+    # A good file with a damaged one: one study cannot be half made; the bad file is named.
+    good = tmp_path / "good.png"
+    factories.save_image(good, np.full((40, 40), 99, np.uint8))
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    page.locator("#upload input[type=file]").set_input_files([str(good), str(corrupt)])
+    wait_text(page, "#load-message", "damaged_scan.dcm is damaged")
+    assert viewer_pixels(page) is None
+
+    # A format the page does not take (BMP): refused by the upload box or by the loader,
+    # either way with words a user understands.
+    bmp = tmp_path / "scan.bmp"
+    Image.fromarray(np.full((20, 20), 50, np.uint8)).save(bmp, format="BMP")
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, bmp)
+    page.locator(".toast-body, #load-message").filter(
+        has_text=re.compile(r"Invalid file type|scan\.bmp is not a DICOM, PNG or JPEG")
+    ).first.wait_for(timeout=WAIT_MS)
+    assert viewer_pixels(page) is None
+
+    # Nothing broke: the next study loads, is analysed and shown.
+    if page.locator("#upload table, #upload .file-preview").count():  # a file is listed
+        page.locator("#upload button[aria-label='Clear']").first.click()
+    load_ct_sample(page)
+    wait_pixels(page, lambda rgb: rgb.shape[:2] == (512, 512), "the CT after the refusals")
+    expect(page.locator("#view-index")).to_be_hidden()
+    assert_page_intact(page)
+
+
+# ---------------------------------------------------------------------------- overlay
+
+def test_overlay_checkbox_and_opacity_change_the_pixels(page):
+    grey = load_study(CT_SAMPLE).views[0].display  # the file's own display
+    load_ct_sample(page)
+    at_default = wait_pixels(page, lambda rgb: rgb.shape[:2] == grey.shape and chroma(rgb) > 5,
+                             "the heat map over the CT (overlay on by default)")
+
+    set_overlay(page, False)
+    wait_pixels(page, shows_grey(grey), "the plain CT when the overlay is off")
+
+    set_overlay(page, True)
+    set_slider(page, "Overlay opacity", 1.0)
+    full = wait_pixels(page, lambda rgb: rgb.shape[:2] == grey.shape and
+                       chroma(rgb) > chroma(at_default) + 5, "a stronger heat map at opacity 1")
+    # opacity blends: shown = (1 - a) * grey + a * heat, so opacity 0.4 lies between the
+    # plain CT and the full heat map at 0.4 of the way (within rounding)
+    base = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
+    between = 0.6 * base + 0.4 * full.astype(np.float32)
+    assert np.abs(at_default.astype(np.float32) - between).max() <= 1.5
+
+    set_slider(page, "Overlay opacity", 0.0)
+    wait_pixels(page, shows_grey(grey), "the plain CT at opacity 0")
+    set_slider(page, "Overlay opacity", 0.4)
+    wait_pixels(page, lambda rgb: np.array_equal(rgb, at_default), "opacity 0.4 again")
+    assert_page_intact(page)
+
+
+# ---------------------------------------------------------------------------- CT windows
+
+def hu_window(hu: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """An independent linear window: centre - width/2 → black, centre + width/2 → white."""
+    return np.clip((hu - (centre - width / 2)) / width, 0, 1) * 255
+
+
+def test_ct_window_presets_change_the_pixels(page):
+    view = load_study(CT_SAMPLE).views[0]
+    hu = view.values.astype(np.float64)
+    assert view.meta.units == "HU" and hu.min() < -900 and hu.max() > 500
+    load_ct_sample(page)
+    set_overlay(page, False)
+    wait_pixels(page, shows_grey(view.display), "the CT in its own window")
+
+    windows = {"lung": (-600, 1500), "mediastinum": (40, 400), "bone": (400, 1800)}
+    shown = {}
+    for preset in ("mediastinum", "bone", "lung"):
+        page.get_by_role("radio", name=preset, exact=True).click()
+        expected = hu_window(hu, *windows[preset])
+        shown[preset] = wait_pixels(page, shows_grey(expected, tol=1),
+                                    f"the {preset} window {windows[preset]}")
+    # the presets really differ on this slice: the lung (HU < -160) is black in the
+    # mediastinum window and grey in the lung window
+    assert not np.array_equal(shown["mediastinum"], shown["bone"])
+    assert not np.array_equal(shown["mediastinum"], shown["lung"])
+    assert (shown["mediastinum"][..., 0] == 0).mean() > (shown["lung"][..., 0] == 0).mean() + 0.1
+
+    # custom: the centre and width typed in
+    page.get_by_role("radio", name="custom", exact=True).click()
+    page.get_by_label("Window centre (HU)").fill("-200")
+    page.get_by_label("Window centre (HU)").press("Enter")
+    page.get_by_label("Window width (HU)").fill("600")
+    page.get_by_label("Window width (HU)").press("Enter")
+    wait_pixels(page, shows_grey(hu_window(hu, -200, 600), tol=1), "the custom window -200/600")
+
+    page.get_by_role("radio", name="default", exact=True).click()
+    wait_pixels(page, shows_grey(view.display), "the CT in its own window again")
+    assert_page_intact(page)
