@@ -1,10 +1,11 @@
 """Browser-test fixtures: a headless system Chromium and the app served in-process."""
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.serving import serve_app
 
 from conftest import require
 
@@ -29,28 +30,16 @@ def browser():
         b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
     """(url, sqlite path, engine) of the real page, with a tiny model loaded from a folder."""
-    from mrg_core.engine import Engine, EngineSettings
     from mrg_core.models import tiny_model
-    from ui import build_app, launch_kwargs
 
     tmp = tmp_path_factory.mktemp("e2e")
     tiny_model(method="prompt", family="gpt2", seed=0).save_pretrained(tmp / "model")
     db = tmp / "reports.db"
-    engine = Engine.from_settings(EngineSettings(model_dir=tmp / "model",
-                                                 database_url=f"sqlite:///{db}"))
+    demo, engine = serve_app(tmp / "model", db)
     assert engine.model is not None
-    demo = build_app(engine)
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1",
-                        server_port=_free_port(), quiet=True, **launch_kwargs(engine))
     try:
         yield demo.local_url, db, engine
     finally:

@@ -1,21 +1,14 @@
 """Issue 17, admin actions: switching the live model (and fine-tuning) is refused on the server
 for signed-in users without the admin role and, without sign-in, unless --admin-open."""
-import socket
-
 import pytest
 
 from mrg_core import auth
+from tests.e2e.serving import serve_app
 from tests.e2e.test_browser import WAIT_MS, wait_text
 from ui import models_panel as mp
 
 pytestmark = pytest.mark.e2e
 FAST = 1_000  # PBKDF2 iterations: the test's logins stay quick
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +24,7 @@ def models(tmp_path_factory):
 
 
 def _serve(models, db, **build_kw):
-    from mrg_core.engine import Engine, EngineSettings
-    from ui import build_app, launch_kwargs
-
-    engine = Engine.from_settings(EngineSettings(model_dir=models / "tiny-1.0.0",
-                                                 database_url=f"sqlite:///{db}"))
-    demo = build_app(engine, model_roots=[models], **build_kw)
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_port(),
-                        quiet=True, auth=build_kw.get("auth"), **launch_kwargs(engine))
-    return demo, engine
+    return serve_app(models / "tiny-1.0.0", db, model_roots=[models], **build_kw)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 
 A report must not leave under the wrong study: after loading another study (or failing to),
 generating a new draft or switching the model, the Text/JSON/FHIR downloads are gone."""
-import socket
-
 import pytest
 from playwright.sync_api import expect
 
-from mrg_core.paths import SAMPLES_DIR
+from tests.e2e.serving import serve_app
 from tests.e2e.test_browser import WAIT_MS, upload, wait_text
 
 pytestmark = pytest.mark.e2e
@@ -18,20 +16,12 @@ DOWNLOADS = ("#download-txt", "#download-json", "#download-fhir")
 @pytest.fixture(scope="module")
 def served_app(tmp_path_factory):
     """As conftest's, plus the model's folder listed in the Model (admin) panel."""
-    from mrg_core.engine import Engine, EngineSettings
     from mrg_core.models import tiny_model
-    from ui import build_app, launch_kwargs
 
     tmp = tmp_path_factory.mktemp("e2e_study_change")
     tiny_model(method="prompt", family="gpt2", seed=0).save_pretrained(tmp / "model")
-    engine = Engine.from_settings(EngineSettings(model_dir=tmp / "model",
-                                                 database_url=f"sqlite:///{tmp / 'r.db'}"))
-    demo = build_app(engine, model_roots=[tmp / "model"], admin_open=True)  # no sign-in
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port,
-                        quiet=True, **launch_kwargs(engine))
+    demo, engine = serve_app(tmp / "model", tmp / "r.db", model_roots=[tmp / "model"],
+                             admin_open=True)  # no sign-in
     try:
         yield demo.local_url, engine
     finally:

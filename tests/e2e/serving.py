@@ -1,0 +1,23 @@
+"""Serving the real page in-process for browser tests (used by conftest and test files)."""
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_app(model_dir, db, **build_kw):
+    """(demo, engine): the real page on a free loopback port, its model loaded from a folder.
+    build_kw go to ui.build_app (auth, model_roots, admin_open); the caller closes both."""
+    from mrg_core.engine import Engine, EngineSettings
+    from ui import build_app, launch_kwargs
+
+    engine = Engine.from_settings(EngineSettings(model_dir=model_dir,
+                                                 database_url=f"sqlite:///{db}"))
+    demo = build_app(engine, **build_kw)
+    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1",
+                        server_port=_free_port(), quiet=True, auth=build_kw.get("auth"),
+                        **launch_kwargs(engine))
+    return demo, engine
