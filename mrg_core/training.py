@@ -447,6 +447,16 @@ def _better(metric: str, new: float | None, best: float | None) -> bool:
     return new < best if metric.endswith("loss") else new > best
 
 
+def mixed_precision(cfg: TrainConfig, cpu: bool) -> str:
+    """accelerate's mixed_precision: bf16/fp16 autocast on CUDA (amp), bf16 on the CPU only with
+    cpu_bf16, else none."""
+    if cpu:
+        return "bf16" if cfg.cpu_bf16 else "no"
+    if not cfg.amp:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def make_accelerator(cfg: TrainConfig, device: str = "auto"):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -454,11 +464,7 @@ def make_accelerator(cfg: TrainConfig, device: str = "auto"):
     cpu = device == "cpu" or not torch.cuda.is_available()
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
-    mp = "no"
-    if cfg.amp and not cpu:
-        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    elif cpu and cfg.cpu_bf16:
-        mp = "bf16"
+    mp = mixed_precision(cfg, cpu)
     # a batch made only of report-less studies leaves the prompt/LM path unused
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp])

@@ -343,3 +343,14 @@ def write_phi_dicom(path) -> list[str]:
             markers += value.split("^")
     ds.save_as(path, enforce_file_format=True)
     return sorted(set(markers))
+
+
+def save_tiny_versions(root, versions=(("1.0.0", 0), ("2.0.0", 1))):
+    """Tiny models saved as version folders root/tiny-<version> (the Model panel lists them)."""
+    from mrg_core.models import tiny_model
+
+    for version, seed in versions:
+        m = tiny_model(method="prompt", family="gpt2", seed=seed)
+        m.config.version = version
+        m.save_pretrained(root / f"tiny-{version}")
+    return root

@@ -207,3 +207,37 @@ def test_encoder_warmup_draws_a_new_batch_order_every_epoch(run):
     orders = [tuple(round(x, 3) for x in first_batches[i * per_epoch:(i + 1) * per_epoch])
               for i in range(3)]
     assert len(set(orders)) == 3, orders
+
+
+def test_cpu_bf16_switches_mixed_precision_on_the_cpu_only_when_asked():
+    from mrg_core.training import TrainConfig, mixed_precision
+
+    assert mixed_precision(TrainConfig(), cpu=True) == "no"
+    assert mixed_precision(TrainConfig(cpu_bf16=True), cpu=True) == "bf16"
+    assert mixed_precision(TrainConfig(amp=False, cpu_bf16=True), cpu=False) == "no"
+
+
+def test_init_encoder_reuses_a_finding_models_encoder_without_its_finding_head(tmp_path):
+    """A plain model can start from a finding model's encoder (the token head is left out);
+    a finding model started from a plain one gets a fresh token head."""
+    import torch
+
+    from mrg_core.models import ReportModel, tiny_config
+    from mrg_core.models.factory import SAMPLE_REPORTS
+    from mrg_core.text import train_tokenizer
+    from mrg_core.training import init_encoder
+
+    tok = train_tokenizer(SAMPLE_REPORTS + ["ground glass , nodule ."], min_frequency=1)
+    found = tiny_config()
+    found.labels = ["pneumonia", "ground_glass", "nodule"]
+    found.finding_prompt = True
+    found.finding_phrases = {"ground_glass": "ground glass", "nodule": "nodule"}
+    torch.manual_seed(1)
+    ReportModel.build(found, tok).save_pretrained(tmp_path / "findings")
+    torch.manual_seed(2)
+    plain = ReportModel.build(tiny_config(), tok)
+    info = init_encoder(plain, tmp_path / "findings")
+    src = ReportModel.from_pretrained(tmp_path / "findings").encoder.state_dict()
+    for k, v in plain.encoder.state_dict().items():
+        assert torch.equal(v, src[k]), k
+    assert info["fresh"] == []

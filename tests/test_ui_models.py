@@ -7,7 +7,6 @@ import torch
 
 from mrg_core.engine import Engine, EngineSettings
 from mrg_core.finetune import FinetuneConfig
-from mrg_core.models import tiny_model
 from mrg_core.paths import SAMPLES_DIR
 from tests import factories
 from ui import handlers as h
@@ -20,12 +19,7 @@ CT_SAMPLE = SAMPLES_DIR / "ct_phantom_covid.dcm"
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
     torch.set_num_threads(1)  # the machine is shared with a training run
-    root = tmp_path_factory.mktemp("models")
-    for version, seed in (("1.0.0", 0), ("2.0.0", 1)):
-        m = tiny_model(method="prompt", family="gpt2", seed=seed)
-        m.config.version = version
-        m.save_pretrained(root / f"tiny-{version}")
-    return root
+    return factories.save_tiny_versions(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import pytest
 
 from mrg_core import auth
 from tests.e2e.serving import serve_app
+from tests.factories import save_tiny_versions
 from tests.e2e.test_browser import WAIT_MS, wait_text
 from ui import models_panel as mp
 
@@ -13,14 +14,7 @@ FAST = 1_000  # PBKDF2 iterations: the test's logins stay quick
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from mrg_core.models import tiny_model
-
-    root = tmp_path_factory.mktemp("e2e_admin")
-    for version, seed in (("1.0.0", 0), ("2.0.0", 1)):
-        m = tiny_model(method="prompt", family="gpt2", seed=seed)
-        m.config.version = version
-        m.save_pretrained(root / f"tiny-{version}")
-    return root
+    return save_tiny_versions(tmp_path_factory.mktemp("e2e_admin"))
 
 
 def _serve(models, db, **build_kw):
