@@ -20,6 +20,7 @@ import numpy as np
 from mrg_core.io import LoadLimits, load_study
 from mrg_core.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from mrg_core.storage import DraftRecord, SaveResult, Store
+from mrg_core.storage.space import default_database_url, ephemeral_store_warning
 from mrg_core.study import Study
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ class EngineSettings:
     """Where the model and the database live. Every field has an environment variable."""
 
     model_dir: Path | None = DEFAULT_MODEL_DIR
-    database_url: str = f"sqlite:///{REPO_ROOT / 'mrg_studio.db'}"
+    # SQLite in the repository; on a Hugging Face Space in its persistent /data when present
+    database_url: str = field(default_factory=lambda: default_database_url(REPO_ROOT))
     device: str | None = None  # None = CUDA when present, else CPU
     limits: LoadLimits = field(default_factory=LoadLimits)
     precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8 (models/quantize)
@@ -154,22 +156,35 @@ class Engine:
         self.precision = precision
         self.decode_threads = resolve_threads(decode_threads)
         self.model = self._with_precision(model)
+        self.missing_weights: str | None = None  # why the configured model could not load
+        # shown on the page when a Space keeps the corrections where a restart wipes them
+        self.store_warning = ephemeral_store_warning(
+            store.engine.url.render_as_string(hide_password=True))
         # One generation at a time per model: torch threads are already busy with one draft.
         self._model_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> Engine:
-        model = None
+        from mrg_core.weights import MissingWeights
+
+        model, missing = None, None
         if settings.model_dir is not None and (Path(settings.model_dir) / "config.json").is_file():
             from mrg_core.models import ReportModel
 
             t0 = time.perf_counter()
-            model = ReportModel.from_pretrained(settings.model_dir, device=settings.device)
-            log.info("model loaded from %s in %.2f s", settings.model_dir, time.perf_counter() - t0)
+            try:
+                model = ReportModel.from_pretrained(settings.model_dir, device=settings.device)
+            except MissingWeights as exc:  # e.g. the LLM package was not installed
+                missing = str(exc)
+                log.error("the model cannot load: %s. The app runs without drafts.", missing)
+            else:
+                log.info("model loaded from %s in %.2f s", settings.model_dir,
+                         time.perf_counter() - t0)
         else:
             log.warning("no model found at %s: the app runs without drafts", settings.model_dir)
         engine = cls(model, Store(settings.database_url), settings.limits,
                      precision=settings.precision, decode_threads=settings.decode_threads)
+        engine.missing_weights = missing
         if model is not None:  # fine-tunes start from this folder, named by its lineage
             engine.model_dir = Path(settings.model_dir).resolve()
         return engine

@@ -235,6 +235,13 @@ def test_finding_prompt_states_predicted_findings_and_trains_their_heads(tmp_pat
     # thresholds decide what is stated: everything passes 0, nothing passes 1
     cfg.label_thresholds = {"ground_glass": 0.0, "RLL": 1.0}
     assert model.findings_from([0.9, 0.2, 0.99]) == ("ground_glass",)
+    # a negative decision reads its own thresholds (absent ones: the shared ones)
+    cfg.negative_label_thresholds = {"ground_glass": 0.5}
+    assert model.findings_from([0.9, 0.2, 0.99]) == ("ground_glass",)  # positive call
+    assert model.findings_from([0.1, 0.2, 0.99]) == ()  # negative: 0.2 < 0.5
+    assert model.findings_from([0.1, 0.6, 0.99]) == ("ground_glass",)
+    cfg.negative_label_thresholds = {}
+    assert model.findings_from([0.1, 0.2, 0.99]) == ("ground_glass",)
     # training: the report's findings (teacher forcing 1.0) and a loss on the finding heads
     model.train()
     x = torch.rand(2, 1, 1, 64, 64)
@@ -314,3 +321,30 @@ def test_report_encoder_feeds_the_lm_and_leaves_the_classifier_alone(tmp_path):
     assert torch.allclose(back.encode(study).prefix, model.encode(study).prefix, atol=1e-5)
     prob, _ = back.analyze(study)  # Grad-CAM path fills the same cache entry
     assert abs(prob.probability - p0) < 1e-6
+
+
+def test_medvlm_query_transformer_width_is_its_own(tmp_path):
+    """qformer_dim: the fused visual tokens are projected to a narrower query transformer (a
+    shipped bridge stays small); the model still drafts, and reloads to the same output."""
+    from mrg_core.models import ReportModel
+    from mrg_core.models.factory import tiny_config
+    from mrg_core.text import train_tokenizer
+
+    cfg = tiny_config("medvlm", "gpt2")
+    wide = sum(p.numel() for p in ReportModel.build(
+        cfg, train_tokenizer([cfg.instruction, "lungs are clear ."], min_frequency=1))
+        .bridge.parameters())
+    cfg.medvlm.qformer_dim = 8
+    tok = train_tokenizer([cfg.instruction, "lungs are clear ."], min_frequency=1)
+    torch.manual_seed(0)
+    model = ReportModel.build(cfg, tok).eval()
+    assert model.bridge.queries.shape[1] == 8 and model.bridge.fuse.out_features == 8
+    assert sum(p.numel() for p in model.bridge.parameters()) < wide
+    x = torch.rand(1, 1, 1, 64, 64)
+    with torch.no_grad():
+        prefix = model.bridge(model.encoder(x))
+    assert prefix.shape == (1, cfg.medvlm.num_queries, 64)  # LM width
+    model.save_pretrained(tmp_path / "m")
+    back = ReportModel.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back.bridge(back.encoder(x)), prefix)

@@ -110,3 +110,24 @@ def test_export_float16_halves_the_folder_and_loads_as_float32(tmp_path, monkeyp
     with pytest.raises(SystemExit):
         export.main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "x"),
                      "--set", "no_such_field=1"])
+
+
+def test_export_keeps_the_image_side_in_float32_when_asked(tmp_path, monkeypatch, study):
+    """--keep-float32 encoder.: the encoder's tensors stay float32 (exactly the measured
+    probability), everything else is stored as float16."""
+    from safetensors import safe_open
+
+    from mrg_core.cli import export
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = trained_a_little(tiny_model("medvlm", "gpt2"))
+    model.save_pretrained(tmp_path / "src")
+    assert export.main(["--model", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                        "--dtype", "float16", "--keep-float32", "encoder."]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    enc = {d for k, d in dtypes.items() if k.startswith("encoder.") and d.startswith("F")}
+    rest = {d for k, d in dtypes.items() if not k.startswith("encoder.") and d.startswith("F")}
+    assert enc == {"F32"} and rest == {"F16"}
+    back = ReportModel.from_pretrained(tmp_path / "out")
+    assert back.predict(study).probability == model.predict(study).probability

@@ -229,6 +229,15 @@ def test_model_on_packaged_llm_ships_only_what_was_trained(smollm, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(weights.MissingWeights, match="trained with"):
         ReportModel.from_pretrained(folder)
+    # the app still starts (view, write, save by hand) and says why there is no draft
+    from mrg_core.engine import Engine, EngineSettings
+    from ui.handlers import model_info_markdown
+
+    engine = Engine.from_settings(EngineSettings(model_dir=folder,
+                                                 database_url=f"sqlite:///{tmp_path / 'r.db'}"))
+    assert engine.model is None
+    page = model_info_markdown(engine)
+    assert "could not load" in page and "trained with" in page
 
 
 def test_lm_folder_prefers_the_package_and_records_its_hash():

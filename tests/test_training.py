@@ -109,6 +109,7 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
     cfg.lm_pretrain.path = str(run["out"] / "lm")  # reuse the fixture's LM: seconds, not minutes
     cfg.epochs, cfg.encoder_warmup_epochs = 2, 2
     cfg.freeze_encoder = cfg.calibrate_threshold = True
+    cfg.finding_thresholds_by_decision = True
     cfg.model["label_prompt"] = True
     # findings stated in words, predicted by extra encoder heads trained on the report's findings
     cfg.model["labels"] = ["pneumonia", "ground_glass", "RUL", "RLL", "LUL", "LLL"]
@@ -139,6 +140,10 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
     assert set(best.config.label_thresholds) == set(best.finding_names) == {
         "ground_glass", "RUL", "RLL", "LUL", "LLL"}
     assert best.config.label_thresholds == hist["threshold"]["finding_thresholds"]
+    # and a second set for negative decisions, chosen on val's negative-decision studies
+    assert set(best.config.negative_label_thresholds) == set(best.finding_names)
+    assert best.config.negative_label_thresholds == \
+        hist["threshold"]["negative_finding_thresholds"]
     # the evaluation reports each finding head next to the drafts that state its findings
     from mrg_core.data import load_covctr
     from mrg_core.evaluation.runner import evaluate_model

@@ -43,8 +43,11 @@ NOT_CLINICAL = "Research demo, not for clinical use."
 
 def model_info_markdown(engine: Engine) -> str:
     info = engine.model_info
+    store = f"\n\n⚠️ {engine.store_warning}" if getattr(engine, "store_warning", None) else ""
     if info is None:
-        return f"{NO_MODEL} {NOT_CLINICAL}"
+        why = getattr(engine, "missing_weights", None)
+        why = f" The model could not load: {_md(why)}." if why else ""
+        return f"{NO_MODEL}{why} {NOT_CLINICAL}{store}"
     trained = info.get("trained_on") or {}
     if isinstance(trained, dict):
         what = " ".join(str(trained[k]) for k in ("modality", "body_part") if trained.get(k))
@@ -57,7 +60,7 @@ def model_info_markdown(engine: Engine) -> str:
         parts.append(f"trained on {_md(what)}")
     if info.get("threshold") is not None:
         parts.append(f"threshold {float(info['threshold']):.2f}")
-    return " · ".join(parts) + f" · **{NOT_CLINICAL}**"
+    return " · ".join(parts) + f" · **{NOT_CLINICAL}**{store}"
 
 
 def list_samples(folder: Path = SAMPLES_DIR) -> list[tuple[str, str]]:

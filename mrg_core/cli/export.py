@@ -1,7 +1,8 @@
 """python -m mrg_core export --model SRC --out DST [--dtype float16] [--card FILE] [--set K=V ...]
 
 Package a trained model folder for shipping (e.g. runs/x/best -> assets/model): optionally
-store the weights as float16 (half the disk; loading computes in float32), write the model
+store the weights as float16 (half the disk; loading computes in float32; --keep-float32
+encoder. keeps the image side exact), write the model
 card, and set config fields chosen on val (e.g. --set label_guidance=1.5). Prints the folder
 size and how far the re-loaded model's probabilities moved from the source's.
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="trained model folder")
     ap.add_argument("--out", required=True, help="destination folder (replaced files)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--keep-float32", action="append", default=[], metavar="PREFIX",
+                    help="tensor name prefix stored in float32 despite --dtype, e.g. encoder. "
+                         "(the image side then gives exactly the measured probabilities; "
+                         "repeatable)")
     ap.add_argument("--card", help="Markdown model card: written as README.md and MODEL_CARD.md")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="top-level config field, value as JSON (repeatable)")
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     card = Path(args.card).read_text(encoding="utf-8") if args.card else None
     out = Path(args.out)
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    model.save_pretrained(out, card=card, dtype=dtype)
+    model.save_pretrained(out, card=card, dtype=dtype, keep_float32=tuple(args.keep_float32))
     if card is not None:
         (out / "MODEL_CARD.md").write_text(card, encoding="utf-8")
 

@@ -60,6 +60,10 @@ class MedVLMConfig:
     num_queries: int = 16
     qformer_layers: int = 2
     qformer_heads: int = 4
+    # Width of the query transformer; None = the encoder's feature width. A narrower one keeps
+    # a shipped bridge small: at EfficientNet's 1280 features two layers are 39 M parameters,
+    # at 256 about 1.6 M (the fused tokens are projected down first).
+    qformer_dim: int | None = None
     label_embed_dim: int = 32
     adapter: str = "lora"  # "lora" | "prefix" | "unfreeze" | "none"
     lora_r: int = 8
@@ -115,6 +119,9 @@ class ReportModelConfig:
     finding_teacher_forcing: float = 1.0
     finding_phrases: dict[str, str] = field(default_factory=dict)
     label_thresholds: dict[str, float] = field(default_factory=dict)
+    # Thresholds that replace label_thresholds when the classifier's decision is negative
+    # (chosen on val's negative-decision studies; empty = the same thresholds either way).
+    negative_label_thresholds: dict[str, float] = field(default_factory=dict)
     finding_weight: float = 0.5  # the findings' share of the classification loss, per label
     # Decoding defaults of this model, chosen on val; GenerationSettings fields left at None
     # take them (see GenerationSettings for what each does).

@@ -56,9 +56,12 @@ def _save_base_lm(model, folder: Path, dtype: torch.dtype | None = None) -> None
     clean.save_pretrained(folder)
 
 
-def save_model(model, folder, card: str | None = None, dtype: torch.dtype | None = None) -> None:
+def save_model(model, folder, card: str | None = None, dtype: torch.dtype | None = None,
+               keep_float32: tuple[str, ...] = ()) -> None:
     """dtype (e.g. torch.float16): storage type of the floating tensors, half the disk for a
-    shipped model; loading always computes in float32."""
+    shipped model; loading always computes in float32. keep_float32: name prefixes stored in
+    float32 whatever dtype says (e.g. "encoder.": the probability and the finding calls stay
+    exactly those measured, while the text side is halved)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -73,7 +76,8 @@ def save_model(model, folder, card: str | None = None, dtype: torch.dtype | None
             continue
         seen.add(key)
         v = v.detach().to("cpu")
-        tensors[k] = (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        cast = dtype is not None and v.is_floating_point() and not k.startswith(keep_float32)
+        tensors[k] = (v.to(dtype) if cast else v).contiguous()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if not _lm_is_reference_only(cfg):
         _save_base_lm(model, folder / "lm", dtype)

@@ -18,14 +18,15 @@ from mrg_core.models.encoder import EncoderOutput
 class MedVLMBridge(nn.Module):
     def __init__(self, cfg: MedVLMConfig, feat_dim: int, lm_dim: int, n_labels: int):
         super().__init__()
+        dim = cfg.qformer_dim or feat_dim
         self.label_embed = nn.Sequential(nn.Linear(n_labels, cfg.label_embed_dim), nn.GELU())
-        self.fuse = nn.Linear(feat_dim + cfg.label_embed_dim, feat_dim)
-        self.queries = nn.Parameter(torch.randn(cfg.num_queries, feat_dim) * 0.02)
-        heads = math.gcd(cfg.qformer_heads, feat_dim)
-        layer = nn.TransformerDecoderLayer(feat_dim, heads, dim_feedforward=2 * feat_dim,
+        self.fuse = nn.Linear(feat_dim + cfg.label_embed_dim, dim)
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, dim) * 0.02)
+        heads = math.gcd(cfg.qformer_heads, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, dim_feedforward=2 * dim,
                                            dropout=0.1, batch_first=True, norm_first=True)
         self.qformer = nn.TransformerDecoder(layer, cfg.qformer_layers)
-        self.out = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, lm_dim))
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, lm_dim))
 
     def forward(self, enc: EncoderOutput, probs: torch.Tensor | None = None) -> torch.Tensor:
         """probs: label probabilities to embed (default: the classifier's own)."""

@@ -197,8 +197,12 @@ class ReportModel(nn.Module):
         return self._finding_names(self.config)
 
     def findings_from(self, probs: list[float]) -> tuple[str, ...]:
-        """Finding labels whose probability passes their threshold (default 0.5)."""
-        th, names = self.config.label_thresholds, set(self.finding_names)
+        """Finding labels whose probability passes their threshold (default 0.5); the
+        negative-decision thresholds when the classifier's decision is negative."""
+        cfg, names = self.config, set(self.finding_names)
+        negative = probs[self._target_index] < cfg.threshold
+        th = {**cfg.label_thresholds, **cfg.negative_label_thresholds} if negative \
+            else cfg.label_thresholds
         return tuple(n for n, p in zip(self.config.labels, probs)
                      if n in names and p >= th.get(n, 0.5))
 
@@ -460,9 +464,10 @@ class ReportModel(nn.Module):
         return "".join(self.stream_report(study, settings))
 
     # ------------------------------------------------------------------ save / load / info
-    def save_pretrained(self, folder, card: str | None = None, dtype=None) -> None:
+    def save_pretrained(self, folder, card: str | None = None, dtype=None,
+                        keep_float32: tuple[str, ...] = ()) -> None:
         from mrg_core.models.io import save_model
-        save_model(self, folder, card, dtype)
+        save_model(self, folder, card, dtype, keep_float32)
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "ReportModel":
