@@ -131,6 +131,10 @@ def main(argv=None) -> None:
 
     configure(logging.INFO)  # stderr; see logging_setup for what may be logged
     auth = read_auth_file(args.auth_file)  # before the model load: fail fast
+    if auth:  # hashing off the event loop, bounded, with a lockout (mrg_core.auth)
+        from mrg_core.auth import guard_logins
+
+        auth = guard_logins(auth)
     from mrg_core.engine import Engine, EngineSettings
     from mrg_core.registry import models_dir
     from ui import build_app, launch_kwargs

@@ -14,15 +14,23 @@ is an admin then).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import sys
+import time
+from collections import defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SCHEME = "pbkdf2_sha256"
 DEFAULT_ITERATIONS = 600_000  # OWASP 2023 figure for PBKDF2-HMAC-SHA256
@@ -127,6 +135,69 @@ def load_auth(path: str | os.PathLike | None) -> Callable[[str, str], bool] | No
     check = make_checker(users)
     check.admins = admins
     return check
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    """Limits on password guessing (guard_logins)."""
+
+    max_failures: int = 5  # wrong passwords for one username within window_s ...
+    window_s: float = 300.0
+    lockout_s: float = 300.0  # ... lock that username this long (right password refused too)
+    max_waiting: int = 8  # logins hashing or queued; beyond it a login is refused unhashed
+
+
+def guard_logins(check: Callable[[str, str], bool], policy: LoginPolicy = LoginPolicy(),
+                 clock: Callable[[], float] = time.monotonic):
+    """Gradio's `auth=` as a coroutine function around a (slow, PBKDF2) checker:
+    - the hash runs on one worker thread, never on the event loop, so a flood of logins does not
+      stall pages and signed-in users (each hash takes ~0.15 s of CPU);
+    - at most policy.max_waiting logins wait for it; more are refused without hashing;
+    - a username with policy.max_failures wrong passwords within window_s is locked for
+      lockout_s: every login for it is refused, the right password included.
+    The result keeps the checker's `admins` (is_admin). Gradio awaits it only because it is a
+    real `async def` function (an object with an async __call__ would be called without await
+    and its coroutine taken as True)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="login-hash")
+    failures: dict[str, deque] = defaultdict(deque)
+    locked_until: dict[str, float] = {}
+    waiting = 0
+
+    async def guarded(username: str, password: str) -> bool:
+        nonlocal waiting
+        now = clock()
+        if locked_until.get(username, 0.0) > now:
+            log.warning("login refused: the username is locked after repeated failures")
+            return False
+        if waiting >= policy.max_waiting:
+            log.warning("login refused: %d logins already waiting", waiting)
+            return False
+        waiting += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(pool, check, username,
+                                                                  password)
+        finally:
+            waiting -= 1
+        recent = failures[username]
+        if ok:
+            recent.clear()
+            return True
+        now = clock()
+        recent.append(now)
+        while recent and recent[0] <= now - policy.window_s:
+            recent.popleft()
+        if len(recent) >= policy.max_failures:
+            locked_until[username] = now + policy.lockout_s
+            recent.clear()
+            log.warning("a username is locked for %.0f s after %d wrong passwords",
+                        policy.lockout_s, policy.max_failures)
+        if len(failures) > 10_000:  # unknown usernames must not grow memory without end
+            failures.clear()
+        return False
+
+    guarded.admins = getattr(check, "admins", frozenset())
+    guarded.policy = policy
+    return guarded
 
 
 def is_admin(auth, username: str | None) -> bool:

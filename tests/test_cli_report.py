@@ -16,7 +16,8 @@ def test_report_cli_prints_one_json_object_per_study(tmp_path):
     bad = tmp_path / "broken.dcm"
     bad.write_bytes(b"DICM" + b"\x00" * 50)
     ct = SAMPLES_DIR / "ct_phantom_covid.dcm"
-    study_dir = tmp_path / "study"  # a folder = the views/slices of one study
+    # a folder = the views/slices of one study; PACS exports name folders by patient ID
+    study_dir = tmp_path / "77654033"
     study_dir.mkdir()
     for name in ("ct_phantom_covid.dcm", "ct_phantom_normal.dcm"):
         (study_dir / name).write_bytes((SAMPLES_DIR / name).read_bytes())
@@ -26,8 +27,11 @@ def test_report_cli_prints_one_json_object_per_study(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr  # one study failed to load
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [Path(r["file"]).name for r in rows] == ["ct_phantom_covid.dcm", "study",
-                                                    "broken.dcm"]
+    assert [(r["input"], r["kind"]) for r in rows] == [(1, "file"), (2, "folder"), (3, "file")]
+    # no path or file name in the output (PACS folders and files are named by patient)
+    assert "77654033" not in out.stdout + out.stderr and "ct_phantom" not in out.stdout
+    assert str(tmp_path) not in out.stdout + out.stderr
+    assert len({r["path_sha256"] for r in rows}) == 3
     ok, multi, err = rows
     assert 0.0 <= ok["probability"] <= 1.0 and ok["label"] == int(
         ok["probability"] >= ok["threshold"])

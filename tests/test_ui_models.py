@@ -52,8 +52,9 @@ def test_choices_list_every_version_with_its_label(engine, models_root):
     opts = mp.model_choices(engine, [models_root])
     labels = [label for label, _ in opts]
     assert sorted(labels) == ["mrg-studio-tiny 1.0.0 · in use", "mrg-studio-tiny 2.0.0"]
-    assert {p for _, p in opts} == {str((models_root / d).resolve())
+    assert {k for _, k in opts} == {mp.version_key(models_root / d)
                                     for d in ("tiny-1.0.0", "tiny-2.0.0")}
+    assert all(str(models_root) not in k for _, k in opts)  # no server path reaches the page
 
 
 def test_label_names_the_parent():
@@ -68,7 +69,10 @@ def test_switch_then_drafts_record_the_new_version(engine, models_root, tmp_path
     first = draft_and_save(engine)
     assert stored_version(db, first) == ("mrg-studio-tiny", "1.0.0")
 
-    ok, msg = mp.switch_model(engine, str(models_root / "tiny-2.0.0"))
+    # the page names versions by key, never by server path, and takes only a listed one
+    assert str(models_root) not in repr(mp.model_choices(engine, [models_root]))
+    assert not mp.switch_model(engine, str(models_root / "tiny-2.0.0"), [models_root])[0]
+    ok, msg = mp.switch_model(engine, mp.version_key(models_root / "tiny-2.0.0"), [models_root])
     assert ok and "2.0.0" in msg
     assert "version 2.0.0" in h.model_info_markdown(engine)
     assert dict(mp.model_choices(engine, [models_root]))["mrg-studio-tiny 2.0.0 · in use"]
@@ -88,8 +92,8 @@ def test_switch_to_a_broken_folder_keeps_the_model(engine, tmp_path):
     bad = tmp_path / "broken"
     bad.mkdir()
     (bad / "config.json").write_text("{}")
-    ok, msg = mp.switch_model(engine, str(bad))
-    assert not ok and "still in use" in msg and "Traceback" not in msg
+    ok, msg = mp.switch_model(engine, mp.version_key(bad), [tmp_path])
+    assert not ok and "Model not changed" in msg and "Traceback" not in msg
     assert engine.model_info["version"] == "1.0.0"
     assert not mp.switch_model(engine, None)[0]
 

@@ -262,7 +262,7 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             why = refused(request, "switch the live model")
             if why:
                 return (why, gr.update(), gr.update(), *keep_stale)
-            ok, msg = mp.switch_model(engine, path)  # a new model: this page's exports go
+            ok, msg = mp.switch_model(engine, path, model_roots)  # a new model: this page's exports go
             return (msg, h.model_info_markdown(engine), refresh_versions(path),
                     *(clear_stale(s) if ok else keep_stale))
 

@@ -6,6 +6,8 @@ it: the handler's own worker is free between polls and other sessions go on draf
 """
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import threading
 import time
@@ -54,22 +56,38 @@ def model_label(mv, live: tuple[str, str] | None = None) -> str:
     return f"{mv.name} {mv.version}{parent}{here}"
 
 
-def model_choices(engine: Engine, roots=None) -> list[tuple[str, str]]:
-    """(label, folder) of every version on disk, newest first."""
-    info = engine.model_info
-    live = None if info is None else (str(info.get("name")), str(info.get("version")))
+def version_key(path) -> str:
+    """What the page and its API see for a model version: a short hash of the folder, never
+    the server path (nor a way to name any other folder)."""
+    return hashlib.sha256(str(Path(path).resolve()).encode("utf-8", "surrogateescape")
+                          ).hexdigest()[:16]
+
+
+def _versions(engine: Engine, roots=None) -> list:
     try:
-        versions = engine.list_models(roots)
+        return engine.list_models(roots)
     except OSError:
         log.exception("could not list model versions")
         return []
-    return [(model_label(m, live), str(m.path)) for m in reversed(versions)]
 
 
-def switch_model(engine: Engine, path: str | None) -> tuple[bool, str]:
-    """(ok, message). Drafts started after this record the new name + version."""
-    if not path:
+def model_choices(engine: Engine, roots=None) -> list[tuple[str, str]]:
+    """(label, version key) of every version on disk, newest first."""
+    info = engine.model_info
+    live = None if info is None else (str(info.get("name")), str(info.get("version")))
+    return [(model_label(m, live), version_key(m.path))
+            for m in reversed(_versions(engine, roots))]
+
+
+def switch_model(engine: Engine, key: str | None, roots=None) -> tuple[bool, str]:
+    """(ok, message) for a version key from model_choices (a listed version only). Drafts
+    started after this record the new name + version."""
+    if not key:
         return False, "Choose a model version first."
+    path = next((m.path for m in _versions(engine, roots) if version_key(m.path) == key), None)
+    if path is None:
+        return False, ("**Model not changed.** That version is not in the list any more; "
+                       "choose one again.")
     try:
         info = engine.switch_model(Path(path))
     except Exception as exc:  # a broken folder must not take the page down

@@ -2,7 +2,8 @@
                                [--precision fp32|fp32-merged|bf16|int8]
 
 One model load, then for each study (a file, or a folder whose files are the views/slices of one
-study) one JSON object: probability, label, threshold, out-of-domain decision, draft report,
+study) one JSON object: which argument it is (`input`, 1-based; `kind`; a hash of the path, never
+the path or a name, which may identify a patient), probability, label, threshold, out-of-domain decision, draft report,
 model, run settings and timings.
 
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one
@@ -75,8 +76,8 @@ def main(argv: list[str]) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     info = model.info
     status = 0
-    for path in args.files:
-        record: dict = {"file": str(path)}
+    for index, path in enumerate(args.files, 1):
+        record: dict = input_record(index, path)
         try:
             t1 = time.perf_counter()
             study = load_study(_sources(path))
@@ -105,6 +106,17 @@ def main(argv: list[str]) -> int:
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
         print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2), flush=True)
     return status
+
+
+def input_record(index: int, path: Path) -> dict:
+    """How a study is named in the output: its position among the arguments, file or folder,
+    and a short hash of the path. Never the path or a file name: PACS-style folders and files
+    are often named by patient ID or name (e.g. dicomdirtests/77654033/...)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(path).resolve()).encode("utf-8", "surrogateescape"))
+    return {"input": index, "kind": "folder" if Path(path).is_dir() else "file",
+            "path_sha256": digest.hexdigest()[:12]}
 
 
 def _threads(value: str) -> int | str:

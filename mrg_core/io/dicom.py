@@ -7,20 +7,25 @@ macros: each frame is read with its own (shared, then per-frame) values.
 """
 from __future__ import annotations
 
-from io import BytesIO
-
 import warnings
+import zlib
+from io import BytesIO
 
 import numpy as np
 import pydicom
 import pydicom.config
-from pydicom.dataset import Dataset
+from pydicom import filereader
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import generate_frames
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import UID_dictionary
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from ..study import CT_WINDOWS, View
 from .deid import _get, safe_meta
 from .errors import StudyLoadError
-from .limits import Budget
+from .frame_size import frame_size
+from .limits import Budget, mib
 from .pixels import finite_or_none, linear_window, minmax_window, rgb_to_grey
 
 # pydicom's read-time validation warns *and logs* invalid values verbatim, which for a damaged
@@ -43,10 +48,54 @@ def _fail(code: str, name: str, exc: BaseException | None = None) -> StudyLoadEr
     return StudyLoadError(code, name=name)
 
 
-def read_dataset(data: bytes, name: str, has_preamble: bool):
-    """Parse the header (pixels stay raw bytes). Random bytes -> not_an_image."""
+_INFLATE_STEP = 8 * 2**20
+
+
+def _inflated(data: bytes, name: str, max_bytes: int):
+    """A Deflated Explicit VR Little Endian file (PS3.5 A.5), read with the dataset inflated
+    at most to max_bytes: pydicom would inflate it whole before any limit applies (a 3 MB file
+    became 3 GiB). None when the file is not deflated (or has no readable file meta)."""
+    fp = BytesIO(data)
     try:
-        ds = pydicom.dcmread(BytesIO(data), force=True)
+        preamble = filereader.read_preamble(fp, False)
+        meta = filereader._read_file_meta_info(fp)
+    except Exception:  # noqa: BLE001 - not a file with a meta header: pydicom decides below
+        return None
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return None
+    # in 8 MB steps: one call with max_length grows (and copies) its output buffer, which
+    # doubled the peak memory of a bomb
+    inflate, parts, total = zlib.decompressobj(-zlib.MAX_WBITS), [], 0
+    tail = memoryview(data)[fp.tell():]
+    try:
+        while tail and not inflate.eof:
+            part = inflate.decompress(tail, _INFLATE_STEP)
+            tail = inflate.unconsumed_tail
+            total += len(part)
+            if total > max_bytes:
+                raise StudyLoadError("too_large", f"{name} is too large to read safely: its "
+                                     f"compressed data may expand to at most {mib(max_bytes)}.",
+                                     name=name)
+            parts.append(part)
+            if not part and not tail:
+                break
+    except zlib.error as exc:
+        raise StudyLoadError("corrupt", name=name) from exc
+    raw = b"".join(parts)
+    del parts
+    ds = filereader.read_dataset(DicomBytesIO(raw), is_implicit_VR=False, is_little_endian=True)
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian  # the dataset is inflated now
+    return FileDataset(None, ds, preamble=preamble, file_meta=meta, is_implicit_VR=False,
+                       is_little_endian=True)
+
+
+def read_dataset(data: bytes, name: str, has_preamble: bool, max_inflated: int = 256 * 2**20):
+    """Parse the header (pixels stay raw bytes). Random bytes -> not_an_image. A deflated
+    dataset expands to at most max_inflated bytes."""
+    try:
+        ds = _inflated(data, name, max_inflated) or pydicom.dcmread(BytesIO(data), force=True)
+    except StudyLoadError:
+        raise
     except MemoryError as exc:
         raise StudyLoadError("too_large", name=name) from exc
     except Exception as exc:  # noqa: BLE001 - InvalidDicomError, struct.error, ValueError...
@@ -87,6 +136,10 @@ def _geometry(ds, name: str) -> tuple[int, int, int, int]:
     return rows, cols, frames, spp
 
 
+def _photometric(ds) -> str:
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper()
+
+
 def _check_pixel_data(ds, name: str, rows: int, cols: int, frames: int, spp: int) -> None:
     """Native data must be long enough; compressed data needs an installed decoder."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -101,14 +154,37 @@ def _check_pixel_data(ds, name: str, rows: int, cols: int, frames: int, spp: int
             raise StudyLoadError("unsupported_compression", name=name) from exc
         if not decoder.is_available:
             raise StudyLoadError("unsupported_compression", name=name)
+        _check_frame_sizes(ds, name, rows, cols, frames)
         return
     try:
         n = len(ds.PixelData)
     except Exception as exc:  # noqa: BLE001
         raise _fail("corrupt", name, exc) from exc
-    expected = rows * cols * frames * spp * int(ds.BitsAllocated) // 8
+    # YBR_FULL_422 stores each pair of pixels as Y Y Cb Cr: two samples a pixel, not three
+    per_pixel = 2 if spp == 3 and _photometric(ds) == "YBR_FULL_422" else spp
+    expected = rows * cols * frames * per_pixel * int(ds.BitsAllocated) // 8
     if n < expected:
         raise StudyLoadError("truncated", name=name)
+
+
+def _check_frame_sizes(ds, name: str, rows: int, cols: int, frames: int) -> None:
+    """Each encapsulated frame's own size (its JPEG / JPEG 2000 header) must be the header's:
+    a decoder allocates what the frame says, so a lie is refused before decoding."""
+    try:
+        chunks = generate_frames(ds.PixelData, number_of_frames=frames)
+        for _ in range(frames):
+            size = frame_size(next(chunks))
+            if size is None or size == (rows, cols):
+                continue
+            if size[0] * size[1] > rows * cols:
+                raise StudyLoadError("too_large", f"{name} is too large to display safely: an "
+                                     "image inside it is bigger than its header says.", name=name)
+            raise StudyLoadError("corrupt", name=name)
+    except StudyLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged fragment table: let the decoder judge
+        if isinstance(exc, MemoryError):
+            raise StudyLoadError("too_large", name=name) from exc
 
 
 def _decode(ds, name: str, frames: int) -> np.ndarray:
@@ -118,7 +194,22 @@ def _decode(ds, name: str, frames: int) -> np.ndarray:
     except MemoryError as exc:
         raise StudyLoadError("too_large", name=name) from exc
     except Exception as exc:  # noqa: BLE001 - plugin errors have no common base class
-        raise _fail("corrupt", name, exc) from exc
+        err = _fail("corrupt", name, exc)
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        try:
+            known = ts is not None and ts in UID_dictionary and ts.is_compressed
+        except Exception:  # noqa: BLE001 - not a UID at all
+            known = False
+        if err.code == "corrupt" and known:
+            # Every installed decoder refused complete data: name the compression (a name
+            # from pydicom's registry of known transfer syntaxes, not a value from the file),
+            # e.g. 12-bit "JPEG Extended (Process 2 and 4)" that libjpeg rejects.
+            raise StudyLoadError(
+                "unsupported_compression",
+                f"{name} uses {ts.name} compression in a form the installed decoders "
+                "(pylibjpeg, Pillow) cannot read, or its compressed data is damaged. Export it "
+                "from the PACS as uncompressed DICOM, or as PNG.", name=name) from exc
+        raise err from exc
     return arr[np.newaxis] if frames == 1 else arr
 
 
@@ -274,7 +365,7 @@ def decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool = Tr
 
 
 def _decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool) -> list[View]:
-    ds = read_dataset(data, name, has_preamble)
+    ds = read_dataset(data, name, has_preamble, budget.limits.max_file_bytes)
     rows, cols, frames, spp = _geometry(ds, name)
     budget.reserve(rows, cols, frames, name)
     _check_pixel_data(ds, name, rows, cols, frames, spp)
