@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
+import signal  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -139,6 +141,14 @@ def main(argv=None) -> None:
     from mrg_core.registry import models_dir
     from ui import build_app, launch_kwargs
 
+    from ui.upload_cache import empty_upload_folder, use_own_upload_folder
+
+    uploads = use_own_upload_folder()  # before the page is built: Gradio reads it then
+    if uploads is not None:  # our own folder: nothing from a previous run remains
+        empty_upload_folder(uploads)
+        atexit.register(empty_upload_folder, uploads)
+        # SIGTERM (service stop, container stop) ends through SystemExit, so atexit runs
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     model_dir = args.model_dir if args.model_dir.is_absolute() else Path.cwd() / args.model_dir
     settings = EngineSettings(model_dir=model_dir, database_url=args.db_url,
                               limits=load_limits(args.max_upload_mb), precision=args.precision,

@@ -90,10 +90,15 @@ def test_app_serves_page(tmp_path):
     port = free_port()
     db = tmp_path / "app.db"
     log = open(tmp_path / "app.log", "w+")
+    uploads = tmp_path / "uploads"  # the app's own upload folder: emptied at start and stop
+    (uploads / "h1").mkdir(parents=True)
+    (uploads / "h1" / "previous_run.dcm").write_bytes(b"patient data")
+    env = child_env(MRG_UPLOAD_DIR=str(uploads))
+    env.pop("GRADIO_TEMP_DIR", None)
     proc = subprocess.Popen(
         [sys.executable, str(APP), "--port", str(port), "--model-dir", str(model_dir),
          "--db-url", f"sqlite:///{db}"],
-        cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url, deadline, status = f"http://127.0.0.1:{port}/", time.time() + 90, None
         while time.time() < deadline and proc.poll() is None:
@@ -115,8 +120,15 @@ def test_app_serves_page(tmp_path):
         assert "0.0.0.0" not in output  # local by default
         assert f"running on http://127.0.0.1:{port}" in output
         assert "share=True" not in output and "public link" not in output  # never shared
+        assert uploads.is_dir() and not list(uploads.iterdir())  # the previous run's upload
+        (uploads / "h2").mkdir()
+        (uploads / "h2" / "this_run.dcm").write_bytes(b"patient data")
+        proc.terminate()  # SIGTERM, as a service stop
+        proc.wait(timeout=20)
+        assert not list(uploads.iterdir())  # emptied on the way out
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

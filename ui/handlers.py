@@ -27,6 +27,7 @@ from mrg_core.storage import (ACCEPTED, KIND_LABELS, REVIEWER_REQUIRED, InvalidC
                               StoreError)
 from mrg_core.study import CT_WINDOWS
 
+from .upload_cache import discard_uploads
 from .state import Session
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def load_files(engine: Engine, session: Session, files) -> Loaded:
         log_failure("loading a study", exc)
         return Loaded(False, "**Could not load the study.** The file could not be read; "
                              "please export it again as DICOM, PNG or JPEG.")
+    finally:  # the uploaded originals (patient data inside) go; the study is de-identified
+        discard_uploads(files)
     names = ", ".join(_name(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
     session.reset_study(study, names)
     log.info("study %s loaded: %s", study.content_hash[:10], study_description(study))

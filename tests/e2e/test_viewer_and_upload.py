@@ -270,3 +270,27 @@ def test_ct_window_presets_change_the_pixels(page):
     page.get_by_role("radio", name="default", exact=True).click()
     wait_pixels(page, shows_grey(view.display), "the CT in its own window again")
     assert_page_intact(page)
+
+
+# ---------------------------------------------------------------------------- PHI at rest
+
+def test_uploaded_originals_are_deleted_once_read(page, tmp_path):
+    """The original upload (a DICOM with the patient's name inside) does not stay in Gradio's
+    upload folder: the loader reads it, the page keeps the de-identified study."""
+    import uuid
+
+    from ui.upload_cache import upload_folder
+
+    name = f"upload_{uuid.uuid4().hex}.dcm"
+    (tmp_path / name).write_bytes(CT_SAMPLE.read_bytes())
+    upload(page, tmp_path / name)
+    wait_text(page, "#load-message", "CT CHEST, 1 view")
+    wait_text(page, "#probability", "Pneumonia probability")
+    assert not [p for p in upload_folder().rglob(name)], "the original upload is still cached"
+    # a file that fails to load goes too
+    bad = tmp_path / f"bad_{uuid.uuid4().hex}.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + bytes(300))
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, bad)
+    wait_text(page, "#load-message", "Could not load")
+    assert not [p for p in upload_folder().rglob(bad.name)]
