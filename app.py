@@ -115,22 +115,11 @@ def load_limits(max_upload_mb: float):
     return LoadLimits(max_file_bytes=int(max_upload_mb * 2**20))
 
 
-def quiet_known_warnings() -> None:
-    """Silence third-party warnings the app's user can do nothing about. Only exact, known
-    messages: anything else still shows.
-    - peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model
-      with a LoRA adapter (transformers says: removed in v6; peft will follow)."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
-                            category=FutureWarning)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    quiet_known_warnings()
-    from mrg_core.logging_setup import configure
+    from mrg_core.logging_setup import configure, quiet_known_warnings
 
+    quiet_known_warnings()
     configure(logging.INFO)  # stderr; see logging_setup for what may be logged
     auth = read_auth_file(args.auth_file)  # before the model load: fail fast
     if auth:  # hashing off the event loop, bounded, with a lockout (mrg_core.auth)

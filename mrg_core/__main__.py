@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in COMMANDS.items():
             print(f"  {name:<9} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from mrg_core.logging_setup import quiet_known_warnings
+
+    quiet_known_warnings()
     module = importlib.import_module(f"mrg_core.cli.{argv[0]}")
     return int(module.main(argv[1:]) or 0)
 

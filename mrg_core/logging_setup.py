@@ -21,3 +21,14 @@ def configure(level: int = logging.INFO, stream=None) -> None:
     root.setLevel(level)
     for name in QUIET:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def quiet_known_warnings() -> None:
+    """Silence third-party warnings a user can do nothing about (the app and every CLI
+    command). Only exact, known messages: anything else still shows.
+    - peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model
+      with a LoRA adapter (transformers says: removed in v6; peft will follow)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)

@@ -140,10 +140,11 @@ def test_app_serves_page(tmp_path):
 def test_start_up_hides_the_known_transformers_future_warning():
     import warnings
 
-    app = load_app_module()
+    from mrg_core.logging_setup import quiet_known_warnings
+
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        app.quiet_known_warnings()
+        quiet_known_warnings()
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6. "
                       "Use `is_activation_checkpointing` instead.", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)  # still shown

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -39,6 +38,7 @@ def test_report_cli_prints_one_json_object_per_study(tmp_path):
     assert ok["modality"] == "CT" and multi["n_views"] == 2
     assert set(ok["timings_s"]) == {"model_load", "load_study", "probability", "report"}
     assert err["error"] and err["message"] and "Traceback" not in out.stdout + out.stderr
+    assert "Warning" not in out.stderr, out.stderr  # e.g. transformers' FutureWarning via peft
 
 
 def test_report_cli_without_a_model_folder_exits_2(tmp_path):
