@@ -158,8 +158,7 @@ class Engine:
         self.model = self._with_precision(model)
         self.missing_weights: str | None = None  # why the configured model could not load
         # shown on the page when a Space keeps the corrections where a restart wipes them
-        self.store_warning = None if store is None else ephemeral_store_warning(
-            store.engine.url.render_as_string(hide_password=True))
+        self.store_warning = None if store is None else ephemeral_store_warning(store.engine.url)
         # One generation at a time per model: torch threads are already busy with one draft.
         self._model_lock = threading.Lock()
 

@@ -768,11 +768,8 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
     model.config.threshold = threshold
     model.config.calibration = platt_scaling(probs, y)
     if model.finding_names:
-        model.config.label_thresholds = finding_thresholds(model, val_ex, cache,
-                                                           beta=finding_beta)
-        model.config.negative_label_thresholds = (
-            finding_thresholds(model, val_ex, cache, beta=finding_beta, decision=0)
-            if by_decision else {})
+        model.config.label_thresholds, model.config.negative_label_thresholds = \
+            finding_thresholds(model, val_ex, cache, beta=finding_beta, by_decision=by_decision)
     card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() \
         else None
     model.save_pretrained(folder, card=card)
@@ -784,35 +781,41 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
 
 
 @torch.no_grad()
-def finding_thresholds(model, val_ex: list[Example], cache: ImageCache,
-                       min_positives: int = 5, beta: float = 1.0,
-                       decision: int | None = None) -> dict[str, float]:
-    """Per finding, the val threshold with the best F-beta against the findings the reference
-    reports name; 0.5 where val has fewer than min_positives cases (an F1 optimum over two or
-    three cases picks a threshold that states the finding everywhere). decision 0/1: only the
-    val studies the classifier decides so (at config.threshold) count, i.e. the threshold given
-    the decision; a finding far more common under one label (ground glass: 68 % of COVID-19
-    reports, 30 % of the others) needs more evidence when the decision is the other one."""
-    from sklearn.metrics import precision_recall_curve
-
+def finding_thresholds(model, val_ex: list[Example], cache: ImageCache, min_positives: int = 5,
+                       beta: float = 1.0, by_decision: bool = False
+                       ) -> tuple[dict[str, float], dict[str, float]]:
+    """(thresholds, negative-decision thresholds) of the finding labels, from one encoder pass
+    over val (see fbeta_thresholds). The second set, only with by_decision (else empty), counts
+    only the val studies the classifier calls negative (at config.threshold): a finding far
+    more common under one label (ground glass: 68 % of COVID-19 reports, 30 % of the others)
+    needs more evidence when the decision is the other one."""
     keep = [ex for ex in val_ex if ex.has_report]
     model.eval()
     probs = torch.cat([torch.sigmoid(model.encoder(
         torch.stack([cache.get(ex) for ex in keep[i:i + 32]]).to(model.device)).logits.float())
         for i in range(0, len(keep), 32)]).cpu().numpy()
     y = np.array([study_targets(ex, model.config.labels) for ex in keep])
-    if decision is not None:
-        rows = (probs[:, model._target_index] >= model.config.threshold) == bool(decision)
-        probs, y = probs[rows], y[rows]
-    out = {}
-    for j, name in enumerate(model.config.labels):
-        if name not in model.finding_names:
-            continue
+    columns = {n: j for j, n in enumerate(model.config.labels) if n in model.finding_names}
+    shared = fbeta_thresholds(probs, y, columns, beta, min_positives)
+    if not by_decision:
+        return shared, {}
+    negative = probs[:, model._target_index] < model.config.threshold
+    return shared, fbeta_thresholds(probs[negative], y[negative], columns, beta, min_positives)
+
+
+def fbeta_thresholds(probs: np.ndarray, y: np.ndarray, columns: dict[str, int],
+                     beta: float = 1.0, min_positives: int = 5) -> dict[str, float]:
+    """Per named column, the threshold with the best F-beta of probs against the 0/1 targets y
+    (beta < 1 weighs precision more); 0.5 where there are fewer than min_positives cases (an
+    optimum over two or three cases picks a threshold that states the finding everywhere)."""
+    from sklearn.metrics import precision_recall_curve
+
+    out, b2 = {}, beta * beta
+    for name, j in columns.items():
         if y[:, j].sum() < min_positives:
             out[name] = 0.5
             continue
         prec, rec, thr = precision_recall_curve(y[:, j].astype(int), probs[:, j])
-        b2 = beta * beta
         fb = (1 + b2) * prec[:-1] * rec[:-1] / np.clip(b2 * prec[:-1] + rec[:-1], 1e-9, None)
         out[name] = float(min(max(thr[int(np.argmax(fb))], 1e-4), 1 - 1e-4))
     return out

@@ -7,33 +7,39 @@ import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from mrg_core.io import LoadLimits, StudyLoadError, load_study
 from mrg_core.paths import REPO_ROOT
+from mrg_core.samples import new_dataset
+from tests.factories import SC_IMAGE_STORAGE
 
 GiB = 2**30
+
+
+def grey8(rows: int, cols: int, seed: str):
+    """An 8-bit MONOCHROME2 secondary capture header for rows x cols (pixels set by caller)."""
+    ds = new_dataset(SC_IMAGE_STORAGE, "OT", seed)
+    ds.set_pixel_data(np.zeros((rows, cols), np.uint8), "MONOCHROME2", 8)
+    return ds
 
 
 def deflate_bomb(path, inflated_pixel_bytes: int, rows: int = 64, cols: int = 64) -> int:
     """A Deflated Explicit VR Little Endian file whose header says rows x cols (8 bit) but whose
     pixel data element inflates to inflated_pixel_bytes of zeros; returns the file size."""
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Modality, ds.Rows, ds.Columns = "OT", rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds = grey8(rows, cols, f"bomb-{path}")
+    meta = ds.file_meta
+    del ds.PixelData  # written by hand below: its length is the bomb's
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)
     head = body.getvalue() + b"\xe0\x7f\x10\x00OB\x00\x00" + inflated_pixel_bytes.to_bytes(4, "little")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     out = DicomBytesIO()
     out.write(b"\0" * 128 + b"DICM")
@@ -105,18 +111,8 @@ def test_compression_no_decoder_reads_is_named():
 
 def _encapsulated(path, ts, frame: bytes, rows: int = 64, cols: int = 64) -> None:
     """A DICOM whose header says rows x cols and whose one encapsulated frame is `frame`."""
-    from pydicom.dataset import FileDataset
-    from pydicom.encaps import encapsulate
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ts
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns = "OT", rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds = grey8(rows, cols, f"frame-{path}")
+    ds.file_meta.TransferSyntaxUID = ts
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)

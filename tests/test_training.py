@@ -149,6 +149,20 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
     from mrg_core.evaluation.runner import evaluate_model
 
     splits = load_covctr(run["data"])
+    # the negative set counts only studies decided negative: none when every study is called
+    # positive (too few cases: 0.5 each), all of them (= the shared set) when none is
+    from mrg_core.data import ImageCache
+    from mrg_core.training import finding_thresholds
+
+    cache = ImageCache(best.config.preprocess)
+    best.config.threshold = 0.0
+    shared, negative = finding_thresholds(best, splits["val"], cache, 1, by_decision=True)
+    assert set(negative.values()) == {0.5}
+    best.config.threshold = 1.01
+    assert finding_thresholds(best, splits["val"], cache, 1, by_decision=True) == (shared, shared)
+    assert finding_thresholds(best, splits["val"], cache, 1)[1] == {}
+    assert shared != {n: 0.5 for n in shared}  # the tiny val has enough cases to choose
+    best.config.threshold = hist["threshold"]["threshold"]
     m = evaluate_model(best, splits["test"], splits["train"], tmp_path / "eval", meteor=False,
                        clinical=False)
     assert set(m["finding_heads"]) == set(best.finding_names)
@@ -246,3 +260,21 @@ def test_init_encoder_reuses_a_finding_models_encoder_without_its_finding_head(t
     for k, v in plain.encoder.state_dict().items():
         assert torch.equal(v, src[k]), k
     assert info["fresh"] == []
+
+
+def test_fbeta_thresholds_weigh_precision_by_beta():
+    """beta < 1 picks a stricter threshold than F1 when recall costs precision; too few
+    positives fall back to 0.5."""
+    import numpy as np
+
+    from mrg_core.training import fbeta_thresholds
+
+    # 4 positives at 0.9, 0.8, 0.3, 0.2 among negatives at 0.35, 0.25, 0.1 (column 0)
+    p = np.array([0.9, 0.8, 0.3, 0.2, 0.35, 0.25, 0.1])
+    y = np.array([1, 1, 1, 1, 0, 0, 0])
+    probs, targets = np.stack([p, p], 1), np.stack([y, np.array([1, 0, 0, 0, 0, 0, 0])], 1)
+    cols = {"finding": 0, "rare": 1}
+    f1 = fbeta_thresholds(probs, targets, cols, beta=1.0, min_positives=2)
+    strict = fbeta_thresholds(probs, targets, cols, beta=0.5, min_positives=2)
+    assert f1["finding"] == pytest.approx(0.2) and strict["finding"] == pytest.approx(0.8)
+    assert f1["rare"] == strict["rare"] == 0.5  # one positive only

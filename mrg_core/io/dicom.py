@@ -136,10 +136,6 @@ def _geometry(ds, name: str) -> tuple[int, int, int, int]:
     return rows, cols, frames, spp
 
 
-def _photometric(ds) -> str:
-    return str(ds.get("PhotometricInterpretation", "")).strip().upper()
-
-
 def _check_pixel_data(ds, name: str, rows: int, cols: int, frames: int, spp: int) -> None:
     """Native data must be long enough; compressed data needs an installed decoder."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -161,7 +157,8 @@ def _check_pixel_data(ds, name: str, rows: int, cols: int, frames: int, spp: int
     except Exception as exc:  # noqa: BLE001
         raise _fail("corrupt", name, exc) from exc
     # YBR_FULL_422 stores each pair of pixels as Y Y Cb Cr: two samples a pixel, not three
-    per_pixel = 2 if spp == 3 and _photometric(ds) == "YBR_FULL_422" else spp
+    ybr422 = str(ds.PhotometricInterpretation).strip().upper() == "YBR_FULL_422"
+    per_pixel = 2 if spp == 3 and ybr422 else spp
     expected = rows * cols * frames * per_pixel * int(ds.BitsAllocated) // 8
     if n < expected:
         raise StudyLoadError("truncated", name=name)
@@ -180,11 +177,12 @@ def _check_frame_sizes(ds, name: str, rows: int, cols: int, frames: int) -> None
                 raise StudyLoadError("too_large", f"{name} is too large to display safely: an "
                                      "image inside it is bigger than its header says.", name=name)
             raise StudyLoadError("corrupt", name=name)
+    except MemoryError as exc:
+        raise StudyLoadError("too_large", name=name) from exc
     except StudyLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a damaged fragment table: let the decoder judge
-        if isinstance(exc, MemoryError):
-            raise StudyLoadError("too_large", name=name) from exc
+    except Exception:  # noqa: BLE001, S110 - a damaged fragment table: the decoder judges it
+        pass
 
 
 def _decode(ds, name: str, frames: int) -> np.ndarray:

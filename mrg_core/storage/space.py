@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 SPACE_DATA = Path("/data")
 DB_NAME = "mrg_studio.db"
 
@@ -27,16 +29,16 @@ def default_database_url(repo_root: Path, environ: Mapping[str, str] | None = No
     return f"sqlite:///{repo_root / DB_NAME}"
 
 
-def ephemeral_store_warning(url: str, environ: Mapping[str, str] | None = None,
+def ephemeral_store_warning(url, environ: Mapping[str, str] | None = None,
                             space_data: Path = SPACE_DATA) -> str | None:
     """A sentence for the page when a Space keeps its SQLite store outside /data; else None.
     (A server database, e.g. PostgreSQL, is the owner's choice and gets no warning.)"""
-    if not on_space(environ) or not url.startswith("sqlite"):
+    url = make_url(url)
+    if not on_space(environ) or url.get_backend_name() != "sqlite":
         return None
-    path = url.split("///", 1)[-1] if "///" in url else ""
-    if path and path != ":memory:":
-        resolved = Path(path).resolve()
-        if resolved == space_data.resolve() or space_data.resolve() in resolved.parents:
+    if url.database and url.database != ":memory:":
+        resolved, data = Path(url.database).resolve(), space_data.resolve()
+        if resolved == data or data in resolved.parents:
             return None
     return ("Saved reports are kept on this Space's temporary disk and are lost when it "
             "restarts: enable persistent storage (mounted at /data) or set MRG_DB_URL to a "
