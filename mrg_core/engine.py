@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrg_core.io import LoadLimits, load_study
+from mrg_core.io import LoadLimits, load_studies, load_study
 from mrg_core.paths import DEFAULT_MODEL_DIR, REPO_ROOT
 from mrg_core.storage import DraftRecord, SaveResult, Store
 from mrg_core.storage.space import default_database_url, ephemeral_store_warning
@@ -69,6 +69,30 @@ class Analysis:
     domain_warning: str | None
     seconds: float
     findings: tuple[str, ...] = ()  # in words, what the draft states (finding_prompt models)
+    # Studies of several slices/views: each view's probability (shown scale), the rule that
+    # combined them, and the key views (most probable first); Grad-CAM is computed for the
+    # first key view at once and for any other view on demand (Engine.view_heatmap).
+    view_probabilities: tuple[float, ...] | None = None
+    aggregation: str | None = None
+    key_views: tuple[int, ...] = ()
+
+
+def _sub_study(study: Study, index: int) -> Study:
+    return Study(views=(study.views[index],))
+
+
+class _Bounded(dict):
+    """A dict that forgets its oldest entries past `size` (insertion order)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key, value):
+        self.pop(key, None)
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            del self[next(iter(self))]
 
 
 class ModelNotLoaded(RuntimeError):
@@ -161,6 +185,8 @@ class Engine:
         self.store_warning = None if store is None else ephemeral_store_warning(store.engine.url)
         # One generation at a time per model: torch threads are already busy with one draft.
         self._model_lock = threading.Lock()
+        # study content hash -> (study decision, key view) of multi-view studies, for drafts
+        self._decisions: dict = _Bounded(256)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> Engine:
@@ -234,6 +260,10 @@ class Engine:
         """Files → Study. Raises mrg_core.io.StudyLoadError with a readable message."""
         return load_study(list(sources), self.limits)
 
+    def load_series(self, sources: Sequence) -> list[Study]:
+        """Files, folders or zips → one Study per DICOM series (SeriesInfo says which)."""
+        return load_studies(list(sources), self.limits)
+
     def domain_warning(self, study: Study) -> str | None:
         """Plain words when the study is not what the model was trained on."""
         return domain_warning(self.model_info, study)
@@ -241,6 +271,8 @@ class Engine:
     def analyze(self, study: Study) -> Analysis:
         model = self._require_model()
         t0 = time.perf_counter()
+        if len(study.views) > 1:
+            return self._analyze_views(model, study, t0)
         with self._model_lock:
             pred, maps = model.analyze(study)
         return Analysis(probability=float(pred.probability), threshold=float(pred.threshold),
@@ -248,6 +280,52 @@ class Engine:
                         domain_warning=self.domain_warning(study),
                         seconds=time.perf_counter() - t0,
                         findings=tuple(model.config.finding_phrases[n] for n in pred.findings))
+
+    def _analyze_views(self, model, study: Study, t0: float) -> Analysis:
+        """A series or a multi-view study: every view classified on its own, combined by the
+        model's study rule; Grad-CAM and findings from the key (most probable) view."""
+        from mrg_core.study_level import key_views
+
+        with self._model_lock:
+            raw = model.view_probabilities(study)
+            p_raw, label = model.study_decision(raw)
+            keys = key_views(raw)
+            pred, maps = model.analyze(_sub_study(study, keys[0]))
+        cfg = model.config
+        t = cfg.study_threshold if cfg.study_threshold is not None else cfg.threshold
+        self._decisions[(study.content_hash, id(model))] = (label, keys[0])
+        heatmaps: list = [None] * len(study.views)
+        heatmaps[keys[0]] = maps[0]
+        shown = model.calibrated(p_raw)
+        labels = dict(pred.labels)
+        labels[cfg.labels[model._target_index]] = shown
+        findings = pred.findings if pred.label == label else ()
+        return Analysis(probability=shown, threshold=model.calibrated(t), label=label,
+                        labels=labels, heatmaps=heatmaps,
+                        domain_warning=self.domain_warning(study),
+                        seconds=time.perf_counter() - t0,
+                        findings=tuple(cfg.finding_phrases[n] for n in findings),
+                        view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
+                        aggregation=cfg.study_aggregation, key_views=keys)
+
+    def view_heatmap(self, study: Study, index: int) -> np.ndarray:
+        """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""
+        model = self._require_model()
+        with self._model_lock:
+            return model.analyze(_sub_study(study, index))[1][0]
+
+    def drafted_study(self, study: Study) -> tuple[Study, int | None]:
+        """(what the draft is written from, the decision it states): a single view as it is; a
+        series or multi-view study from its key view with the whole study's decision."""
+        if len(study.views) == 1:
+            return study, None
+        key = (study.content_hash, id(self._require_model()))
+        hit = self._decisions.get(key)
+        if hit is None:
+            self.analyze(study)
+            hit = self._decisions[key]
+        label, key = hit
+        return _sub_study(study, key), label
 
     def stream_report(self, study: Study, settings=None) -> Iterator[str]:
         """Yield text pieces as they are decoded; concatenated they are the draft.
@@ -259,6 +337,7 @@ class Engine:
 
         model = self._require_model()
         settings = settings or GenerationSettings()
+        drafted, decision = self.drafted_study(study)
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
 
@@ -267,7 +346,9 @@ class Engine:
                 with self._model_lock, torch_threads(self.decode_threads):
                     if stop.is_set():
                         return
-                    it = model.stream_report(study, settings)
+                    # a series: its key view, with the series' decision
+                    extra = {} if decision is None else {"decision": decision}
+                    it = model.stream_report(drafted, settings, **extra)
                     try:
                         for piece in it:
                             pieces.put(piece)

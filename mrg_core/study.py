@@ -35,6 +35,11 @@ class ViewMeta:
     bits_stored: int | None = None
     frame_index: int = 0  # index within a multi-frame object
     units: str = "raw"  # "HU" when values are Hounsfield units, else "raw"
+    # Slice geometry (CT/MR series): position along the slice normal (ImagePositionPatient ·
+    # normal of ImageOrientationPatient, mm), nominal thickness, InstanceNumber.
+    slice_position: float | None = None
+    slice_thickness: float | None = None
+    instance_number: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -70,11 +75,46 @@ class View:
 
 
 @dataclass(frozen=True)
+class SeriesInfo:
+    """How the loader put a series together (non-identifying: no UID, no description)."""
+
+    index: int  # 1-based position among the series of one upload (by SeriesNumber)
+    n_slices: int
+    modality: str | None = None
+    series_number: int | None = None
+    kernel: str | None = None  # ConvolutionKernel, e.g. "B40f"
+    slice_thickness_mm: float | None = None  # median nominal thickness
+    spacing_mm: float | None = None  # median distance between neighbouring slice positions
+    ordered_by: str = "given"  # "position" | "instance_number" | "given"
+    gaps_after: tuple[int, ...] = ()  # slice indices followed by a missing slice (> 1.5 spacing)
+
+    def describe(self) -> str:
+        """'series 2 (CT, B40f): 30 slices, 8 mm thick, 8 mm apart' for messages and menus."""
+        head = ", ".join(x for x in (self.modality, self.kernel) if x)
+        n = self.series_number if self.series_number is not None else self.index
+        text = f"series {n}" + (f" ({head})" if head else "") + f": {self.n_slices} slices"
+        if self.slice_thickness_mm:
+            text += f", {self.slice_thickness_mm:g} mm thick"
+        if self.spacing_mm:
+            text += f", {self.spacing_mm:g} mm apart"
+        if self.gaps_after:
+            text += f", {len(self.gaps_after)} missing slice gap(s)"
+        return text
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["gaps_after"] = list(self.gaps_after)
+        return d
+
+
+@dataclass(frozen=True)
 class Study:
-    """One or more views (projections or CT slices) of one examination."""
+    """One or more views (projections or CT slices) of one examination. `series` is set when
+    the views are the ordered slices of one DICOM series."""
 
     views: tuple[View, ...]
     content_hash: str = field(default="")
+    series: SeriesInfo | None = None
 
     def __post_init__(self) -> None:
         if not self.views:
@@ -95,6 +135,7 @@ class Study:
         return {
             "content_hash": self.content_hash,
             "n_views": len(self.views),
+            "series": None if self.series is None else self.series.to_dict(),
             "views": [v.meta.to_dict() for v in self.views],
         }
 

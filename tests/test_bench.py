@@ -100,3 +100,12 @@ def test_startup_bench_times_the_page_and_the_phases(model_dir):
     ph = phases(model_dir)
     assert {"import gradio", "model load + store", "warm-up (first analysis + draft)",
             "launch"} <= set(ph)
+
+
+def test_series_bench_loads_analyses_and_shows_slices(model_dir):
+    """bench/series.py end to end on a small generated series (the figures are its own)."""
+    from bench.series import bench_series
+
+    res = bench_series(n=6, size=64, model_dir=model_dir)
+    assert res["slices"] == 6 and len(res["key_views"]) == 3
+    assert res["load_and_analyse_s"] > 0 and res["peak_rss_mb"] > 0

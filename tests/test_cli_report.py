@@ -26,16 +26,19 @@ def test_report_cli_prints_one_json_object_per_study(tmp_path):
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr  # one study failed to load
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert [(r["input"], r["kind"]) for r in rows] == [(1, "file"), (2, "folder"), (3, "file")]
+    # the folder holds two single-slice series: one object each
+    assert [(r["input"], r["kind"]) for r in rows] == [(1, "file"), (2, "folder"), (2, "folder"),
+                                                       (3, "file")]
     # no path or file name in the output (PACS folders and files are named by patient)
     assert "77654033" not in out.stdout + out.stderr and "ct_phantom" not in out.stdout
     assert str(tmp_path) not in out.stdout + out.stderr
     assert len({r["path_sha256"] for r in rows}) == 3
-    ok, multi, err = rows
+    ok, first, second, err = rows
+    assert [first["series"]["index"], second["series"]["index"]] == [1, 2]
     assert 0.0 <= ok["probability"] <= 1.0 and ok["label"] == int(
         ok["probability"] >= ok["threshold"])
     assert ok["report"].strip() and ok["model"]["name"] == "mrg-studio-tiny"
-    assert ok["modality"] == "CT" and multi["n_views"] == 2
+    assert ok["modality"] == "CT" and first["n_views"] == second["n_views"] == 1
     assert set(ok["timings_s"]) == {"model_load", "load_study", "probability", "report"}
     assert err["error"] and err["message"] and "Traceback" not in out.stdout + out.stderr
     assert "Warning" not in out.stderr, out.stderr  # e.g. transformers' FutureWarning via peft

@@ -1,10 +1,12 @@
 """python -m mrg_core report FILE... [--model DIR] [--jsonl] [--threads auto|N]
                                [--precision fp32|fp32-merged|bf16|int8]
 
-One model load, then for each study (a file, or a folder whose files are the views/slices of one
-study) one JSON object: which argument it is (`input`, 1-based; `kind`; a hash of the path, never
-the path or a name, which may identify a patient), probability, label, threshold, out-of-domain decision, draft report,
-model, run settings and timings.
+One model load, then for each study (a file; a folder or zip whose files are the views or
+slices of one study; one object per DICOM series when it holds several) one JSON object: which argument it is (`input`, 1-based; `kind`; a hash of the path, never
+the path or a name, which may identify a patient), probability, label, threshold, for a series or multi-view study
+the series (slices, thickness, spacing, order), the aggregation rule, the key slices (most
+probable first) and each slice's probability, out-of-domain decision, draft report, model, run
+settings and timings.
 
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one
 core fewer than the machine has (1 on a 2-core machine: on a loaded machine torch's default of
@@ -28,12 +30,6 @@ from mrg_core.paths import DEFAULT_MODEL_DIR
 PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8")
 
 
-def _sources(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    return [path]
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m mrg_core report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,8 +51,8 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from mrg_core.engine import domain_warning, resolve_threads
-    from mrg_core.io import StudyLoadError, load_study
+    from mrg_core.engine import Engine, resolve_threads
+    from mrg_core.io import StudyLoadError, load_studies
     from mrg_core.models import GenerationSettings, ReportModel
     from mrg_core.models.quantize import apply_precision, model_precision
 
@@ -76,35 +72,45 @@ def main(argv: list[str]) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     info = model.info
     status = 0
+    engine = Engine(model, None, decode_threads=threads)  # the app's study-level logic
     for index, path in enumerate(args.files, 1):
-        record: dict = input_record(index, path)
         try:
             t1 = time.perf_counter()
-            study = load_study(_sources(path))
-            t2 = time.perf_counter()
-            pred = model.predict(study)
-            t3 = time.perf_counter()
-            text = model.generate_report(study, settings)
-            t4 = time.perf_counter()
+            studies = load_studies([path])
+            load_s_study = (time.perf_counter() - t1) / len(studies)
         except StudyLoadError as err:
+            record = input_record(index, path)
             record.update(error=err.code, message=err.message)
             status = 2
-        else:
-            warning = domain_warning(info, study)
+            print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2), flush=True)
+            continue
+        for study in studies:  # one object per series (a file or plain images: one study)
+            record = input_record(index, path)
+            t2 = time.perf_counter()
+            a = engine.analyze(study)
+            t3 = time.perf_counter()
+            text = "".join(engine.stream_report(study, settings))
+            t4 = time.perf_counter()
             record.update(
                 n_views=len(study.views), modality=study.modality,
                 body_part=study.body_part,
-                probability=round(float(pred.probability), 4), label=int(pred.label),
-                threshold=float(pred.threshold),
+                series=None if study.series is None else study.series.to_dict(),
+                probability=round(float(a.probability), 4), label=int(a.label),
+                threshold=float(a.threshold),
+                # several slices/views: how the study probability was made and from which
+                aggregation=a.aggregation, key_views=list(a.key_views),
+                view_probabilities=None if a.view_probabilities is None else
+                [round(p, 4) for p in a.view_probabilities],
                 # as the app's alert: the study is not what the model was trained on, so the
                 # probability and the report are unreliable
-                out_of_domain=warning is not None, domain_warning=warning,
-                findings=list(pred.findings), report=text,
+                out_of_domain=a.domain_warning is not None, domain_warning=a.domain_warning,
+                findings=list(a.findings), report=text,
                 model={"name": info.get("name"), "version": info.get("version")},
                 run={"threads": torch.get_num_threads(), "precision": model_precision(model)},
-                timings_s={"model_load": round(load_s, 3), "load_study": round(t2 - t1, 3),
+                timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
-        print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2), flush=True)
+            print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
+                  flush=True)
     return status
 
 

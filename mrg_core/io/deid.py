@@ -19,7 +19,12 @@ from ..study import ViewMeta
 ALLOWED: tuple[str, ...] = (
     "Modality", "BodyPartExamined", "ViewPosition", "PixelSpacing", "ImagerPixelSpacing",
     "PhotometricInterpretation", "Manufacturer", "BitsStored", "Rows", "Columns",
+    "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "InstanceNumber",
+    "SeriesNumber", "ConvolutionKernel",
 )
+# Read only to group files into series and to refuse an upload that mixes patients: they
+# leave this module as salted hashes that live for one load call (group_key), never as values.
+GROUPING_ONLY: tuple[str, ...] = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
 
 BASIC_PROFILE: tuple[str, ...] = (
     "AccessionNumber", "AcquisitionComments", "AcquisitionContextSequence", "AcquisitionDate",
@@ -173,6 +178,66 @@ def _bits(ds) -> int | None:
     return bits if 1 <= bits <= 32 else None
 
 
+def _floats(value, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n and all(math.isfinite(v) and abs(v) < 1e6 for v in out) \
+        else None
+
+
+def _slice_position(ds) -> float | None:
+    """Position of the slice along its normal (mm): ImagePositionPatient · (row × column)."""
+    pos = _floats(_get(ds, "ImagePositionPatient"), 3)
+    ori = _floats(_get(ds, "ImageOrientationPatient"), 6)
+    if pos is None or ori is None:
+        return None
+    r, c = ori[:3], ori[3:]
+    normal = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    if sum(v * v for v in normal) < 0.5:  # not two unit vectors at right angles
+        return None
+    return round(sum(p * n for p, n in zip(pos, normal)), 4)
+
+
+def _positive(value, upper: float) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and 0 < v < upper else None
+
+
+def _int(value) -> int | None:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        return None
+    return v if -2**31 <= v < 2**31 else None
+
+
+def series_facts(ds) -> tuple[int | None, str | None]:
+    """(SeriesNumber, ConvolutionKernel) for SeriesInfo, sanitised."""
+    kernel = _get(ds, "ConvolutionKernel")
+    if isinstance(kernel, (list, tuple)) or type(kernel).__name__ == "MultiValue":
+        kernel = kernel[0] if len(kernel) else None
+    return _int(_get(ds, "SeriesNumber")), _text(kernel, 16)
+
+
+def group_key(ds, salt: bytes) -> tuple[str | None, str | None, str | None]:
+    """(patient, study, series) as salted sha256 prefixes; None where the attribute is absent.
+    The salt is new for every load call, so a key cannot be matched against anything else."""
+    import hashlib
+
+    def h(keyword):
+        value = _get(ds, keyword)
+        if value is None:
+            return None
+        return hashlib.sha256(salt + str(value).strip().encode("utf-8", "replace")).hexdigest()[:16]
+
+    return tuple(h(k) for k in GROUPING_ONLY)
+
+
 def safe_meta(ds, rows: int, columns: int, frame_index: int = 0, units: str = "raw") -> ViewMeta:
     """ViewMeta from a pydicom dataset, reading only ALLOWED attributes, each sanitised."""
     return ViewMeta(
@@ -188,4 +253,7 @@ def safe_meta(ds, rows: int, columns: int, frame_index: int = 0, units: str = "r
         bits_stored=_bits(ds),
         frame_index=int(frame_index),
         units=units,
+        slice_position=_slice_position(ds),
+        slice_thickness=_positive(_get(ds, "SliceThickness"), 1000),
+        instance_number=_int(_get(ds, "InstanceNumber")),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
@@ -22,7 +23,7 @@ from pydicom.uid import UID_dictionary
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 from ..study import CT_WINDOWS, View
-from .deid import _get, safe_meta
+from .deid import _get, group_key, safe_meta, series_facts
 from .errors import StudyLoadError
 from .frame_size import frame_size
 from .limits import Budget, mib
@@ -356,14 +357,32 @@ def _colour_view(ds, frame: np.ndarray, index: int) -> View:
     return View(values=grey, display=display, meta=meta, window=window)
 
 
+@dataclass(frozen=True)
+class SeriesKey:
+    """What load_study groups files by; lives only for one load call (salted hashes)."""
+
+    patient: str | None
+    study: str | None
+    series: str | None
+    series_number: int | None
+    kernel: str | None
+
+
 def decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool = True) -> list[View]:
+    return decode_dicom_keyed(data, name, budget, has_preamble, b"")[0]
+
+
+def decode_dicom_keyed(data: bytes, name: str, budget: Budget, has_preamble: bool,
+                       salt: bytes) -> tuple[list[View], SeriesKey]:
     with warnings.catch_warnings():  # pydicom warnings may quote header values: keep them in
         warnings.simplefilter("ignore")
-        return _decode_dicom(data, name, budget, has_preamble)
+        return _decode_dicom(data, name, budget, has_preamble, salt)
 
 
-def _decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool) -> list[View]:
+def _decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool,
+                  salt: bytes) -> tuple[list[View], SeriesKey]:
     ds = read_dataset(data, name, has_preamble, budget.limits.max_file_bytes)
+    key = SeriesKey(*group_key(ds, salt), *series_facts(ds))
     rows, cols, frames, spp = _geometry(ds, name)
     budget.reserve(rows, cols, frames, name)
     _check_pixel_data(ds, name, rows, cols, frames, spp)
@@ -373,6 +392,6 @@ def _decode_dicom(data: bytes, name: str, budget: Budget, has_preamble: bool) ->
     make = _colour_view if spp == 3 else _grey_view
     per_frame = _frame_datasets(ds, frames)
     try:
-        return [make(per_frame[i], arr[i], i) for i in range(frames)]
+        return [make(per_frame[i], arr[i], i) for i in range(frames)], key
     except MemoryError as exc:
         raise StudyLoadError("too_large", name=name) from exc

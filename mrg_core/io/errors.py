@@ -21,6 +21,10 @@ MESSAGES: dict[str, str] = {
     "too_large": "{name} is too large to display safely (too many pixels or frames).",
     "file_too_big": "{name} is larger than this viewer accepts.",
     "too_many_files": "Too many files were given at once for one study.",
+    "mixed_patients": "These files belong to different patients; load one patient's study at "
+                      "a time.",
+    "mixed_modalities": "These files are different kinds of image; load one kind at a time.",
+    "several_series": "These files hold several series; choose one.",
     "no_files": "No image file was given.",
     "not_found": "{name} could not be found or opened.",
 }

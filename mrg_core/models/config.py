@@ -93,6 +93,11 @@ class ReportModelConfig:
     # sigmoid(a * logit + b), with the threshold mapped alike. Monotone, so AUC and decisions
     # do not change. A from-scratch classifier on a few hundred images is seldom calibrated.
     calibration: list[float] | None = None
+    # Studies of several slices or views (issue 16): each view is classified on its own and the
+    # probabilities combined by this rule (mrg_core.study_level.RULES), then compared with
+    # study_threshold (raw scale; None = `threshold`). Chosen on val: bench/series_rule.py.
+    study_aggregation: str = "max"
+    study_threshold: float | None = None
     cls_weight: float = 1.0
     max_report_tokens: int = 160
     # Discrimination-enhanced text: state the classifier's decision in words after the

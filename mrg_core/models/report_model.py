@@ -404,17 +404,46 @@ class ReportModel(nn.Module):
     def predict(self, study) -> Prediction:
         return self._prediction(self.encode(study).logits)
 
+    @torch.inference_mode()
+    def view_probabilities(self, study, batch: int = 32) -> np.ndarray:
+        """Raw target-label probability of each view classified on its own (the slices of a
+        series), in batches so a 600-slice series never becomes one tensor."""
+        from mrg_core.preprocess import view_to_tensor
+
+        out = []
+        with self._eval():
+            for i in range(0, len(study.views), batch):
+                x = torch.stack([view_to_tensor(v.display, self.config.preprocess)
+                                 for v in study.views[i:i + batch]])[:, None].to(self.device)
+                logits = self.encoder(x).logits.float()
+                out.append(torch.sigmoid(logits[:, self._target_index]).cpu().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+    def study_decision(self, view_probabilities) -> tuple[float, int]:
+        """(raw study probability, label) by the config's aggregation rule and threshold."""
+        from mrg_core.study_level import aggregate
+
+        cfg = self.config
+        p = aggregate(view_probabilities, cfg.study_aggregation)
+        t = cfg.study_threshold if cfg.study_threshold is not None else cfg.threshold
+        return p, int(p >= t)
+
     def explain(self, study) -> list[np.ndarray]:
         return self.analyze(study)[1]
 
-    def _report_tokens(self, study, settings: GenerationSettings) -> Iterator[int]:
+    def _report_tokens(self, study, settings: GenerationSettings,
+                       decision: int | None = None) -> Iterator[int]:
         enc = self.encode(study)
         dev = self.device
         pred = self._prediction(enc.logits)
-        label = pred.label if self.label_phrase_ids else None
+        findings = pred.findings
+        if decision is not None and decision != pred.label:
+            findings = ()  # the study's decision overrides this view's: its findings go too
+        label = (pred.label if decision is None else int(decision)) \
+            if self.label_phrase_ids else None
 
         def prompt(lab):
-            head = torch.tensor([self.head_ids(lab, pred.findings)], device=dev)
+            head = torch.tensor([self.head_ids(lab, findings)], device=dev)
             return torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
 
         embeds = prompt(label)
@@ -434,8 +463,11 @@ class ReportModel(nn.Module):
         yield from search(dec, embeds, settings, bos, eos, max_new, suppress)
 
     @torch.inference_mode()
-    def stream_report(self, study, settings: GenerationSettings | None = None) -> Iterator[str]:
+    def stream_report(self, study, settings: GenerationSettings | None = None, *,
+                      decision: int | None = None) -> Iterator[str]:
         """Yield display text pieces as tokens are decoded (detokenized, sentence case).
+        `decision` (0/1) replaces the study's own label in the prompt: a series is drafted from
+        its key slice with the whole series' decision.
 
         Greedy/sampling streams token by token. Beam search (num_beams > 1) can only know its
         winner at the end: the pieces of the final beam are then yielded one token at a time.
@@ -447,7 +479,7 @@ class ReportModel(nn.Module):
         try:
             ids: list[int] = []
             shown = ""
-            for t in self._report_tokens(study, settings):
+            for t in self._report_tokens(study, settings, decision):
                 ids.append(t)
                 text = detokenize(self.tokenizer.decode(ids, skip_special_tokens=True))
                 if len(text) > len(shown) and text.startswith(shown):
