@@ -15,7 +15,9 @@ the panel is read-only unless the app is started with --admin-open.
 from __future__ import annotations
 
 import os
+import time
 
+STARTED = time.perf_counter()  # start-up is logged from here (bench/startup.py: from the spawn)
 # Before gradio / transformers are imported: no analytics, no hub look-ups.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +28,7 @@ import atexit  # noqa: E402
 import signal  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 
@@ -115,6 +118,14 @@ def load_limits(max_upload_mb: float):
     return LoadLimits(max_file_bytes=int(max_upload_mb * 2**20))
 
 
+def warm_up(engine) -> None:
+    log = logging.getLogger("mrg_core.engine")
+    try:
+        log.info("warm-up took %.2f s", engine.warm_up())
+    except Exception:  # a failed warm-up only means a slower first request
+        log.exception("warm-up failed")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from mrg_core.logging_setup import configure, quiet_known_warnings
@@ -130,9 +141,15 @@ def main(argv=None) -> None:
     from mrg_core.registry import models_dir
     from ui import build_app, launch_kwargs
 
+    from ui.file_access import FilePolicy
     from ui.upload_cache import empty_upload_folder, use_own_upload_folder
 
     uploads = use_own_upload_folder()  # before the page is built: Gradio reads it then
+    try:  # caps and TTL of what the upload folder keeps (MRG_USER_QUOTA_MB, ...)
+        files = FilePolicy.from_env(load_limits(args.max_upload_mb),
+                                    own_folder=uploads is not None)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if uploads is not None:  # our own folder: nothing from a previous run remains
         empty_upload_folder(uploads)
         atexit.register(empty_upload_folder, uploads)
@@ -142,11 +159,9 @@ def main(argv=None) -> None:
     settings = EngineSettings(model_dir=model_dir, database_url=args.db_url,
                               limits=load_limits(args.max_upload_mb), precision=args.precision,
                               decode_threads=args.decode_threads)
+    t_imports = time.perf_counter()
     engine = Engine.from_settings(settings)
-    try:
-        logging.getLogger("mrg_core.engine").info("warm-up took %.2f s", engine.warm_up())
-    except Exception:  # a failed warm-up only means a slower first request
-        logging.getLogger("mrg_core.engine").exception("warm-up failed")
+    t_engine = time.perf_counter()
     if auth and args.admin_open:
         logging.getLogger("mrg_core.auth").warning(
             "--admin-open is ignored with --auth-file: the admin role in the auth file decides")
@@ -156,8 +171,15 @@ def main(argv=None) -> None:
     # shared); the address is printed here instead.
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, auth=auth, quiet=True,
-        prevent_thread_lock=True, **launch_kwargs(engine))
+        prevent_thread_lock=True, **launch_kwargs(engine, files))
     print(f"* MRG Studio running on {demo.local_url}", flush=True)
+    log = logging.getLogger("mrg_core.engine")
+    log.info("start-up: page answering %.2f s after start (imports %.2f s, model and store "
+             "%.2f s, page %.2f s); bench/startup.py measures it", time.perf_counter() - STARTED,
+             t_imports - STARTED, t_engine - t_imports, time.perf_counter() - t_engine)
+    # The warm-up (first analysis and draft: ~0.5 s) runs once the page answers; a request that
+    # comes meanwhile waits for the model lock, never for the whole start-up.
+    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
     demo.block_thread()
 
 

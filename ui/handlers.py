@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from .state import Session
 
 log = logging.getLogger(__name__)
 
-FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg"]
+FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".zip"]  # a zip: its files
 SAMPLE_SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
 WINDOW_PRESETS = ["default", *CT_WINDOWS, "custom"]  # default = the file's own window
 NO_MODEL = ("**No model loaded.** Studies can be viewed and reports written and saved by "
@@ -80,15 +80,21 @@ class Loaded:
     message: str  # Markdown: what was loaded, or why not
     n_views: int = 0
     is_ct: bool = False  # values are Hounsfield units: offer CT window presets
+    # (label, index) of each DICOM series of the upload when it held several (the page's
+    # Series menu), and the index of the one shown; empty for a one-study upload.
+    series_choices: list = field(default_factory=list)
+    series_index: int = 0
 
 
 def load_files(engine: Engine, session: Session, files) -> Loaded:
-    """Uploaded paths (or (name, bytes) pairs) → the session's study. Never raises."""
+    """Uploaded paths (or (name, bytes) pairs; zips and folders count as their files) → the
+    session's study. Files of several DICOM series are kept side by side: the first is shown
+    and the page offers the others (choose_series). Never raises."""
     files = [f for f in (files or []) if f]
     if not files:
-        return Loaded(False, "Choose one or more DICOM, PNG or JPEG files first.")
+        return Loaded(False, "Choose one or more DICOM, PNG or JPEG files (or a zip) first.")
     try:
-        study = engine.load(files)
+        studies = engine.load_series(files)
     except StudyLoadError as exc:
         return Loaded(False, f"**Could not load the study.** {_md(exc.message)}")
     except Exception as exc:  # never a traceback on the page
@@ -97,11 +103,59 @@ def load_files(engine: Engine, session: Session, files) -> Loaded:
                              "please export it again as DICOM, PNG or JPEG.")
     finally:  # the uploaded originals (patient data inside) go; the study is de-identified
         discard_uploads(files)
-    names = ", ".join(_name(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
-    session.reset_study(study, names)
+    names = ", ".join(_name(f) for f in files[:3]) + (f" … ({len(files)} files)"
+                                                      if len(files) > 3 else "")
+    session.series = list(studies) if len(studies) > 1 else []
+    session.upload_label = names
+    return _show_series(session, 0, studies[0])
+
+
+def choose_series(engine: Engine, session: Session, index) -> Loaded:
+    """The Series menu: series `index` of the last upload becomes the session's study (a new
+    study for analysis, drafts, saves and exports). Never raises."""
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        i = -1
+    if not 0 <= i < len(session.series):
+        return Loaded(False, "That series is not part of the files loaded.")
+    return _show_series(session, i, session.series[i])
+
+
+def same_series(session: Session, index) -> bool:
+    """True when the Series menu names the series already shown (nothing to reload)."""
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        return False
+    return bool(session.series) and i == session.series_index and \
+        session.study is session.series[i]
+
+
+def _show_series(session: Session, index: int, study) -> Loaded:
+    names, n = session.upload_label, len(session.series)
+    session.series_index = index
+    if n > 1:
+        label = f"{names} (series {index + 1} of {n})"
+        message = (f"Loaded {_md(names)}: {n} series. Showing {study_description(study)}. "
+                   "Choose another under **Series**.")
+    else:
+        label, message = names, f"Loaded {_md(names)}: {study_description(study)}."
+    session.reset_study(study, label)
     log.info("study %s loaded: %s", study.content_hash[:10], study_description(study))
-    return Loaded(True, f"Loaded {_md(names)}: {study_description(study)}.",
-                  n_views=len(study.views), is_ct=_is_ct(study))
+    return Loaded(True, message + gap_note(study), n_views=len(study.views),
+                  is_ct=_is_ct(study), series_choices=series_choices(session),
+                  series_index=index)
+
+
+def series_choices(session: Session) -> list[tuple[str, int]]:
+    """(label, index) for the Series menu: each series described by SeriesInfo.describe(),
+    numbered when two would read the same."""
+    labels = [s.series.describe() if s.series is not None else f"study {i + 1}"
+              for i, s in enumerate(session.series)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i + 1}. {x}" for i, x in enumerate(labels)]
+    return [(x, i) for i, x in enumerate(labels)]
 
 
 def load_sample(engine: Engine, session: Session, path: str | None) -> Loaded:
@@ -115,7 +169,53 @@ def study_description(study) -> str:
     kind = " ".join(x for x in (m.modality, m.body_part, m.view_position) if x)
     kind = kind or m.source_format.upper()
     n = len(study.views)
+    if study.series is not None and n > 1:  # a one-file "series" reads as a view
+        return f"{kind}, {series_summary(study.series)}, {view_sizes(study)}"
     return f"{kind}, {n} view{'s' if n != 1 else ''}, {view_sizes(study)}"
+
+
+ORDER_NOTES = {"instance_number": "ordered by instance number (the files give no slice "
+                                  "positions)",
+               "given": "in the order given (the files give no slice positions or numbers)"}
+
+
+def series_summary(info) -> str:
+    """'series 2 (B40f): 30 slices, 1 mm thick, 1 mm apart' (the modality is said before)."""
+    n = info.series_number if info.series_number is not None else info.index
+    text = f"series {n}" + (f" ({_md(info.kernel)})" if info.kernel else "")
+    text += f": {info.n_slices} slice{'s' if info.n_slices != 1 else ''}"
+    if info.slice_thickness_mm:
+        text += f", {info.slice_thickness_mm:g} mm thick"
+    if info.spacing_mm:
+        text += f", {info.spacing_mm:g} mm apart"
+    if info.ordered_by in ORDER_NOTES:
+        text += f", {ORDER_NOTES[info.ordered_by]}"
+    return text
+
+
+def gap_note(study) -> str:
+    """A warning sentence when slices seem to be missing from a series ('' otherwise): where,
+    and how wide each gap is against the usual spacing."""
+    info = study.series
+    if info is None or not info.gaps_after:
+        return ""
+    after, sizes = [], []
+    for i in info.gaps_after:
+        a, b = (study.views[j].meta.slice_position for j in (i, i + 1))
+        after.append(str(i + 1))
+        if a is not None and b is not None:
+            sizes.append(f"{abs(a - b):g}")
+    one = len(after) == 1
+    where = (f"the gap after slice {after[0]}" if one else
+             f"the gaps after slices {', '.join(after[:-1])} and {after[-1]}")
+    wide = ""
+    if len(sizes) == len(after):
+        wide = f" {'is' if one else 'are'} " + (
+            sizes[0] if one else ", ".join(sizes[:-1]) + " and " + sizes[-1]) + " mm,"
+    else:
+        wide = f" {'is' if one else 'are'} wider,"
+    return (f"  \n⚠ **Slices seem to be missing:** {where} of {info.n_slices}{wide} where the "
+            f"others are {info.spacing_mm:g} mm apart.")
 
 
 def view_sizes(study) -> str:
@@ -134,6 +234,9 @@ def view_sizes(study) -> str:
 class AnalysisView:
     warning: str | None  # out-of-domain alert (shown above the probability), or None
     probability: str  # Markdown
+    # A fresh analysis of several views/slices: the view to open the viewer on (the key slice,
+    # 0-based); None = leave the viewer where it is.
+    open_view: int | None = None
 
 
 def analyze(engine: Engine, session: Session) -> AnalysisView:
@@ -141,8 +244,7 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
         return AnalysisView(None, "")
     if session.analysis is not None:  # already analysed (e.g. a failed load kept the study)
         a = session.analysis
-        return AnalysisView(a.domain_warning,
-                            probability_text(a.probability, a.threshold, a.findings))
+        return AnalysisView(a.domain_warning, analysis_text(a, session.study))
     if engine.model is None:
         return AnalysisView(None, NO_MODEL)
     try:
@@ -154,8 +256,21 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
         return AnalysisView(engine.domain_warning(session.study),
                             "**The model could not analyse this study.** The images can still "
                             "be read and a report written by hand.")
-    return AnalysisView(a.domain_warning,
-                        probability_text(a.probability, a.threshold, a.findings))
+    keys = a.key_views if a.view_probabilities else ()
+    return AnalysisView(a.domain_warning, analysis_text(a, session.study),
+                        open_view=keys[0] if keys else None)
+
+
+def analysis_text(a, study) -> str:
+    """The probability line; for several views/slices also how they were combined."""
+    text = probability_text(a.probability, a.threshold, a.findings)
+    probs = a.view_probabilities
+    if probs and a.key_views and study is not None:
+        word = "slice" if study.series is not None or _is_ct(study) else "view"
+        rule = f" by the {_md(a.aggregation)} rule" if a.aggregation else ""
+        text += (f"  \nFrom {len(probs)} {word}s{rule}; key {word} {a.key_views[0] + 1} "
+                 f"(p {probs[a.key_views[0]]:.2f}).")
+    return text
 
 
 def warning_html(warning: str | None) -> str:
@@ -177,16 +292,115 @@ def probability_text(probability: float, threshold: float,
 def render_view(engine: Engine, session: Session, index: int = 0, preset: str = "default",
                 centre: float | None = None, width: float | None = None,
                 show_overlay: bool = True, opacity: float = 0.4) -> np.ndarray | None:
-    """RGB uint8 image of one view: windowed, with the Grad-CAM heat map when asked."""
-    if session.study is None:
+    """RGB uint8 image of one view: windowed, with the Grad-CAM heat map when asked. A slice
+    of a series whose map is not made yet gets it now (kept in the analysis: going back to it
+    is instant)."""
+    study, a = session.study, session.analysis
+    if study is None:
         return None
-    views = session.study.views
+    views = study.views
     i = min(max(int(index or 0), 0), len(views) - 1)
     grey = _windowed(views[i], preset, centre, width)
-    maps = session.analysis.heatmaps if session.analysis is not None else None
-    if show_overlay and maps is not None and i < len(maps) and maps[i] is not None:
-        return engine.overlay(grey, maps[i], float(opacity))
+    heat = view_map(engine, study, a, i) if show_overlay else None
+    if heat is not None:
+        return engine.overlay(grey, heat, float(opacity))
     return np.stack([grey] * 3, axis=-1)
+
+
+def view_map(engine: Engine, study, analysis, index: int) -> np.ndarray | None:
+    """The Grad-CAM map of view `index`: the analysis' own, else computed now and kept there
+    (engine.view_heatmap; a series' analysis fills only its key slice). None without an
+    analysis or when it cannot be made."""
+    if analysis is None:
+        return None
+    maps = analysis.heatmaps
+    if maps is None or len(maps) != len(study.views) or not 0 <= index < len(maps):
+        return None  # not this study's analysis (a series was switched meanwhile)
+    if maps[index] is None and len(maps) > 1 and engine.model is not None:
+        try:
+            maps[index] = engine.view_heatmap(study, index)
+        except Exception as exc:  # the view is shown without its map
+            log_failure("computing a slice heat map", exc)
+    return maps[index]
+
+
+SLICE_PLOT_SIZE = (600, 120)  # the plot's viewBox; it scales to the column's width
+
+
+def slice_info_html(session: Session, index: int = 0) -> str:
+    """Under the viewer, for a study of several views/slices: where the viewer is ('slice 5/30:
+    p 0.50 — key slice') and a small inline-SVG plot of the slice-wise probabilities with the
+    study threshold and the current slice marked. '' for a single view."""
+    study, a = session.study, session.analysis
+    if study is None or len(study.views) < 2:
+        return ""
+    n = len(study.views)
+    i = min(max(int(index or 0), 0), n - 1)
+    word = "slice" if study.series is not None or _is_ct(study) else "view"
+    probs = None if a is None else a.view_probabilities
+    if not probs or len(probs) != n:
+        return f'<div class="mrg-slice-text" data-slice="{i + 1}">{word} {i + 1}/{n}</div>'
+    keys = tuple(a.key_views)
+    text = f"{word} {i + 1}/{n}: p {probs[i]:.2f}"
+    if keys and i == keys[0]:
+        text += f" — key {word}"
+    elif i in keys:
+        text += f" — among the {len(keys)} most probable {word}s"
+    rule = f" by the {html.escape(str(a.aggregation))} rule" if a.aggregation else ""
+    caption = (f"{word.capitalize()} probabilities; study p {a.probability:.2f}{rule}; "
+               f"dashed line: study threshold {a.threshold:.2f}; "
+               f"◆ the {len(keys)} most probable {word}s")
+    return (f'<div class="mrg-slice-text" data-slice="{i + 1}">{text}</div>'
+            + slice_plot_svg(probs, a.threshold, i, keys, word)
+            + f'<div class="mrg-slice-caption">{caption}</div>')
+
+
+def slice_plot_svg(probs, threshold: float, current: int, keys=(), word: str = "slice") -> str:
+    """Probability (0..1, up) against slice (1..n, right): the curve, the threshold as a dashed
+    line, key slices as diamonds, the current slice as a vertical line and a dot."""
+    width, height = SLICE_PLOT_SIZE
+    left, right, top, bottom = 30, 10, 8, 20
+    w, hgt, n = width - left - right, height - top - bottom, len(probs)
+
+    def x(i: int) -> float:
+        return left + (w * i / (n - 1) if n > 1 else w / 2)
+
+    def y(p: float) -> float:
+        return top + hgt * (1.0 - min(max(float(p), 0.0), 1.0))
+
+    points = " ".join(f"{x(i):.1f},{y(p):.1f}" for i, p in enumerate(probs))
+    ty, cx, cy = y(threshold), x(current), y(probs[current])
+    label = (f"{word} probabilities of {n} {word}s; {word} {current + 1} is {probs[current]:.2f}; "
+             f"threshold {threshold:.2f}")
+    parts = [
+        f'<svg class="mrg-slice-plot" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{label}" data-n="{n}" data-current="{current + 1}">',
+        f'<rect x="{left}" y="{top}" width="{w}" height="{hgt}" fill="none" '
+        'stroke="currentColor" stroke-opacity="0.25"/>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" font-size="10" '
+        'fill="currentColor">1</text>',
+        f'<text x="{left - 4}" y="{top + hgt}" text-anchor="end" font-size="10" '
+        'fill="currentColor">0</text>',
+        f'<text x="{left}" y="{height - 5}" font-size="10" fill="currentColor">1</text>',
+        f'<text x="{left + w}" y="{height - 5}" text-anchor="end" font-size="10" '
+        f'fill="currentColor">{n}</text>',
+        f'<line class="mrg-threshold" x1="{left}" x2="{left + w}" y1="{ty:.1f}" y2="{ty:.1f}" '
+        'stroke="#dc2626" stroke-dasharray="5 4" stroke-width="1.2"/>',
+        f'<polyline class="mrg-curve" points="{points}" fill="none" stroke="#2563eb" '
+        'stroke-width="1.6" stroke-linejoin="round"/>',
+    ]
+    for k in keys:
+        kx, ky = x(k), y(probs[k])
+        parts.append(f'<path class="mrg-key" d="M{kx:.1f} {ky - 5:.1f} L{kx + 4:.1f} {ky:.1f} '
+                     f'L{kx:.1f} {ky + 5:.1f} L{kx - 4:.1f} {ky:.1f} Z" fill="#7c3aed"/>')
+    parts += [
+        f'<line class="mrg-current-line" x1="{cx:.1f}" x2="{cx:.1f}" y1="{top}" '
+        f'y2="{top + hgt}" stroke="#f59e0b" stroke-width="1.5"/>',
+        f'<circle class="mrg-current" cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="#f59e0b" '
+        f'stroke="white" stroke-width="1" data-slice="{current + 1}"/>',
+        "</svg>",
+    ]
+    return "".join(parts)
 
 
 def png_file(image: np.ndarray, folder: str | Path) -> str:

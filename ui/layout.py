@@ -1,14 +1,13 @@
 """The one page: widgets, and which handler each event calls. Logic lives in ui/handlers.py."""
 from __future__ import annotations
 
-import tempfile
-
 import gradio as gr
 
 from mrg_core.engine import Engine
 
 from . import handlers as h
 from . import models_panel as mp
+from .file_access import FilePolicy, launch_options, private_dir
 from .state import Session
 
 CSS = """
@@ -22,7 +21,43 @@ CSS = """
 #history table {font-size: 0.9rem;}
 #history pre, #history code {white-space: pre-wrap; word-break: break-word;}
 #load-sample {align-self: stretch; min-height: 100%;}
+/* The viewer fills its box at any image size, aspect ratio kept: a 64x64 study is scaled up
+   (Gradio's own object-fit: scale-down shows it at native size), a large one scaled down,
+   never cropped. An enlarged image (VIEWER_HEAD marks it) is drawn nearest-neighbour, crisp
+   pixels rather than a blur; a reduced one keeps the browser's smoothing (Chromium applies
+   `pixelated` to reductions too, and nearest-neighbour there drops rows and aliases). */
+#viewer .image-frame {width: 100%; height: 100%; min-width: 0; min-height: 0;}
+#viewer .image-frame img {width: 100%; height: 100%; object-fit: contain;}
+#viewer .image-frame img[data-mrg-enlarged] {image-rendering: pixelated;}
+/* Series viewer: the slice line and the probability plot under the image. */
+#slice-info .mrg-slice-text {font-weight: 600; font-variant-numeric: tabular-nums;}
+#slice-info svg.mrg-slice-plot {display: block; width: 100%; height: auto; max-height: 140px;}
+#slice-info .mrg-slice-caption {font-size: 0.8rem; opacity: 0.75;}
 """
+
+
+# Marks the viewer's image `data-mrg-enlarged` while it is drawn larger than its own pixels
+# (on the screen's device pixels: object-fit contain's scale times devicePixelRatio), so that
+# CSS above draws only enlargements nearest-neighbour. Checked when an image loads and
+# whenever its box changes size (window, zoom, fullscreen).
+VIEWER_HEAD = """<script>
+(() => {
+  const mark = (img) => {
+    if (!img.naturalWidth || !img.naturalHeight) return;
+    const box = img.getBoundingClientRect();
+    const scale = Math.min(box.width / img.naturalWidth, box.height / img.naturalHeight);
+    img.toggleAttribute("data-mrg-enlarged", scale * (window.devicePixelRatio || 1) > 1.001);
+  };
+  const resized = new ResizeObserver((entries) => entries.forEach((e) => mark(e.target)));
+  document.addEventListener("load", (event) => {
+    const img = event.target;
+    if (img instanceof HTMLImageElement && img.closest("#viewer")) {
+      mark(img);
+      resized.observe(img);
+    }
+  }, true);
+})();
+</script>"""
 
 
 def theme() -> gr.themes.Base:
@@ -32,10 +67,13 @@ def theme() -> gr.themes.Base:
                           font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
 
 
-def launch_kwargs(engine: Engine) -> dict:
-    """Options every launch of this page needs (app.py and the tests use them)."""
-    return {"css": CSS, "theme": theme(), "share": False,
-            "max_file_size": engine.limits.max_file_bytes, "footer_links": []}
+def launch_kwargs(engine: Engine, files: FilePolicy | None = None) -> dict:
+    """Options every launch of this page needs (app.py and the tests use them). `files`: caps
+    and TTL of the upload folder (None: ui.file_access.FilePolicy.from_env); the launch gets
+    the guard that scopes each file to its user and refuses uploads over the caps."""
+    return {"css": CSS, "head": VIEWER_HEAD, "theme": theme(), "share": False,
+            "max_file_size": engine.limits.max_file_bytes, "footer_links": [],
+            **launch_options(engine.limits, files)}
 
 
 def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = False
@@ -45,8 +83,10 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
     Its `admins` (mrg_core.auth.load_auth) may use the Model panel's actions; without `auth`
     only `admin_open` opens them to every visitor (models_panel.admin_check).
     `model_roots`: where the Model panel looks for versions (None = registry defaults)."""
-    export_dir = tempfile.mkdtemp(prefix="mrg_export_")
-    view_dir = tempfile.mkdtemp(prefix="mrg_views_")  # viewer PNGs (h.png_file)
+    # Inside Gradio's upload folder: Gradio serves these files as they are (no second copy),
+    # only to the page they were sent to; deleted when it closes, by age, at stop (file_access)
+    export_dir = private_dir("mrg_export_")
+    view_dir = private_dir("mrg_views_")  # viewer PNGs (h.png_file)
 
     with gr.Blocks(title="MRG Studio", analytics_enabled=False) as demo:
         session = gr.State(_new_session)  # a callable: one fresh Session per browser tab
@@ -59,7 +99,8 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             # ------------------------------------------------------------ left: load + look
             with gr.Column(scale=5):
                 with gr.Group():
-                    files = gr.File(label="Study files (DICOM, PNG or JPEG; several = one study)",
+                    files = gr.File(label="Study files (DICOM, PNG or JPEG; several = one "
+                                          "study; a zip or several DICOM series too)",
                                     file_count="multiple", file_types=h.FILE_TYPES,
                                     height=120, elem_id="upload")
                     with gr.Row(equal_height=True):
@@ -69,10 +110,15 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                                              elem_id="sample")
                         sample_btn = gr.Button("Load sample", scale=1, elem_id="load-sample")
                 load_msg = gr.Markdown(elem_id="load-message")
+                series = gr.Dropdown([], value=None, label="Series", visible=False,
+                                     interactive=True, elem_id="series")
                 image = gr.Image(label="View", type="numpy", interactive=False, height=520,
                                  format="png", buttons=["fullscreen"], elem_id="viewer")
                 view_idx = gr.Slider(1, 2, value=1, step=1, label="View / slice",
                                      visible=False, elem_id="view-index")
+                # Where the viewer is in a series and each slice's probability (inline SVG):
+                # rebuilt with each image, a few hundred bytes, no plotting library.
+                slice_info = gr.HTML("", elem_id="slice-info", js_on_load=None)
                 with gr.Row():
                     show_overlay = gr.Checkbox(True, label="Grad-CAM overlay", elem_id="overlay")
                     opacity = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Overlay opacity")
@@ -134,8 +180,12 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
         view_inputs = [session, view_idx, preset, centre, width, show_overlay, opacity]
 
         def render(s, idx, pre, c, w, ov, op):
-            img = h.render_view(engine, s, int(idx or 1) - 1, pre, c, w, ov, op)
-            return None if img is None else h.png_file(img, view_dir)
+            i = int(idx or 1) - 1
+            img = h.render_view(engine, s, i, pre, c, w, ov, op)
+            return (None if img is None else h.png_file(img, view_dir)), \
+                h.slice_info_html(s, i)
+
+        view_outputs = [image, slice_info]
 
         # Export files and the save notice belong to one study, draft and model: whenever one
         # of these changes they are hidden and the files deleted, so nothing on the page can
@@ -155,25 +205,33 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             if not res.ok:  # the previous study and the user's text stay; its exports do not
                 kept = " The previous study is still shown." if s.study is not None else ""
                 return (s, res.message + kept, gr.update(), gr.update(), gr.update(),
-                        gr.update(), gr.update(), gr.update(), *clear_stale(s))
+                        gr.update(), gr.update(), gr.update(), *clear_stale(s), gr.update())
+            menu = (gr.update(visible=True, choices=res.series_choices, value=res.series_index)
+                    if len(res.series_choices) > 1 else
+                    gr.update(visible=False, choices=[], value=None))
             return (s, res.message,
                     gr.update(visible=res.n_views > 1, maximum=max(res.n_views, 2), value=1),
                     gr.update(visible=res.is_ct), gr.update(value=""),  # editor: new study
-                    gr.update(visible=False), "", "Analysing…", *clear_stale(s))
+                    gr.update(visible=False), "", "Analysing…", *clear_stale(s), menu)
 
         load_outputs = [session, load_msg, view_idx, ct_box, editor, latest_box, notice,
-                        probability, *stale_outputs]
+                        probability, *stale_outputs, series]
 
-        def analyze(s):
+        def analyze(s, idx, *look):
+            """The analysis, then the view with its heat map: a fresh analysis of a series
+            opens the viewer on its key slice (the slider moves there). Rendered here, not by
+            a later step, so no second event races the slider's own renders."""
             a = h.analyze(engine, s)
-            return gr.update(visible=bool(a.warning), value=h.warning_html(a.warning)), \
-                a.probability
+            at = gr.update() if a.open_view is None else gr.update(value=a.open_view + 1)
+            shown = idx if a.open_view is None else a.open_view + 1
+            return (gr.update(visible=bool(a.warning), value=h.warning_html(a.warning)),
+                    a.probability, at, *render(s, shown, *look))
 
         def after_load(event, name):
             # Named endpoints let scripts (bench/app_load.py) drive the same path as the page.
-            (event.then(render, view_inputs, image, show_progress="hidden")
-             .then(analyze, session, [warning, probability], api_name=f"analyze_{name}")
-             .then(render, view_inputs, image, show_progress="hidden")
+            (event.then(render, view_inputs, view_outputs, show_progress="hidden")
+             .then(analyze, view_inputs, [warning, probability, view_idx, *view_outputs],
+                   api_name=f"analyze_{name}")
              .then(lambda s: h.history_markdown(engine, s), session, history))
 
         after_load(files.upload(lambda s, f: on_loaded(s, h.load_files(engine, s, f)),
@@ -182,10 +240,22 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                                     [session, sample], load_outputs, api_name="load_sample"),
                    "sample")
 
+        def pick_series(s, index):
+            if h.same_series(s, index):  # nothing changes: the report in progress stays
+                return (s, *(gr.update(),) * (len(load_outputs) - 1))
+            return on_loaded(s, h.choose_series(engine, s, index))
+
+        # `input`: the user's choice only (a load that sets the menu does not reload)
+        after_load(series.input(pick_series, [session, series], load_outputs,
+                                api_name="choose_series"), "series")
+
         for ctl in (view_idx, show_overlay, opacity, centre, width):
-            ctl.change(render, view_inputs, image, show_progress="hidden")
+            ctl.change(render, view_inputs, view_outputs, show_progress="hidden")
         preset.change(lambda p: gr.update(visible=p == "custom"), preset, custom_row,
-                      queue=False).then(render, view_inputs, image, show_progress="hidden")
+                      queue=False).then(render, view_inputs, view_outputs,
+                                        show_progress="hidden")
+        # ArrowUp/ArrowDown, PageUp/PageDown over the viewer move one slice (SLICE_KEYS_JS).
+        demo.load(None, None, None, js=SLICE_KEYS_JS)
 
         # Draft streaming: the editor is read-only while a draft streams into it (server updates
         # would race keystrokes); a draft over the user's own text goes to "Latest draft".
@@ -296,6 +366,39 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                               else mp.READ_ONLY_NOTE)
             demo.load(who, None, [reviewer, model_msg], queue=False)
     return demo
+
+
+# Keyboard scrolling through a series: ArrowDown/PageDown = next slice, ArrowUp/PageUp =
+# previous one, while the pointer is over the viewer, its slider or the slice plot, or one of
+# them has the focus (a click on the image focuses Gradio's button around it; Tab reaches it
+# too). Keys typed into a text field (the report editor, the reviewer, the window numbers,
+# menus) are never taken.
+SLICE_KEYS_JS = """() => {
+  if (window.__mrgSliceKeys) return;
+  window.__mrgSliceKeys = true;
+  const REGION = "#viewer, #view-index, #slice-info";
+  const STEP = {ArrowDown: 1, PageDown: 1, ArrowUp: -1, PageUp: -1};
+  // text fields, menus, radios, checkboxes and other sliders keep their own keys
+  const typing = (el) => !!el && (el.isContentEditable || el.tagName === "TEXTAREA" ||
+      el.tagName === "SELECT" ||
+      (el.tagName === "INPUT" && !(el.type === "range" && el.closest("#view-index"))));
+  document.addEventListener("keydown", (e) => {
+    const step = STEP[e.key];
+    if (!step || e.altKey || e.ctrlKey || e.metaKey || e.shiftKey || e.isComposing) return;
+    if (typing(e.target)) return;
+    const range = document.querySelector("#view-index input[type=range]");
+    if (!range || range.disabled || !range.offsetParent) return;  // one view: no slider
+    const inside = e.target instanceof Element && e.target.closest(REGION);
+    const hovered = [...document.querySelectorAll(REGION)].some((el) => el.matches(":hover"));
+    if (!inside && !hovered) return;
+    e.preventDefault();  // no page scroll, and the slider's own arrow step is not added
+    const now = Number(range.value), lo = Number(range.min), hi = Number(range.max);
+    const next = Math.min(Math.max(now + step, lo), hi);
+    if (next === now) return;
+    range.value = String(next);
+    range.dispatchEvent(new Event("input", {bubbles: true}));
+  }, true);
+}"""
 
 
 def _new_session() -> Session:

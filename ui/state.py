@@ -12,6 +12,11 @@ class Session:
     study: Any = None  # mrg_core.study.Study
     analysis: Any = None  # mrg_core.engine.Analysis
     study_label: str = ""  # what the user loaded (file names), for messages and export names
+    # The DICOM series of the last upload when it held several (each a Study); `study` is the
+    # one chosen in the page's Series menu (series_index). Empty for a one-study upload.
+    series: list = field(default_factory=list)
+    series_index: int = 0
+    upload_label: str = ""  # the upload's file names, which every series of it shares
 
     # The model's latest draft (complete, or cut short by Stop) and how it was made.
     draft: str = ""
@@ -41,7 +46,7 @@ class Session:
         """A new study: forget everything tied to the previous one. The page clears the editor
         and the export files too (handlers.clear_exports), so one study's report can never be
         saved or exported against another."""
-        self.study, self.analysis, self.study_label = study, None, label
+        self.study, self.analysis, self.study_label = study, None, label  # series: kept
         self.draft, self.draft_settings, self.draft_timings = "", None, {}
         self.latest, self.last_save, self.editor_shadow = "", None, ""
         self.saved_text = ""

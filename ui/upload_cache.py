@@ -8,6 +8,9 @@ the page is sent. Only de-identified data may stay (issue 19):
   folder in the system temp dir), emptied when the app starts and when it stops, so nothing from
   a previous run remains. When the operator sets GRADIO_TEMP_DIR, that folder is used and never
   emptied (it may hold other things).
+
+Who may fetch which file there, the per-user and total caps, and the purges when a page closes
+and by age: ui/file_access.py.
 """
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, help="override the number of epochs")
     args = ap.parse_args(argv)
 
-    import sklearn.metrics  # noqa: F401  model selection needs it: fail now, not after an epoch
+    import importlib
+
+    importlib.import_module("sklearn")  # model selection needs it: fail now, not after an epoch
 
     from mrg_core.data import resolve_data_spec
     from mrg_core.training import DataConfig, TrainConfig, train

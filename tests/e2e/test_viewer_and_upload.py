@@ -294,3 +294,116 @@ def test_uploaded_originals_are_deleted_once_read(page, tmp_path):
     upload(page, bad)
     wait_text(page, "#load-message", "Could not load")
     assert not [p for p in upload_folder().rglob(bad.name)]
+
+
+# ---------------------------------------------------------------------------- size on screen
+
+def painted(page) -> dict:
+    """Where the viewer's picture is painted, in CSS px of the viewport. The <img> box alone
+    does not say: object-fit decides how the picture sits in it (Gradio's own scale-down
+    paints a 64x64 study at 64x64 in the middle of a 520 px box)."""
+    page.locator("#viewer").scroll_into_view_if_needed()
+    return page.locator("#viewer img").first.evaluate("""img => {
+        const box = img.getBoundingClientRect(), style = getComputedStyle(img);
+        const viewer = img.closest('#viewer').getBoundingClientRect();
+        const nw = img.naturalWidth, nh = img.naturalHeight, fit = style.objectFit;
+        let sx = box.width / nw, sy = box.height / nh;                      // fill
+        if (fit === 'contain' || fit === 'scale-down') sx = sy = Math.min(sx, sy);
+        if (fit === 'scale-down') sx = sy = Math.min(sx, 1);
+        if (fit === 'cover') sx = sy = Math.max(sx, sy);
+        if (fit === 'none') sx = sy = 1;
+        const w = nw * sx, h = nh * sy;
+        return {natural: [nw, nh], width: w, height: h, position: style.objectPosition,
+                left: box.left + (box.width - w) / 2, top: box.top + (box.height - h) / 2,
+                box: [box.left, box.top, box.right, box.bottom],
+                viewer: [viewer.left, viewer.top, viewer.right, viewer.bottom],
+                rendering: style.imageRendering};
+    }""")
+
+
+def wait_shown(page, expected: np.ndarray) -> dict:
+    """Wait until the viewer's <img> holds this grey image, loaded; where it is painted."""
+    wait_pixels(page, shows_grey(expected), f"the {expected.shape} test image")
+    rows, cols = expected.shape
+    page.wait_for_function("([w, h]) => { const i = document.querySelector('#viewer img');"
+                           " return i && i.complete && i.naturalWidth === w &&"
+                           " i.naturalHeight === h; }", arg=[cols, rows], timeout=WAIT_MS)
+    return painted(page)
+
+
+def assert_fits(g: dict, what: str):
+    """Painted inside the <img> box and the viewer, aspect ratio kept, filling the box one way."""
+    nw, nh = g["natural"]
+    left, top, right, bottom = g["left"], g["top"], g["left"] + g["width"], g["top"] + g["height"]
+    assert g["position"] == "50% 50%", g  # painted() centres the picture in its box
+    for (l, t, r, b), where in ((g["box"], "its <img> box"), (g["viewer"], "the viewer")):
+        assert l - 0.5 <= left and t - 0.5 <= top and right <= r + 0.5 and bottom <= b + 0.5, \
+            f"{what} is painted outside {where}: {g}"
+    assert abs(g["width"] / g["height"] - nw / nh) < 0.01, f"{what} is stretched: {g}"
+    box_w, box_h = g["box"][2] - g["box"][0], g["box"][3] - g["box"][1]
+    assert min(box_w - g["width"], box_h - g["height"]) < 1, f"{what} does not fill the box: {g}"
+    view_w, view_h = g["viewer"][2] - g["viewer"][0], g["viewer"][3] - g["viewer"][1]
+    assert box_w >= 0.9 * view_w and box_h >= 0.9 * view_h, f"the <img> box is small: {g}"
+
+
+def screen_grey(page, g: dict) -> np.ndarray:
+    """The screen's grey levels over the painted picture (a viewport screenshot, at 1 device px
+    per CSS px, cropped inward to whole pixels)."""
+    assert page.evaluate("devicePixelRatio") == 1
+    shot = np.asarray(Image.open(BytesIO(page.screenshot())).convert("L"))
+    x0, y0 = int(np.ceil(g["left"])), int(np.ceil(g["top"]))
+    x1, y1 = int(np.floor(g["left"] + g["width"])), int(np.floor(g["top"] + g["height"]))
+    return shot[y0:y1, x0:x1]
+
+
+def runs(line: np.ndarray) -> list[int]:
+    """Lengths of the runs of equal black/white along a line of screen pixels."""
+    edges = np.flatnonzero(np.diff(line >= 128)) + 1
+    return np.diff(np.concatenate([[0], edges, [len(line)]])).tolist()
+
+
+def test_small_studies_fill_the_viewer_crisply_and_large_ones_fit_smoothly(page, tmp_path):
+    """A 64x64 study is enlarged to fill the 520 px viewer, each of its pixels a sharp square
+    (nearest-neighbour, not a blur); a 1024x1024 one is reduced to fit, not cropped, with
+    the browser's smoothing: nearest-neighbour there would drop whole rows of the study
+    (Chromium applies `image-rendering: pixelated` to reductions too)."""
+    set_overlay(page, False)  # the file's own pixels
+
+    checker = (np.indices((64, 64)).sum(axis=0) % 2 * 255).astype(np.uint8)  # 1 px squares
+    factories.save_image(tmp_path / "tiny_64.png", checker)
+    upload(page, tmp_path / "tiny_64.png")
+    wait_text(page, "#load-message", "64×64")
+    small = wait_shown(page, checker)
+    scale = small["width"] / 64
+    assert scale >= 4, f"a 64x64 study is shown only {scale:.2f}x its size: {small}"
+    assert_fits(small, "the 64x64 study")
+    assert small["rendering"] in ("pixelated", "crisp-edges"), small
+    screen = screen_grey(page, small)
+    blurred = float(((screen > 30) & (screen < 225)).mean())
+    assert blurred < 0.01, f"{blurred:.1%} of the enlarged checkerboard is grey: blurred"
+    for line in (screen[screen.shape[0] // 2], screen[:, screen.shape[1] // 2]):
+        lengths = runs(line)  # one run per study pixel, each about `scale` screen pixels
+        assert len(lengths) == 64, f"{len(lengths)} squares across, not 64: {lengths}"
+        assert all(np.floor(scale) - 1 <= n <= np.ceil(scale) + 1 for n in lengths[1:-1]), \
+            f"uneven squares at {scale:.2f}x: {lengths}"
+
+    stripes = np.tile((np.arange(1024) % 2 * 255).astype(np.uint8), (1024, 1))  # 1 px lines
+    factories.save_image(tmp_path / "large_1024.png", stripes)
+    page.locator("#upload button[aria-label='Clear']").first.click()
+    upload(page, tmp_path / "large_1024.png")
+    wait_text(page, "#load-message", "1024×1024")
+    large = wait_shown(page, stripes)
+    assert_fits(large, "the 1024x1024 study")
+    (v_left, v_top, v_right, v_bottom) = large["viewer"]
+    assert large["width"] <= v_right - v_left + 0.5, large
+    assert large["height"] <= v_bottom - v_top + 0.5, large
+    assert large["width"] < 1024, large
+    assert large["rendering"] not in ("pixelated", "crisp-edges"), \
+        f"a reduced study is drawn nearest-neighbour: {large}"
+    # 1 px lines reduced ~2x: nearest-neighbour keeps some lines whole and drops the others
+    # (all black or white on screen); a smoothing filter mixes neighbouring lines
+    screen = screen_grey(page, large)
+    unmixed = float(((screen < 10) | (screen > 245)).mean())
+    assert unmixed < 0.3, f"{unmixed:.1%} of the reduced lines are pure black or white: " \
+        "drawn nearest-neighbour"
+    assert_page_intact(page)
