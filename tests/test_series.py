@@ -251,3 +251,18 @@ def test_the_shared_tcia_series(shared_data):
         assert all(a > b for a, b in zip(pos, pos[1:]))  # head first, strictly
         assert s.series.ordered_by == "position" and s.series.gaps_after == ()
         assert s.series.spacing_mm == pytest.approx(8.0) and s.views[0].meta.units == "HU"
+
+
+def test_pa_and_lateral_radiographs_are_one_study_of_two_views(tmp_path, engine):
+    """Projection views of one study stay together even when each is its own series (as PACS
+    often store them), and each view gets its own probability."""
+    pa = write_cr_dicom(tmp_path / "pa.dcm", make_cr_phantom(3, rows=64, cols=64), seed="pa")
+    lat = write_cr_dicom(tmp_path / "lat.dcm", make_cr_phantom(4, rows=64, cols=64), seed="lat")
+    for ds, path, number in ((pa, tmp_path / "pa.dcm", 1), (lat, tmp_path / "lat.dcm", 2)):
+        ds.StudyInstanceUID, ds.SeriesNumber = "1.2.826.0.1.3680043.8.498.7", number
+        ds.save_as(path, enforce_file_format=True)
+    assert pa.SeriesInstanceUID != lat.SeriesInstanceUID
+    (study,) = load_studies([tmp_path / "pa.dcm", tmp_path / "lat.dcm"])
+    assert len(study.views) == 2 and study.series is None
+    a = engine.analyze(study)
+    assert len(a.view_probabilities) == 2 and a.aggregation == "max"

@@ -144,15 +144,27 @@ def load_studies(sources: Source | Iterable[Source],
     _refuse_mixtures(decoded)
     groups: dict = {}
     for views, key in decoded:
-        groups.setdefault(None if key is None else (key.study, key.series), []).append(
-            (views, key))
+        groups.setdefault(_group(views, key), []).append((views, key))
     studies = [_one_study(members) for members in groups.values()]
     if len(studies) > 1:  # several DICOM series: by SeriesNumber, then as given
-        order = sorted(range(len(studies)), key=lambda i: (
-            studies[i].series.series_number is None, studies[i].series.series_number or 0, i))
+        number = [s.series.series_number if s.series else None for s in studies]
+        order = sorted(range(len(studies)), key=lambda i: (number[i] is None, number[i] or 0, i))
         studies = [studies[i] for i in order]
     return [s if s.series is None else
             replace(s, series=replace(s.series, index=i + 1)) for i, s in enumerate(studies)]
+
+
+# Cross-sectional modalities come as series of slices; a projection study (PA + lateral
+# radiographs) is one study of views even when each view is its own series.
+CROSS_SECTIONAL = {"CT", "MR", "PT", "NM"}
+
+
+def _group(views: list[View], key: SeriesKey | None):
+    if key is None:
+        return None  # plain images: one study in the order given
+    if views[0].meta.modality in CROSS_SECTIONAL:
+        return key.study, key.series
+    return key.study, "views"
 
 
 def _kind(views: list[View]) -> str:
@@ -175,8 +187,8 @@ def _refuse_mixtures(decoded) -> None:
 def _one_study(members) -> Study:
     views = [v for vs, _ in members for v in vs]
     key = members[0][1]
-    if key is None:  # plain images: in the order given
-        return Study(views=tuple(views))
+    if key is None or views[0].meta.modality not in CROSS_SECTIONAL:
+        return Study(views=tuple(views))  # plain images or projection views: as given
     positions = [v.meta.slice_position for v in views]
     numbers = [v.meta.instance_number for v in views]
     if len(views) < 2:
