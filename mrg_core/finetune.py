@@ -145,6 +145,20 @@ def study_of(ex: CorrectionExample):
     return study_from_arrays(ex.images)
 
 
+def as_drafted(model, ex: CorrectionExample) -> CorrectionExample:
+    """A series or multi-view correction as the engine drafted it: its key view alone (the most
+    probable by `model`), so fine-tuning sees what the draft was written from, not hundreds of
+    slices fused into one input."""
+    if len(ex.images) < 2:
+        return ex
+    from dataclasses import replace
+
+    from mrg_core.study_level import key_views
+
+    key = key_views(model.view_probabilities(study_of(ex)))[0]
+    return replace(ex, images=[ex.images[key]])
+
+
 def training_items(examples: list[CorrectionExample], preprocess_cfg) -> list[tuple]:
     """(FloatTensor[V,1,S,S], final text, label or NaN): the tuples training.collate batches."""
     from mrg_core.preprocess import study_to_tensor
@@ -431,6 +445,7 @@ def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | Non
 
     base_model, base_folder = _load_base(base_dir, cfg.device)
     check_adapter(base_model, cfg)  # before minutes of evaluation
+    kept = [as_drafted(base_model, ex) for ex in kept]
     parent = {"name": base_model.config.name, "version": base_model.config.version,
               "folder": str(base_folder) if base_folder else None,
               "weights_sha256": weights_sha256(base_model)}

@@ -266,3 +266,42 @@ def test_pa_and_lateral_radiographs_are_one_study_of_two_views(tmp_path, engine)
     assert len(study.views) == 2 and study.series is None
     a = engine.analyze(study)
     assert len(a.view_probabilities) == 2 and a.aggregation == "max"
+
+
+def test_a_series_correction_is_fine_tuned_on_the_slice_it_was_drafted_from(engine, tmp_path,
+                                                                           monkeypatch):
+    """Fine-tuning sees a saved series as the engine drafted it: the key slice alone."""
+    from mrg_core import finetune
+    from mrg_core.storage import DraftRecord, Store
+
+    base = tmp_path / "base"
+    engine.model.save_pretrained(base)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    drafted = {}
+    with Store(url) as store:
+        for seed, n in (("s1", 5), ("s2", 4)):  # two studies: the least fine-tuning accepts
+            write_series(tmp_path / seed, n=n, seed=seed)
+            (study,) = load_studies([tmp_path / seed])
+            a = engine.analyze(study)
+            drafted[n] = engine.drafted_study(study)[0].views[0].display
+            store.save_review(study, DraftRecord(model_name="m", model_version="1",
+                                                 text="draft", probability=a.probability,
+                                                 threshold=a.threshold),
+                              "the radiologist's report", "dr-series", label=1)
+        seen = []
+
+        class Seen(Exception):
+            pass
+
+        def spy(examples, cfg):  # what fine-tuning trains on; stop there
+            seen.extend(examples)
+            raise Seen
+
+        monkeypatch.setattr(finetune, "training_items", spy)
+        with pytest.raises(Seen):
+            finetune.finetune_from_store(store, base, tmp_path / "out",
+                                         finetune.FinetuneConfig(min_corrections=1))
+    assert len(seen) == 2
+    for ex in seen:
+        assert len(ex.images) == 1 and ex.label == 1
+        assert any(np.array_equal(ex.images[0], d) for d in drafted.values())
