@@ -75,6 +75,15 @@ class Analysis:
     view_probabilities: tuple[float, ...] | None = None
     aggregation: str | None = None
     key_views: tuple[int, ...] = ()
+    # what the study looks like (mrg_core.domain.Domain.to_dict): from DICOM tags or pixels
+    domain: dict | None = None
+
+
+def _domain_dict(study: Study) -> dict | None:
+    from mrg_core.domain import study_domain
+
+    d = study_domain(study)
+    return None if d is None else d.to_dict()
 
 
 def _sub_study(study: Study, index: int) -> Study:
@@ -147,9 +156,17 @@ def domain_warning(info: dict | None, study: Study) -> str | None:
     part = study.body_part
     if want_part and part and part.upper() != want_part.upper():
         problems.append(f"body part is {part}, the model was trained on {want_part} only")
-    if want_mod and mod is None:
-        problems.append(f"the image has no DICOM modality; the model expects {want_mod} "
-                        f"({trained.get('description', 'see the model card')})")
+    if want_mod and mod is None:  # a PNG / JPEG: its pixels say what it is
+        from mrg_core.domain import dicom_kind, study_domain
+
+        what = trained.get("description", "see the model card")
+        seen = study_domain(study)
+        if seen is None:
+            problems.append(f"the image has no DICOM modality; the model expects {want_mod} "
+                            f"({what})")
+        elif seen.kind != dicom_kind(want_mod, want_part):
+            problems.append(f"this image looks like {seen.describe()}; the model was trained "
+                            f"on {want_mod} only ({what})")
     if not problems:
         return None
     return ("Out of domain: " + "; ".join(problems) +
@@ -279,7 +296,8 @@ class Engine:
                         label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
                         domain_warning=self.domain_warning(study),
                         seconds=time.perf_counter() - t0,
-                        findings=tuple(model.config.finding_phrases[n] for n in pred.findings))
+                        findings=tuple(model.config.finding_phrases[n] for n in pred.findings),
+                        domain=_domain_dict(study))
 
     def _analyze_views(self, model, study: Study, t0: float) -> Analysis:
         """A series or a multi-view study: every view classified on its own, combined by the
@@ -306,7 +324,8 @@ class Engine:
                         seconds=time.perf_counter() - t0,
                         findings=tuple(cfg.finding_phrases[n] for n in findings),
                         view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
-                        aggregation=cfg.study_aggregation, key_views=keys)
+                        aggregation=cfg.study_aggregation, key_views=keys,
+                        domain=_domain_dict(study))
 
     def view_heatmap(self, study: Study, index: int) -> np.ndarray:
         """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""

@@ -109,3 +109,43 @@ def test_series_bench_loads_analyses_and_shows_slices(model_dir):
     res = bench_series(n=6, size=64, model_dir=model_dir)
     assert res["slices"] == 6 and len(res["key_views"]) == 3
     assert res["load_and_analyse_s"] > 0 and res["peak_rss_mb"] > 0
+
+
+@pytest.mark.e2e
+def test_series_page_bench_uploads_and_scrolls_in_chromium(model_dir, tmp_path):
+    """bench/series_page.py end to end: the real app, a headless Chromium uploading a small
+    series and scrolling it (new and revisited slices). Its own process: a second Playwright
+    sync API in this one would clash with the e2e tests' browser."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import require
+
+    from bench.series_page import CHROMIUM
+
+    require(os.path.exists(CHROMIUM) or shutil.which("chromium"),
+            f"{CHROMIUM} is missing (apt-get install chromium chromium-driver)")
+    try:
+        import playwright.sync_api
+    except ImportError:
+        playwright = None
+    require(playwright is not None, "playwright (python) is not installed")
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "series_page.json"
+    r = subprocess.run([sys.executable, str(repo / "bench" / "series_page.py"), "--slices", "12",
+                        "--size", "64", "--presses", "5", "--model-dir", str(model_dir),
+                        "--json", str(out)], cwd=repo, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["slices_on_page"] == 12 and 1 <= res["key_slice"] <= 12
+    assert "Pneumonia probability" in res["probability_text"]
+    assert 0 < res["upload_to_probability_s"] <= res["upload_to_key_slice_s"]
+    for part in ("new_slices", "revisited_slices"):
+        s = res[part]
+        assert s["presses"] == 5 and 0 < s["median_ms"] <= s["p90_ms"] <= s["max_ms"]
+    assert res["page_errors"] == []

@@ -104,6 +104,7 @@ def main(argv: list[str]) -> int:
                 # as the app's alert: the study is not what the model was trained on, so the
                 # probability and the report are unreliable
                 out_of_domain=a.domain_warning is not None, domain_warning=a.domain_warning,
+                domain=a.domain,  # what the study looks like: from DICOM tags or the pixels
                 findings=list(a.findings), report=text,
                 model={"name": info.get("name"), "version": info.get("version")},
                 run={"threads": torch.get_num_threads(), "precision": model_precision(model)},
