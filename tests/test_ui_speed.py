@@ -100,12 +100,35 @@ def test_a_failing_model_keeps_what_the_page_shows(engine, session, monkeypatch)
 def test_background_decode_frees_the_model_on_close(engine, session):
     it = engine.stream_report(session.study)
     assert next(it)
-    assert not engine._model_lock.acquire(blocking=False)  # decoding holds the model
     it.close()
     assert engine._model_lock.acquire(timeout=5)  # Stop frees it within a token
     engine._model_lock.release()
     assert "".join(engine.stream_report(session.study)) == \
         engine.model.generate_report(session.study)
+
+
+def test_another_users_analysis_waits_for_one_decode_step_not_the_whole_draft(
+        engine, session, monkeypatch):
+    """The model lock is taken per decode step: a draft of 10 steps of 0.3 s (3 s) lets an
+    analysis run after at most one step."""
+    def slow(study, settings=None, **kw):
+        for i in range(10):
+            time.sleep(0.3)  # the step's computation, under the lock
+            yield f"w{i} "
+
+    monkeypatch.setattr(engine.model, "stream_report", slow)
+    it = engine.stream_report(session.study)
+    assert next(it) == "w0 "
+    rest = threading.Thread(target=lambda: "".join(it))
+    rest.start()
+    from mrg_core.study import study_from_arrays
+
+    other = study_from_arrays([np.full((64, 64), 40, np.uint8)])
+    t0 = time.perf_counter()
+    engine.analyze(other)
+    waited = time.perf_counter() - t0
+    rest.join(10)
+    assert waited < 1.2, f"the analysis waited {waited:.1f} s behind the draft"
 
 
 def test_background_decode_raises_model_errors_to_the_caller(engine, session, monkeypatch):
@@ -173,3 +196,27 @@ def test_app_precision_and_thread_flags(monkeypatch):
         app.parse_args(["--precision", "fp8"])
     with pytest.raises(SystemExit):
         app.parse_args(["--decode-threads", "0"])
+
+
+def test_fair_lock_hands_over_in_arrival_order_and_times_out():
+    from mrg_core.engine import FairLock
+
+    lock, order = FairLock(), []
+    lock.acquire()
+    assert not lock.acquire(blocking=False) and not lock.acquire(timeout=0.05)
+
+    def wait(name):
+        with lock:
+            order.append(name)
+
+    threads = []
+    for name in "abc":
+        threads.append(threading.Thread(target=wait, args=(name,)))
+        threads[-1].start()
+        time.sleep(0.05)  # arrive in this order
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert order == ["a", "b", "c"]
+    assert lock.acquire(blocking=False)
+    lock.release()
