@@ -78,6 +78,7 @@ class Analysis:
     key_views: tuple[int, ...] = ()
     # what the study looks like (mrg_core.domain.Domain.to_dict): from DICOM tags or pixels
     domain: dict | None = None
+    label_meaning: str = ""  # what the probability is of, in words (the model's card)
 
 
 def _domain_dict(study: Study) -> dict | None:
@@ -344,7 +345,7 @@ class Engine:
                         domain_warning=self.domain_warning(study),
                         seconds=time.perf_counter() - t0,
                         findings=tuple(model.config.finding_phrases[n] for n in pred.findings),
-                        domain=_domain_dict(study))
+                        domain=_domain_dict(study), label_meaning=model.config.label_meaning)
 
     def _analyze_views(self, model, study: Study, t0: float) -> Analysis:
         """A series or a multi-view study: every view classified on its own, combined by the
@@ -372,7 +373,7 @@ class Engine:
                         findings=tuple(cfg.finding_phrases[n] for n in findings),
                         view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
                         aggregation=cfg.study_aggregation, key_views=keys,
-                        domain=_domain_dict(study))
+                        domain=_domain_dict(study), label_meaning=model.config.label_meaning)
 
     def view_heatmap(self, study: Study, index: int) -> np.ndarray:
         """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""

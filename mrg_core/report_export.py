@@ -54,14 +54,21 @@ def _model_facts(model_info: dict | None) -> dict:
     return {"name": str(info.get("name") or "none"), "version": str(info.get("version") or "none")}
 
 
-def _probability_line(probability: float | None, threshold: float | None) -> str | None:
+def _probability_line(probability: float | None, threshold: float | None,
+                      meaning: str | None = None) -> str | None:
     if probability is None:
         return None
     line = f"Pneumonia probability {probability:.2f}"
     if threshold is not None:
         call = "positive" if probability >= threshold else "negative"
         line += f" (threshold {threshold:.2f} → {call})"
+    if meaning:  # what the model's label is (its card): the probability means nothing else
+        line += f"; the model's label: {meaning}"
     return line
+
+
+def _meaning(model_info: dict | None) -> str | None:
+    return str((model_info or {}).get("label_meaning") or "") or None
 
 
 def impression(final_text: str) -> str | None:
@@ -113,7 +120,7 @@ def to_text(final_text: str, probability: float | None = None, threshold: float 
     if reviewer:
         lines.append(f"Reviewed by: {reviewer}")
     lines.append(f"Date: {_aware(effective).isoformat()}")
-    prob = _probability_line(probability, threshold)
+    prob = _probability_line(probability, threshold, _meaning(model_info))
     if prob:
         lines.append(prob)
     lines.append(f"Model: {model['name']} {model['version']}")
@@ -132,6 +139,7 @@ def to_json(final_text: str, probability: float | None = None, threshold: float 
         "reviewer": reviewer,
         "effective": _aware(effective).isoformat(),
         "probability": probability,
+        "probability_meaning": _meaning(model_info),
         "threshold": threshold,
         "positive": None if probability is None or threshold is None
         else bool(probability >= threshold),
@@ -164,6 +172,8 @@ def to_fhir_diagnostic_report(final_text: str, probability: float | None = None,
         ext.append({"url": "pneumoniaProbability", "valueDecimal": round(float(probability), 4)})
     if threshold is not None:
         ext.append({"url": "threshold", "valueDecimal": round(float(threshold), 4)})
+    if probability is not None and _meaning(model_info):
+        ext.append({"url": "probabilityMeaning", "valueString": _meaning(model_info)})
     ext.append({"url": "disclaimer", "valueString": DISCLAIMER})
     code_text = "Diagnostic imaging study"
     if study.get("modality"):
@@ -172,8 +182,8 @@ def to_fhir_diagnostic_report(final_text: str, probability: float | None = None,
     doc = {
         "resourceType": "DiagnosticReport",
         "status": status,
-        "text": _narrative(final_text, status, _probability_line(probability, threshold),
-                           model, study),
+        "text": _narrative(final_text, status, _probability_line(
+            probability, threshold, _meaning(model_info)), model, study),
         "category": [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
             "code": "RAD", "display": "Radiology"}]}],

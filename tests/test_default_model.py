@@ -80,3 +80,16 @@ def test_default_model_drafts(default_model, pinned_studies):
     by_label = {lab: {drafts[i] for i, (l2, _) in PINNED_DECISIONS.items() if l2 == lab}
                 for lab in (0, 1)}
     assert not by_label[0] & by_label[1], drafts
+
+
+def test_default_model_says_what_its_probability_is_of(default_model, pinned_studies):
+    """The shipped CT model's label is COVID-19 pneumonia against other findings: its card
+    says so and the page shows it beside the probability."""
+    from mrg_core.engine import Engine
+    from ui.handlers import analysis_text
+
+    assert "COVID-19" in default_model.info["label_meaning"]
+    study = next(iter(pinned_studies.values()))[1]
+    a = Engine(default_model, None).analyze(study)
+    assert a.label_meaning == default_model.info["label_meaning"]
+    assert f"The model's label: {a.label_meaning}" in analysis_text(a, study)

@@ -110,6 +110,7 @@ def r4b_report():
      "effective": None, "study_summary": None},
     {"final_text": "Bilateral opacities <5 mm> & 'small' effusion.\n\nNo impression heading.",
      "probability": 0.1},
+    {"model_info": dict(INFO, label_meaning="COVID-19 pneumonia vs other findings")},
 ])
 def test_fhir_resource_validates_with_fhir_resources(kw):
     DiagnosticReport = r4b_report()
@@ -160,3 +161,19 @@ def test_conclusion_code_only_for_a_positive_decision():
         "233604007")
     for kw in ({"probability": 0.49}, {"probability": None}, {"threshold": None}):
         assert "conclusionCode" not in fhir(**kw)
+
+
+def test_every_export_says_what_the_probability_is_of():
+    """The CT model's probability is of COVID-19 pneumonia against other findings, not of
+    pneumonia in general: text, JSON and FHIR say so when the model's card does."""
+    meaning = "COVID-19 pneumonia vs other findings on a chest CT slice"
+    info = dict(INFO, label_meaning=meaning)
+    text = rx.to_text(TEXT, 0.873, 0.5, info, WHEN, SUMMARY)
+    assert f"Pneumonia probability 0.87 (threshold 0.50 → positive); the model's label: {meaning}" \
+        in text
+    assert json.loads(rx.to_json(TEXT, 0.873, 0.5, info, WHEN, SUMMARY))[
+        "probability_meaning"] == meaning
+    doc = fhir(model_info=info)
+    ext = {e["url"]: e for e in doc["extension"][0]["extension"]}
+    assert ext["probabilityMeaning"]["valueString"] == meaning and meaning in doc["text"]["div"]
+    assert "the model's label" not in rx.to_text(TEXT, 0.873, 0.5, INFO, WHEN, SUMMARY)

@@ -264,6 +264,8 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
 def analysis_text(a, study) -> str:
     """The probability line; for several views/slices also how they were combined."""
     text = probability_text(a.probability, a.threshold, a.findings)
+    if getattr(a, "label_meaning", ""):  # what the number is of: the CT model is not a CXR one
+        text += f"  \nThe model's label: {_md(a.label_meaning)}"
     probs = a.view_probabilities
     if probs and a.key_views and study is not None:
         word = "slice" if study.series is not None or _is_ct(study) else "view"

@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
                 body_part=study.body_part,
                 series=None if study.series is None else study.series.to_dict(),
                 probability=round(float(a.probability), 4), label=int(a.label),
+                label_meaning=a.label_meaning or None,  # what the probability is of
                 threshold=float(a.threshold),
                 # several slices/views: how the study probability was made and from which
                 aggregation=a.aggregation, key_views=list(a.key_views),

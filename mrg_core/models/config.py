@@ -135,6 +135,9 @@ class ReportModelConfig:
     no_repeat_ngram_size: int = 3
     name: str = "mrg-studio"
     version: str = "0.0.0"
+    # What the probability means, in words shown beside it and in exports (issue 15: each
+    # model says what its label is), e.g. "COVID-19 pneumonia vs other findings".
+    label_meaning: str = ""
     trained_on: dict = field(default_factory=lambda: {
         "modality": "CT", "body_part": "CHEST",
         "description": "Chest CT slices with free-text findings (COV-CTR style)."})

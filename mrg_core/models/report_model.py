@@ -511,5 +511,6 @@ class ReportModel(nn.Module):
         c = self.config
         return {"name": c.name, "version": c.version, "method": c.method,
                 "trained_on": dict(c.trained_on), "threshold": self.calibrated(c.threshold),
+                "label_meaning": c.label_meaning,
                 "n_params": sum(p.numel() for p in self.parameters()),
                 "n_trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}
