@@ -128,7 +128,7 @@ def test_another_users_analysis_waits_for_one_decode_step_not_the_whole_draft(
     engine.analyze(other)
     waited = time.perf_counter() - t0
     rest.join(10)
-    assert waited < 1.2, f"the analysis waited {waited:.1f} s behind the draft"
+    assert waited < 1.5, f"the analysis waited {waited:.1f} s behind the 3 s draft"
 
 
 def test_background_decode_raises_model_errors_to_the_caller(engine, session, monkeypatch):
