@@ -305,3 +305,22 @@ def test_a_series_correction_is_fine_tuned_on_the_slice_it_was_drafted_from(engi
     for ex in seen:
         assert len(ex.images) == 1 and ex.label == 1
         assert any(np.array_equal(ex.images[0], d) for d in drafted.values())
+
+
+def test_the_real_samples_load_and_are_attributed():
+    """The real samples a new user can try: a TCIA CT series (zip) and two CC BY radiographs,
+    each named with its licence in ATTRIBUTION.md."""
+    from mrg_core.domain import study_domain
+    from mrg_core.paths import SAMPLES_DIR
+
+    attribution = (SAMPLES_DIR / "ATTRIBUTION.md").read_text(encoding="utf-8")
+    real = [p for p in SAMPLES_DIR.iterdir() if p.suffix in (".zip", ".jpeg")]
+    assert len(real) == 3
+    for p in real:
+        assert f"`{p.name}`" in attribution
+    assert attribution.count("CC BY 4.0") >= 2
+    (series,) = load_studies([SAMPLES_DIR / "tcia_lung_dx_a0002_ct_8_slices.zip"])
+    assert (series.series.n_slices, series.series.ordered_by, series.series.kernel,
+            series.views[0].meta.units) == (8, "position", "B40f", "HU")
+    for name in ("cxr_child_normal.jpeg", "cxr_child_pneumonia.jpeg"):
+        assert study_domain(load_study([SAMPLES_DIR / name])).kind == "chest_radiograph"

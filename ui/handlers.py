@@ -33,7 +33,7 @@ from .state import Session
 log = logging.getLogger(__name__)
 
 FILE_TYPES = [".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".zip"]  # a zip: its files
-SAMPLE_SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg"}
+SAMPLE_SUFFIXES = {".dcm", ".png", ".jpg", ".jpeg", ".zip"}  # a zip: a series
 WINDOW_PRESETS = ["default", *CT_WINDOWS, "custom"]  # default = the file's own window
 NO_MODEL = ("**No model loaded.** Studies can be viewed and reports written and saved by "
             "hand; no probability, heat map or draft is made.")
