@@ -33,11 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.common import free_port  # noqa: E402
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -49,7 +45,7 @@ def start_app(model_dir: Path, db_url: str, app_args=(), app: Path | None = None
               ) -> tuple[subprocess.Popen, str]:
     """app.py of this repository (or `app`, e.g. an older checkout's, to compare) on a free
     port; returns the process and its URL once it answers."""
-    port = _free_port()
+    port = free_port()
     app = Path(app) if app else REPO / "app.py"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, str(app), "--port", str(port),

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import emit  # noqa: E402
+
 
 def write_series(folder: Path, n: int, size: int) -> None:
     from mrg_core.samples import make_ct_phantom, write_ct_dicom
@@ -104,11 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     res = bench_series(a.slices, a.size, a.model_dir.resolve())
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit(res, a.json)
     return 0
 
 

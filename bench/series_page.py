@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -39,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.common import emit  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's, as tests/e2e/conftest.py launches it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -294,11 +295,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     res = bench_series_page(a.slices, a.size, a.presses, a.model_dir.resolve(),
                             a.repeating_slices)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit(res, a.json)
     return 0
 
 

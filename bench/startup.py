@@ -24,19 +24,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.common import emit, free_port  # noqa: E402
 
 
 def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: float = 300) -> dict:
     """Seconds from spawning `python app.py` to the page's first HTTP 200, and to the log line
     that says the warm-up finished."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                             "MRG_UPLOAD_DIR": f"{tmp}/uploads", **(env_extra or {})}
@@ -99,7 +93,7 @@ print(json.dumps({k: round(v, 2) for k, v in out.items()}))
 def phases(model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         r = subprocess.run([sys.executable, "-c", PHASES, str(model_dir), f"{tmp}/p.db",
-                            str(_free_port())], cwd=REPO, capture_output=True, text=True,
+                            str(free_port())], cwd=REPO, capture_output=True, text=True,
                            env=os.environ | {"GRADIO_ANALYTICS_ENABLED": "False",
                                              "HF_HUB_OFFLINE": "1"}, timeout=300)
     if r.returncode:
@@ -125,11 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     res = bench_startup(a.model_dir.resolve(), a.runs)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit(res, a.json)
     return 0
 
 

@@ -119,18 +119,6 @@ def study_domain(study: Study, classifier: ModalityClassifier | None = None) -> 
     classifier = classifier or default_classifier()
     if classifier is None:
         return None
-    key = (study.content_hash, id(classifier))
-    with _default_lock:
-        hit = _seen.get(key)
-    if hit is None:
-        p = classifier.probabilities([study.views[0].display])[0]
-        i = int(np.argmax(p))
-        hit = Domain(KINDS[i], "pixels", float(p[i]))
-        with _default_lock:
-            _seen[key] = hit
-            while len(_seen) > 256:  # the oldest first
-                del _seen[next(iter(_seen))]
-    return hit
-
-
-_seen: dict = {}  # (study content hash, classifier) -> Domain: warning and JSON ask twice
+    p = classifier.probabilities([study.views[0].display])[0]
+    i = int(np.argmax(p))
+    return Domain(KINDS[i], "pixels", float(p[i]))

@@ -81,13 +81,6 @@ class Analysis:
     label_meaning: str = ""  # what the probability is of, in words (the model's card)
 
 
-def _domain_dict(study: Study) -> dict | None:
-    from mrg_core.domain import study_domain
-
-    d = study_domain(study)
-    return None if d is None else d.to_dict()
-
-
 def _sub_study(study: Study, index: int) -> Study:
     return Study(views=(study.views[index],))
 
@@ -189,8 +182,9 @@ def parse_threads(value) -> int | str:
     return n
 
 
-def domain_warning(info: dict | None, study: Study) -> str | None:
-    """Plain words when the study is not what the model (its `info`) was trained on."""
+def domain_warning(info: dict | None, study: Study, seen=None) -> str | None:
+    """Plain words when the study is not what the model (its `info`) was trained on. `seen`:
+    the study's mrg_core.domain.Domain when the caller has it already (else worked out here)."""
     if info is None:
         return None
     trained = info.get("trained_on", {}) or {}
@@ -208,7 +202,7 @@ def domain_warning(info: dict | None, study: Study) -> str | None:
         from mrg_core.domain import dicom_kind, study_domain
 
         what = trained.get("description", "see the model card")
-        seen = study_domain(study)
+        seen = seen if seen is not None else study_domain(study)
         if seen is None:
             problems.append(f"the image has no DICOM modality; the model expects {want_mod} "
                             f"({what})")
@@ -329,25 +323,28 @@ class Engine:
         """Files, folders or zips → one Study per DICOM series (SeriesInfo says which)."""
         return load_studies(list(sources), self.limits)
 
-    def domain_warning(self, study: Study) -> str | None:
+    def domain_warning(self, study: Study, seen=None) -> str | None:
         """Plain words when the study is not what the model was trained on."""
-        return domain_warning(self.model_info, study)
+        return domain_warning(self.model_info, study, seen)
 
     def analyze(self, study: Study) -> Analysis:
+        from mrg_core.domain import study_domain
+
         model = self._require_model()
         t0 = time.perf_counter()
+        seen = study_domain(study)  # once: the warning and the Analysis both say it
         if len(study.views) > 1:
-            return self._analyze_views(model, study, t0)
+            return self._analyze_views(model, study, t0, seen)
         with self._model_lock:
             pred, maps = model.analyze(study)
         return Analysis(probability=float(pred.probability), threshold=float(pred.threshold),
                         label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
-                        domain_warning=self.domain_warning(study),
+                        domain_warning=self.domain_warning(study, seen),
                         seconds=time.perf_counter() - t0,
                         findings=tuple(model.config.finding_phrases[n] for n in pred.findings),
-                        domain=_domain_dict(study), label_meaning=model.config.label_meaning)
+                        domain=None if seen is None else seen.to_dict(), label_meaning=model.config.label_meaning)
 
-    def _analyze_views(self, model, study: Study, t0: float) -> Analysis:
+    def _analyze_views(self, model, study: Study, t0: float, seen) -> Analysis:
         """A series or a multi-view study: every view classified on its own, combined by the
         model's study rule; Grad-CAM and findings from the key (most probable) view."""
         from mrg_core.study_level import key_views
@@ -368,12 +365,12 @@ class Engine:
         findings = pred.findings if pred.label == label else ()
         return Analysis(probability=shown, threshold=model.calibrated(t), label=label,
                         labels=labels, heatmaps=heatmaps,
-                        domain_warning=self.domain_warning(study),
+                        domain_warning=self.domain_warning(study, seen),
                         seconds=time.perf_counter() - t0,
                         findings=tuple(cfg.finding_phrases[n] for n in findings),
                         view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
                         aggregation=cfg.study_aggregation, key_views=keys,
-                        domain=_domain_dict(study), label_meaning=model.config.label_meaning)
+                        domain=None if seen is None else seen.to_dict(), label_meaning=model.config.label_meaning)
 
     def view_heatmap(self, study: Study, index: int) -> np.ndarray:
         """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""

@@ -121,9 +121,4 @@ def space_like_env(folder: Path, base_env: dict) -> tuple[dict, set]:
     return env, blocked
 
 
-def pinned(name: str, path: Path = ROOT / "requirements.txt") -> bool:
-    return any(canonicalize_name(r.name) == canonicalize_name(name)
-               for r in requirement_names(path))
-
-
-__all__ = ["runtime_closure", "blocked_modules", "space_like_env", "requirement_names", "pinned"]
+__all__ = ["runtime_closure", "blocked_modules", "space_like_env", "requirement_names"]
