@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mrg_core.io import LoadLimits, load_studies, load_study
-from mrg_core.paths import DEFAULT_MODEL_DIR, REPO_ROOT
+from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
 from mrg_core.storage import DraftRecord, SaveResult, Store
 from mrg_core.storage.space import default_database_url, ephemeral_store_warning
 from mrg_core.study import Study
@@ -36,6 +36,11 @@ class EngineSettings:
     database_url: str = field(default_factory=lambda: default_database_url(REPO_ROOT))
     device: str | None = None  # None = CUDA when present, else CPU
     limits: LoadLimits = field(default_factory=LoadLimits)
+    # Further models the engine routes studies to by their card's trained_on (mrg_core.routing):
+    # by default the shipped chest radiograph model. $MRG_EXTRA_MODELS: folders separated by
+    # os.pathsep, "" for none.
+    extra_model_dirs: tuple[Path, ...] = field(default_factory=lambda: tuple(
+        p for p in (DEFAULT_CXR_MODEL_DIR,) if (p / "config.json").is_file()))
     precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8 (models/quantize)
     # torch threads while a draft decodes: None = unchanged, "auto" = one core fewer than the
     # machine has (the web server keeps a core), a number = that many
@@ -46,6 +51,9 @@ class EngineSettings:
         s = cls()
         if os.environ.get("MRG_MODEL_DIR"):
             s.model_dir = Path(os.environ["MRG_MODEL_DIR"])
+        if "MRG_EXTRA_MODELS" in os.environ:
+            s.extra_model_dirs = tuple(Path(p) for p in
+                                       os.environ["MRG_EXTRA_MODELS"].split(os.pathsep) if p)
         if os.environ.get("MRG_DB_URL"):
             s.database_url = os.environ["MRG_DB_URL"]
         if os.environ.get("MRG_DEVICE"):
@@ -79,6 +87,9 @@ class Analysis:
     # what the study looks like (mrg_core.domain.Domain.to_dict): from DICOM tags or pixels
     domain: dict | None = None
     label_meaning: str = ""  # what the probability is of, in words (the model's card)
+    # the model that read the study (its info) and, in words, why it was chosen
+    model: dict | None = None
+    routing: str = ""
 
 
 def _sub_study(study: Study, index: int) -> Study:
@@ -145,7 +156,12 @@ class ModelNotLoaded(RuntimeError):
     """Raised when a model call is made while no model is loaded."""
 
 
+class NoModelForStudy(ModelNotLoaded):
+    """A study no loaded model reads (mrg_core.routing): refused, its message says why."""
+
+
 _END = object()  # end of a background decode
+_UNSET = object()  # Engine.route: the study's domain not worked out yet
 # How long a draft keeps the model before others may take a turn: short enough that an analysis
 # never waits long behind a draft, long enough that the hand-overs cost little (a 135M LLM step
 # is ~80 ms on 2 cores, so it yields after every step; the shipped GPT-2 after ~35 tokens).
@@ -190,17 +206,19 @@ def domain_warning(info: dict | None, study: Study, seen=None) -> str | None:
     trained = info.get("trained_on", {}) or {}
     if not isinstance(trained, dict):
         return None
+    from mrg_core.domain import dicom_kind, study_domain
+
     want_mod, want_part = trained.get("modality"), trained.get("body_part")
     problems = []
     mod = study.modality
-    if want_mod and mod and mod.upper() != want_mod.upper():
+    # CR and DX are both projection radiographs: a CR-trained model reads DX alike
+    if want_mod and mod and mod.upper() != want_mod.upper() and (
+            dicom_kind(mod, None) != dicom_kind(want_mod, None)):
         problems.append(f"this study is {mod}, the model was trained on {want_mod} only")
     part = study.body_part
     if want_part and part and part.upper() != want_part.upper():
         problems.append(f"body part is {part}, the model was trained on {want_part} only")
     if want_mod and mod is None:  # a PNG / JPEG: its pixels say what it is
-        from mrg_core.domain import dicom_kind, study_domain
-
         what = trained.get("description", "see the model card")
         seen = seen if seen is not None else study_domain(study)
         if seen is None:
@@ -233,12 +251,21 @@ def torch_threads(n: int | None):
 
 class Engine:
     def __init__(self, model, store: Store, limits: LoadLimits | None = None,
-                 precision: str = "fp32", decode_threads: int | str | None = None):
+                 precision: str = "fp32", decode_threads: int | str | None = None,
+                 extra_models: Sequence | None = None):
+        """`model`: the primary model (fine-tuning and the model switch act on it).
+        `extra_models`: None = `model` reads every study, with a warning when the study is
+        not what it was trained on; a list (maybe empty) = studies are routed by domain to
+        `model` or one of these, and a study none of them reads is refused (mrg_core.routing).
+        """
         self.store = store
         self.limits = limits or LoadLimits()
         self.precision = precision
         self.decode_threads = resolve_threads(decode_threads)
         self.model = self._with_precision(model)
+        self.routed = extra_models is not None
+        self.extra_models = [self._with_precision(m) for m in extra_models or ()]
+        self._routes: dict = _Bounded(256)  # study content hash -> (model, Domain)
         self.missing_weights: str | None = None  # why the configured model could not load
         # shown on the page when a Space keeps the corrections where a restart wipes them
         self.store_warning = None if store is None else ephemeral_store_warning(store.engine.url)
@@ -251,24 +278,33 @@ class Engine:
     def from_settings(cls, settings: EngineSettings) -> Engine:
         from mrg_core.weights import MissingWeights
 
-        model, missing = None, None
-        if settings.model_dir is not None and (Path(settings.model_dir) / "config.json").is_file():
-            from mrg_core.models import ReportModel
+        from mrg_core.models import ReportModel
 
+        missing = []
+
+        def load(folder):
             t0 = time.perf_counter()
             try:
-                model = ReportModel.from_pretrained(settings.model_dir, device=settings.device)
+                m = ReportModel.from_pretrained(folder, device=settings.device)
             except MissingWeights as exc:  # e.g. the LLM package was not installed
-                missing = str(exc)
-                log.error("the model cannot load: %s. The app runs without drafts.", missing)
-            else:
-                log.info("model loaded from %s in %.2f s", settings.model_dir,
-                         time.perf_counter() - t0)
+                missing.append(str(exc))
+                log.error("the model in %s cannot load: %s", Path(folder).name, exc)
+                return None
+            log.info("model %s loaded in %.2f s", Path(folder).name, time.perf_counter() - t0)
+            return m
+
+        model = None
+        if settings.model_dir is not None and (Path(settings.model_dir) / "config.json").is_file():
+            model = load(settings.model_dir)
         else:
             log.warning("no model found at %s: the app runs without drafts", settings.model_dir)
+        extras = [m for m in (load(d) for d in settings.extra_model_dirs
+                              if Path(d).resolve() != Path(settings.model_dir or "").resolve())
+                  if m is not None]
         engine = cls(model, Store(settings.database_url), settings.limits,
-                     precision=settings.precision, decode_threads=settings.decode_threads)
-        engine.missing_weights = missing
+                     precision=settings.precision, decode_threads=settings.decode_threads,
+                     extra_models=extras)
+        engine.missing_weights = "; ".join(missing) or None
         if model is not None:  # fine-tunes start from this folder, named by its lineage
             engine.model_dir = Path(settings.model_dir).resolve()
         return engine
@@ -289,7 +325,7 @@ class Engine:
         """One small analysis, overlay and draft on a synthetic image, so that the first user
         does not pay the one-off costs (lazy imports, first kernel calls: ~0.7 s on a 2-core
         CPU). Nothing is stored. Returns the seconds it took."""
-        if self.model is None:
+        if not self.models:
             return 0.0
         from mrg_core.models import GenerationSettings
         from mrg_core.study import study_from_arrays
@@ -297,10 +333,14 @@ class Engine:
         t0 = time.perf_counter()
         pixels = np.random.default_rng(0).integers(0, 256, (256, 256)).astype(np.uint8)
         study = study_from_arrays([pixels])
-        analysis = self.analyze(study)
-        self.overlay(study.views[0].display, analysis.heatmaps[0])
-        for _ in self.stream_report(study, GenerationSettings(max_new_tokens=4)):
-            pass
+        for model in self.models:  # each directly: noise is no study any model would be routed
+            with self._model_lock:
+                _pred, maps = model.analyze(study)
+                for _ in model.stream_report(study, GenerationSettings(max_new_tokens=4)):
+                    pass
+            self.overlay(study.views[0].display, maps[0])
+        from mrg_core.domain import study_domain
+        study_domain(study)  # the pixel classifier's first call, too
         return time.perf_counter() - t0
 
     # ----- model information -------------------------------------------------------------
@@ -323,26 +363,71 @@ class Engine:
         """Files, folders or zips → one Study per DICOM series (SeriesInfo says which)."""
         return load_studies(list(sources), self.limits)
 
-    def domain_warning(self, study: Study, seen=None) -> str | None:
-        """Plain words when the study is not what the model was trained on."""
-        return domain_warning(self.model_info, study, seen)
+    @property
+    def models(self) -> list:
+        """Every loaded model, the primary first."""
+        return [m for m in (self.model, *self.extra_models) if m is not None]
 
-    def analyze(self, study: Study) -> Analysis:
+    def route(self, study: Study, seen=_UNSET):
+        """(the model that reads `study`, its mrg_core.domain.Domain). Routed engines pick by
+        domain and raise NoModelForStudy when no model reads it; a single-model engine always
+        answers its model. `seen`: the study's Domain when the caller has it already."""
+        hit = self._routes.get(study.content_hash)
+        if hit is not None:
+            return hit
         from mrg_core.domain import study_domain
 
-        model = self._require_model()
+        models = self.models
+        if not models:
+            self._require_model()
+        if seen is _UNSET:
+            seen = study_domain(study)
+        if self.routed:
+            from mrg_core import routing
+
+            try:
+                model = routing.choose(models, seen)
+            except routing.NoModelForStudy as exc:
+                raise NoModelForStudy(str(exc)) from None
+        else:
+            model = models[0]
+        self._routes[study.content_hash] = (model, seen)
+        return model, seen
+
+    def domain_warning(self, study: Study, seen=None) -> str | None:
+        """Plain words when the study is not what its model was trained on; a routed study
+        no model reads gets the refusal."""
+        try:
+            model, seen = self.route(study) if seen is None else self.route(study, seen)
+        except NoModelForStudy as exc:
+            return str(exc)
+        except ModelNotLoaded:
+            return None
+        return domain_warning(dict(model.info), study, seen)
+
+    def _analysis(self, model, seen, **kw) -> Analysis:
+        from mrg_core.routing import routing_line
+
+        info = dict(model.info)
+        return Analysis(domain=None if seen is None else seen.to_dict(),
+                        label_meaning=model.config.label_meaning, model=info,
+                        routing=routing_line(seen, info) if self.routed else "", **kw)
+
+    def analyze(self, study: Study) -> Analysis:
+        """Probability, Grad-CAM and findings from the model that reads this study. Raises
+        NoModelForStudy when it is routed and no model reads it."""
         t0 = time.perf_counter()
-        seen = study_domain(study)  # once: the warning and the Analysis both say it
+        model, seen = self.route(study)  # the domain once: routing, warning and Analysis
         if len(study.views) > 1:
             return self._analyze_views(model, study, t0, seen)
         with self._model_lock:
             pred, maps = model.analyze(study)
-        return Analysis(probability=float(pred.probability), threshold=float(pred.threshold),
-                        label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
-                        domain_warning=self.domain_warning(study, seen),
-                        seconds=time.perf_counter() - t0,
-                        findings=tuple(model.config.finding_phrases[n] for n in pred.findings),
-                        domain=None if seen is None else seen.to_dict(), label_meaning=model.config.label_meaning)
+        return self._analysis(
+            model, seen, probability=float(pred.probability), threshold=float(pred.threshold),
+            label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
+            domain_warning=domain_warning(dict(model.info), study, seen),
+            seconds=time.perf_counter() - t0,
+            findings=tuple(model.config.finding_phrases[n] for n in pred.findings))
 
     def _analyze_views(self, model, study: Study, t0: float, seen) -> Analysis:
         """A series or a multi-view study: every view classified on its own, combined by the
@@ -363,18 +448,18 @@ class Engine:
         labels = dict(pred.labels)
         labels[cfg.labels[model._target_index]] = shown
         findings = pred.findings if pred.label == label else ()
-        return Analysis(probability=shown, threshold=model.calibrated(t), label=label,
-                        labels=labels, heatmaps=heatmaps,
-                        domain_warning=self.domain_warning(study, seen),
-                        seconds=time.perf_counter() - t0,
-                        findings=tuple(cfg.finding_phrases[n] for n in findings),
-                        view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
-                        aggregation=cfg.study_aggregation, key_views=keys,
-                        domain=None if seen is None else seen.to_dict(), label_meaning=model.config.label_meaning)
+        return self._analysis(
+            model, seen, probability=shown, threshold=model.calibrated(t), label=label,
+            labels=labels, heatmaps=heatmaps,
+            domain_warning=domain_warning(dict(model.info), study, seen),
+            seconds=time.perf_counter() - t0,
+            findings=tuple(cfg.finding_phrases[n] for n in findings),
+            view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
+            aggregation=cfg.study_aggregation, key_views=keys)
 
     def view_heatmap(self, study: Study, index: int) -> np.ndarray:
         """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""
-        model = self._require_model()
+        model = self.route(study)[0]
         with self._model_lock:
             return model.analyze(_sub_study(study, index))[1][0]
 
@@ -383,7 +468,7 @@ class Engine:
         series or multi-view study from its key view with the whole study's decision."""
         if len(study.views) == 1:
             return study, None
-        key = (study.content_hash, id(self._require_model()))
+        key = (study.content_hash, id(self.route(study)[0]))
         hit = self._decisions.get(key)
         if hit is None:
             self.analyze(study)
@@ -399,7 +484,7 @@ class Engine:
         waiting. Closing this iterator (Stop) ends the decode within one token."""
         from mrg_core.models import GenerationSettings
 
-        model = self._require_model()
+        model = self.route(study)[0]
         settings = settings or GenerationSettings()
         drafted, decision = self.drafted_study(study)
         pieces: queue.SimpleQueue = queue.SimpleQueue()
@@ -444,7 +529,8 @@ class Engine:
     def draft_record(self, text: str, analysis: Analysis | None, settings=None,
                      timings: dict | None = None) -> DraftRecord:
         """What the store keeps about a draft: who made it, how, and what it said."""
-        info = self.model_info or {"name": "none", "version": "none"}
+        info = (analysis.model if analysis is not None and analysis.model else
+                self.model_info) or {"name": "none", "version": "none"}
         kept = {} if settings is None else dict(vars(settings))
         if self.model is not None and self.precision != "fp32":
             kept["precision"] = self.precision  # a draft made by a changed LM says so
@@ -493,6 +579,7 @@ class Engine:
         model = self._with_precision(model)
         with self._model_lock:
             self.model, self.model_dir = model, path.resolve()
+            self._routes.clear()  # studies routed to the old model go to the new one
         return dict(model.info)
 
     def finetune(self, out_dir=None, cfg=None):
@@ -509,4 +596,6 @@ class Engine:
         if base is None and self.precision != "fp32":
             raise RuntimeError(f"the live model runs in {self.precision} and its folder is "
                                "unknown: fine-tuning needs the fp32 model folder")
-        return finetune_from_store(self.store, base if base is not None else model, out_dir, cfg)
+        others = {m.config.name for m in self.extra_models} - {model.config.name}
+        return finetune_from_store(self.store, base if base is not None else model, out_dir, cfg,
+                                   exclude_models=others)

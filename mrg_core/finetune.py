@@ -32,6 +32,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -423,17 +424,20 @@ def default_out_dir(name: str, version: str) -> Path:
     return models_dir() / re.sub(r"[^A-Za-z0-9._+-]", "-", f"{name}-{version}")
 
 
-def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | None = None
-                        ) -> FinetuneResult:
+def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | None = None,
+                        exclude_models: Collection[str] = ()) -> FinetuneResult:
     """Fine-tune the model at `base_dir` (a folder, or an in-memory ReportModel) on the store's
-    corrections; write a new version folder at `out_dir` (default: models dir / name-version).
-    Raises TooFewCorrections before loading any model."""
+    corrections, except those drafted by a model named in `exclude_models` (the engine's other
+    routed models); write a new version folder at `out_dir` (default: models dir /
+    name-version). Raises TooFewCorrections before loading any model."""
     from mrg_core.models import GenerationSettings
     from mrg_core.models.io import default_card
 
     cfg = cfg or FinetuneConfig()
     t0 = time.time()
-    all_ex = store.iter_corrections()
+    # Not what another routed model drafted: the app sends chest radiographs to the CXR model,
+    # and its corrections would teach the CT model radiograph reports.
+    all_ex = [e for e in store.iter_corrections() if e.model_name not in exclude_models]
     kept, superseded = select_corrections(all_ex, cfg.include_accepted)
     accepted = [] if cfg.include_accepted else [e.correction_id for e in all_ex
                                                 if e.kind == ACCEPTED]

@@ -7,6 +7,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ASSETS_DIR = REPO_ROOT / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "model"
+# the chest radiograph model the engine routes radiographs to (issue 15)
+DEFAULT_CXR_MODEL_DIR = ASSETS_DIR / "cxr_model"
 SAMPLES_DIR = ASSETS_DIR / "samples"
 
 

@@ -80,11 +80,15 @@ def heatmap_to_view(m: np.ndarray, view_shape: tuple[int, ...],
     return out.numpy().astype(np.float32)
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None,
+                  aspect: float = 0.0) -> torch.Tensor:
     """Training-only photometric + small affine jitter of a [B, V, 1, S, S] batch.
 
     Scale 0.9-1.1, rotation ±10°, translation ±6 %, gamma 0.8-1.25, contrast ±10 %, brightness
     ±5 % of the image's range. No flips: reports name left and right.
+    aspect > 0: one axis is also shrunk by up to that share (which axis drawn per image), so
+    images squashed to a square in the source (cxr_pneumonia) are also seen with the aspect
+    ratios real radiographs keep (the app letterboxes them, see view_to_tensor).
     """
     shape = x.shape
     imgs = x.reshape(-1, 1, shape[-2], shape[-1])
@@ -95,8 +99,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> 
 
     angle, scale = u(-10, 10) * math.pi / 180, u(0.9, 1.1)
     tx, ty = u(-0.12, 0.12), u(-0.12, 0.12)  # ±6 % of the side = ±0.12 in [-1, 1] coordinates
+    sx = sy = torch.ones_like(scale)
+    if aspect > 0:  # drawn only then: recipes without it replay their random sequence exactly
+        squeeze, along_x = 1 / u(1 - aspect, 1.0), u(0, 1) < 0.5
+        sx, sy = torch.where(along_x, squeeze, sx), torch.where(along_x, sy, squeeze)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * sx, -sin * sx, tx], 1),
+                         torch.stack([sin * sy, cos * sy, ty], 1)], 1)
     grid = F.affine_grid(theta, list(imgs.shape), align_corners=False)
     # shift so the image minimum (black) fills the uncovered border instead of mid-grey
     lo = imgs.amin(dim=(1, 2, 3), keepdim=True)

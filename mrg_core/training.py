@@ -25,6 +25,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -121,6 +122,13 @@ class TrainConfig:
     # Separate finding thresholds for studies the classifier calls negative
     # (ReportModelConfig.negative_label_thresholds), chosen on val's negative-decision studies.
     finding_thresholds_by_decision: bool = False
+    # Shrink one image axis by up to this share (preprocess.augment_batch): sources squashed to
+    # a square (cxr_pneumonia) are then also seen with the aspect ratios real radiographs keep.
+    aspect_augment: float = 0.0
+    # The report phase learns from report text alone, conditioned on its text class, when the
+    # images have no reports (cxr_pneumonia): "iu_reports" (mrg_core.data.iu_reports). The
+    # model needs visual_context false; `epochs` then counts passes over the text.
+    report_text: str | None = None
     num_threads: int | None = None  # torch CPU threads (None = torch default)
     out_dir: str = "runs/default"
 
@@ -575,6 +583,10 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
                                              sampler)
             history["encoder_warmup"] = state["warmup"]
 
+    if cfg.report_text:
+        if state["epoch"] == 0:
+            history["text_phase"] = train_text_phase(model, cfg, accelerator, out)
+        state["epoch"] = cfg.epochs  # the image-report loop below has no text to learn from
     if state["epoch"] == 0:
         model.fork_report_encoder()  # from the warmed-up / initialised encoder
     if cfg.freeze_encoder:
@@ -594,7 +606,7 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
                    disable=not accelerator.is_local_main_process)
         for pix, reports, labels in bar:
             if cfg.augment:
-                pix = _augment(pix)
+                pix = _augment(pix, cfg.aspect_augment)
             out_d = loss_module(pix, reports, labels)
             if not out_d["loss"].requires_grad:  # frozen encoder and no report in this batch
                 continue
@@ -645,6 +657,69 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
     return _history(history, state)
 
 
+def train_text_phase(model, cfg: TrainConfig, accelerator, out: Path) -> dict:
+    """The report phase of a model whose images have no reports: the LM's adapter learns report
+    text conditioned on the text's class stated in words (the label phrase), as it will later
+    be conditioned on the image classifier's decision. The encoder stays as the warm-up left it.
+    Classes are balanced per epoch (each drawn as often); the epoch with the lowest val
+    text loss is saved as best/."""
+    from .data.iu_reports import load_iu_labelled
+
+    if cfg.report_text != "iu_reports":
+        raise ValueError(f"unknown report_text {cfg.report_text!r}")
+    if model.bridge is not None or not model.label_phrase_ids:
+        raise ValueError("report_text needs a model with visual_context false and label_prompt")
+    texts = load_iu_labelled()
+    model.encoder.requires_grad_(False)
+    params = [p for p in model.lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr.get("lm", 2e-4), weight_decay=cfg.weight_decay)
+    by_class = {c: [t for t in texts["train"] if t.label == c] for c in (0, 1)}
+    per_epoch = len(texts["train"])  # half from each class: the rarer one repeats
+    steps = cfg.epochs * math.ceil(per_epoch / cfg.batch_size)
+    from transformers import get_cosine_schedule_with_warmup
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
+    rng = random.Random(cfg.seed)
+    dev = accelerator.device
+
+    def loss_of(batch) -> torch.Tensor:
+        prefix = model._visual_prefix(SimpleNamespace(logits=torch.zeros(len(batch), 1)))
+        with accelerator.autocast():
+            return model.text_loss(prefix.to(dev), [t.text for t in batch],
+                                   [(t.label, ()) for t in batch])
+
+    rows, best = [], None
+    for epoch in range(cfg.epochs):
+        model.lm.train()
+        draw = [t for c in (0, 1) for t in rng.choices(by_class[c], k=per_epoch // 2)]
+        rng.shuffle(draw)
+        te, total, n = time.time(), 0.0, 0
+        for i in tqdm(range(0, len(draw), cfg.batch_size), desc=f"text epoch {epoch + 1}",
+                      disable=not accelerator.is_local_main_process):
+            batch = draw[i:i + cfg.batch_size]
+            loss = loss_of(batch)
+            accelerator.backward(loss)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or 1e9)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            total, n = total + float(loss.detach()) * len(batch), n + len(batch)
+        model.lm.eval()
+        with torch.no_grad():
+            val = [(float(loss_of(texts["val"][i:i + 16])), len(texts["val"][i:i + 16]))
+                   for i in range(0, len(texts["val"]), 16)]
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),
+               "train_text_loss": total / max(n, 1),
+               "val_text_loss": sum(v * k for v, k in val) / max(sum(k for _, k in val), 1)}
+        if best is None or row["val_text_loss"] < best:
+            best, row["best"] = row["val_text_loss"], True
+            model.save_pretrained(out / "best", card=_card(cfg, row))
+        rows.append(row)
+        accelerator.print("text phase " + json.dumps({k: (round(v, 4) if isinstance(v, float)
+                                                           else v) for k, v in row.items()}))
+    return {"texts": {k: len(v) for k, v in texts.items()},
+            "positives": {k: sum(t.label for t in v) for k, v in texts.items()}, "epochs": rows}
+
+
 def init_encoder(model, folder: str | Path) -> dict:
     """Copy encoder.* tensors from a saved model folder; the architectures must match, except
     that a finding head (token_classifier) the source lacks starts fresh, and one the target
@@ -689,7 +764,7 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
         for pix, _reports, labels in train_loader:
             pix = pix.to(accelerator.device)
             if cfg.augment:
-                pix = _augment(pix)
+                pix = _augment(pix, cfg.aspect_augment)
             with accelerator.autocast() if pix.is_cuda else contextlib.nullcontext():
                 out = enc(pix)  # fp32 on the CPU: cpu_bf16 is for the LLM's steps
             loss = model.encoder_loss(out, labels)
@@ -821,10 +896,10 @@ def fbeta_thresholds(probs: np.ndarray, y: np.ndarray, columns: dict[str, int],
     return out
 
 
-def _augment(pix: torch.Tensor) -> torch.Tensor:
+def _augment(pix: torch.Tensor, aspect: float = 0.0) -> torch.Tensor:
     from .preprocess import augment_batch
 
-    return augment_batch(pix)
+    return augment_batch(pix, aspect=aspect)
 
 
 def _history(history: dict, state: dict) -> dict:

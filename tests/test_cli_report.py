@@ -69,7 +69,8 @@ def test_report_cli_threads_precision_and_out_of_domain(tmp_path):
              if k not in ("MRG_DECODE_THREADS", "MRG_PRECISION")}
         out = subprocess.run([sys.executable, "-m", "mrg_core", "report", str(ct), str(cr),
                               "--model", str(model_dir), "--jsonl", "--max-new-tokens", "6",
-                              *extra], cwd=REPO_ROOT, capture_output=True, text=True,
+                              "--only", *extra],  # --only: the CR to this model, flagged
+                             cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=300, env={**e, **(env or {})})
         return out, [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
 

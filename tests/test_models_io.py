@@ -81,7 +81,7 @@ def test_info_of_the_tiny_model():
     # its build time is measured by bench/timing_limits.py (tiny_model_s), not asserted here
     info = tiny_model().info
     assert set(info) == {"name", "version", "method", "trained_on", "threshold", "n_params",
-                         "n_trainable", "label_meaning"}
+                         "n_trainable", "label_meaning", "text_from_images"}
     assert info["trained_on"]["modality"] == "CT" and 0 < info["n_trainable"] < info["n_params"]
 
 

@@ -46,3 +46,27 @@ def test_augment_batch_is_small_deterministic_and_never_flips():
     mass = (a - a.amin(dim=(-1, -2), keepdim=True)).clamp_min(0)
     com_x = (mass * cols).sum(dim=(-1, -2)) / mass.sum(dim=(-1, -2))
     assert (com_x < 24).all()  # stays on the left: no horizontal flip
+
+
+def test_aspect_jitter_squeezes_one_axis_only_when_asked():
+    """cxr_pneumonia was squashed to squares; aspect > 0 shows it with real radiographs' ratios."""
+    from mrg_core.preprocess import augment_batch
+
+    x = torch.full((64, 1, 1, 64, 64), -2.0)
+    x[..., 16:48, 16:48] = 2.0  # a bright square on black
+
+    def ratios(out):
+        r = []
+        for img in out[:, 0, 0]:
+            ys, xs = torch.nonzero(img > 0, as_tuple=True)
+            r.append(float((xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)))
+        return torch.tensor(r)
+
+    g = torch.Generator().manual_seed(0)
+    plain = ratios(augment_batch(x, g))
+    g = torch.Generator().manual_seed(0)
+    squeezed = ratios(augment_batch(x, g, aspect=0.3))
+    # rotation alone keeps a square's box square (±10°: bounding boxes stay near 1)
+    assert plain.min() > 0.9 and plain.max() < 1.1
+    assert (squeezed < 0.85).any() and (squeezed > 1.15).any()  # both axes drawn
+    assert squeezed.min() > 0.6 and squeezed.max() < 1 / 0.6

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from mrg_core import report_export
-from mrg_core.engine import Engine, ModelNotLoaded
+from mrg_core.domain import WORDS
+from mrg_core.engine import Engine, ModelNotLoaded, NoModelForStudy
 from mrg_core.io import StudyLoadError
 from mrg_core.paths import SAMPLES_DIR
+from mrg_core.routing import model_kind, model_label
 from mrg_core.storage import (ACCEPTED, KIND_LABELS, REVIEWER_REQUIRED, InvalidCorrection,
                               StoreError)
 from mrg_core.study import CT_WINDOWS
@@ -38,6 +40,9 @@ WINDOW_PRESETS = ["default", *CT_WINDOWS, "custom"]  # default = the file's own 
 NO_MODEL = ("**No model loaded.** Studies can be viewed and reports written and saved by "
             "hand; no probability, heat map or draft is made.")
 NOT_CLINICAL = "Research demo, not for clinical use."
+NOT_READ = "**No model reads this study:** no probability, heat map or draft."
+TEXT_NOT_FROM_IMAGES = ("This model's draft wording was not learned from paired images (report "
+                        "text alone): the draft states the decision, not what this image shows.")
 
 
 # ----------------------------------------------------------------------------- header
@@ -61,7 +66,12 @@ def model_info_markdown(engine: Engine) -> str:
         parts.append(f"trained on {_md(what)}")
     if info.get("threshold") is not None:
         parts.append(f"threshold {float(info['threshold']):.2f}")
-    return " · ".join(parts) + f" · **{NOT_CLINICAL}**{store}"
+    for m in getattr(engine, "extra_models", ()):  # routed by what the study looks like
+        parts.append(f"{_md(WORDS.get(model_kind(m.config.trained_on), 'other studies'))} → "
+                     f"{_md(model_label(m.info))}")
+    why = getattr(engine, "missing_weights", None)  # a further model that could not load
+    missing = f"\n\n⚠️ A model could not load: {_md(why)}" if why else ""
+    return " · ".join(parts) + f" · **{NOT_CLINICAL}**{missing}{store}"
 
 
 def list_samples(folder: Path = SAMPLES_DIR) -> list[tuple[str, str]]:
@@ -249,6 +259,8 @@ def analyze(engine: Engine, session: Session) -> AnalysisView:
         return AnalysisView(None, NO_MODEL)
     try:
         session.analysis = a = engine.analyze(session.study)
+    except NoModelForStudy as exc:  # the refusal says why, where a warning would stand
+        return AnalysisView(str(exc), NOT_READ)
     except ModelNotLoaded:
         return AnalysisView(None, NO_MODEL)
     except Exception as exc:
@@ -266,6 +278,10 @@ def analysis_text(a, study) -> str:
     text = probability_text(a.probability, a.threshold, a.findings)
     if getattr(a, "label_meaning", ""):  # what the number is of: the CT model is not a CXR one
         text += f"  \nThe model's label: {_md(a.label_meaning)}"
+    if getattr(a, "routing", ""):  # what the study looks like and which model read it
+        text += f"  \nRead as {_md(a.routing)}"
+    if (getattr(a, "model", None) or {}).get("text_from_images") is False:
+        text += f"  \n{TEXT_NOT_FROM_IMAGES}"
     probs = a.view_probabilities
     if probs and a.key_views and study is not None:
         word = "slice" if study.series is not None or _is_ct(study) else "view"
@@ -485,6 +501,11 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
         return
     if engine.model is None:
         yield StreamUpdate(None, None, NO_MODEL, done=True)
+        return
+    try:
+        engine.route(session.study)
+    except NoModelForStudy as exc:
+        yield StreamUpdate(None, None, f"**No draft:** {_md(str(exc))}", done=True)
         return
     into_editor = not (editor_text or "").strip() or _norm(editor_text) == _norm(
         session.editor_shadow)

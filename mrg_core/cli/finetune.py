@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="SQLAlchemy URL of the correction store, e.g. sqlite:///mrg_studio.db")
     ap.add_argument("--base", required=True, help="parent model folder (save_pretrained)")
     ap.add_argument("--out", help="new model folder (must not exist or be empty)")
+    ap.add_argument("--exclude-model", action="append",
+                    help="leave out corrections drafted by this model name (repeatable; "
+                         "default: the app's other routed models, e.g. the radiograph model)")
     ap.add_argument("--adapter", default="lora", choices=["lora", "prefix", "none"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                          covctr_limit=args.covctr_limit, device=args.device,
                          include_accepted=args.include_accepted)
     try:
-        res = finetune_from_store(store, args.base, args.out, cfg)
+        res = finetune_from_store(store, args.base, args.out, cfg,
+                                  exclude_models=_other_models(args))
     except TooFewCorrections as e:  # counted per study: several edits of one study count once
         print(f"Too few corrections to fine-tune: {e}", file=sys.stderr)
         return 2
@@ -92,3 +97,24 @@ def main(argv: list[str] | None = None) -> int:
                       "token_f1_after": held["after"].get("token_f1"),
                       "seconds": res.seconds}))
     return 0
+
+
+def _other_models(args) -> set[str]:
+    """Names of models whose corrections this fine-tune leaves out: --exclude-model, else the
+    app's other routed models (the chest radiograph model), never the base itself."""
+    from mrg_core.engine import EngineSettings
+
+    if args.exclude_model is not None:
+        names = set(args.exclude_model)
+    else:
+        names = set()
+        for d in EngineSettings.from_env().extra_model_dirs:
+            try:
+                names.add(json.loads((Path(d) / "config.json").read_text())["name"])
+            except (OSError, ValueError, KeyError):
+                continue
+    try:
+        names.discard(json.loads((Path(args.base) / "config.json").read_text()).get("name"))
+    except (OSError, ValueError):
+        pass
+    return names

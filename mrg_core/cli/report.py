@@ -1,5 +1,9 @@
-"""python -m mrg_core report FILE... [--model DIR] [--jsonl] [--threads auto|N]
-                               [--precision fp32|fp32-merged|bf16|int8]
+"""python -m mrg_core report FILE... [--model DIR] [--extra-model DIR]... [--only] [--jsonl]
+                               [--threads auto|N] [--precision fp32|fp32-merged|bf16|int8]
+
+Studies are routed as in the app: each goes to the model whose card matches what it looks like
+(DICOM tags, else the pixels), and a study no model reads is refused (error
+"no_model_for_study", exit status 2).
 
 One model load, then for each study (a file; a folder or zip whose files are the views or
 slices of one study; one object per DICOM series when it holds several) one JSON object: which argument it is (`input`, 1-based; `kind`; a hash of the path, never
@@ -35,6 +39,13 @@ def main(argv: list[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path, help="DICOM/PNG/JPEG files or study folders")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
+    ap.add_argument("--extra-model", type=Path, action="append", dest="extra_models",
+                    help="a further model folder studies are routed to by what they look like "
+                         "(repeatable; default: as the app, the shipped chest radiograph model "
+                         "or $MRG_EXTRA_MODELS)")
+    ap.add_argument("--only", action="store_true",
+                    help="read every study with --model, no routing (a study it was not "
+                         "trained on gets a warning instead of a refusal)")
     ap.add_argument("--jsonl", action="store_true", help="one compact JSON object per line")
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--num-beams", type=int, default=1)
@@ -51,7 +62,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from mrg_core.engine import Engine, resolve_threads
+    from mrg_core.engine import Engine, EngineSettings, NoModelForStudy, resolve_threads
     from mrg_core.io import StudyLoadError, load_studies
     from mrg_core.models import GenerationSettings, ReportModel
     from mrg_core.models.quantize import apply_precision, model_precision
@@ -61,18 +72,27 @@ def main(argv: list[str]) -> int:
         return 2
     threads = resolve_threads(args.threads)
     torch.set_num_threads(threads)  # the whole run: image model and decoding
+    extra_dirs = [] if args.only else (args.extra_models if args.extra_models is not None
+                                       else EngineSettings.from_env().extra_model_dirs)
+    extra_dirs = [d for d in extra_dirs if Path(d).resolve() != args.model.resolve()]
+    for d in extra_dirs:
+        if not (Path(d) / "config.json").is_file():
+            print(f"error: no model folder at {d} (expected config.json)", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
-    model = ReportModel.from_pretrained(args.model, device=args.device)
+    models = [ReportModel.from_pretrained(d, device=args.device) for d in [args.model, *extra_dirs]]
     try:
-        apply_precision(model, args.precision)
+        for m in models:
+            apply_precision(m, args.precision)
     except ValueError as err:  # e.g. int8 on a GPU
         print(f"error: --precision {args.precision}: {err}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - t0
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    info = model.info
     status = 0
-    engine = Engine(model, None, decode_threads=threads)  # the app's study-level logic
+    # the app's study-level logic and routing (--only: every study to --model)
+    engine = Engine(models[0], None, decode_threads=threads,
+                    extra_models=None if args.only else models[1:])
     for index, path in enumerate(args.files, 1):
         try:
             t1 = time.perf_counter()
@@ -87,7 +107,15 @@ def main(argv: list[str]) -> int:
         for study in studies:  # one object per series (a file or plain images: one study)
             record = input_record(index, path)
             t2 = time.perf_counter()
-            a = engine.analyze(study)
+            try:
+                a = engine.analyze(study)
+            except NoModelForStudy as err:  # refused: what it looks like and what is loaded
+                record.update(error="no_model_for_study", message=str(err),
+                              n_views=len(study.views), modality=study.modality)
+                status = 2
+                print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
+                      flush=True)
+                continue
             t3 = time.perf_counter()
             text = "".join(engine.stream_report(study, settings))
             t4 = time.perf_counter()
@@ -107,8 +135,11 @@ def main(argv: list[str]) -> int:
                 out_of_domain=a.domain_warning is not None, domain_warning=a.domain_warning,
                 domain=a.domain,  # what the study looks like: from DICOM tags or the pixels
                 findings=list(a.findings), report=text,
-                model={"name": info.get("name"), "version": info.get("version")},
-                run={"threads": torch.get_num_threads(), "precision": model_precision(model)},
+                # the model that read it (routed by the domain) and why, in words
+                model={"name": a.model.get("name"), "version": a.model.get("version")},
+                routing=a.routing or None,
+                run={"threads": torch.get_num_threads(),
+                     "precision": model_precision(engine.route(study)[0])},
                 timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
             print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),

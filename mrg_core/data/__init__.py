@@ -1,7 +1,7 @@
 """Datasets: COV-CTR, R2Gen annotation.json, corrections exported by the store.
 
 `load_splits(spec)` is what training and evaluation call; a spec is a dict
-{"kind": "covctr"|"r2gen"|"corrections", ...} or a path (auto-detected).
+{"kind": "covctr"|"cxr_pneumonia"|"r2gen"|"corrections", ...} or a path (auto-detected).
 """
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pathlib import Path
 
 from .corrections import load_corrections, split_by_id
 from .covctr import load_covctr
+from .cxr_pneumonia import load_cxr_pneumonia
 from .example import Example
 from .images import ImageCache, file_format, is_png_only
 from .r2gen import load_r2gen
 
 __all__ = ["Example", "ImageCache", "file_format", "is_png_only", "load_corrections",
-           "load_covctr", "load_r2gen", "load_splits", "resolve_data_spec", "split_by_id"]
+           "load_covctr", "load_cxr_pneumonia", "load_r2gen", "load_splits",
+           "resolve_data_spec", "split_by_id"]
 
 
 def resolve_data_spec(path: str | Path) -> dict:
@@ -43,6 +45,8 @@ def load_splits(spec: dict | str | Path | None = None) -> dict[str, list[Example
     kind = spec.get("kind", "covctr")
     if kind == "covctr":
         return load_covctr(spec.get("root"))
+    if kind == "cxr_pneumonia":
+        return load_cxr_pneumonia(spec.get("root"))
     if kind == "r2gen":
         return load_r2gen(spec["annotation"], spec.get("images"))
     if kind == "corrections":

@@ -109,6 +109,11 @@ class ReportModelConfig:
     # the classifier's encoder (ReportModel.fork_report_encoder) and only the LM loss trains it.
     report_encoder: bool = False
     label_prompt: bool = False
+    # False: the LM never sees the image's tokens, only the words before the report (the
+    # decision and findings the image model states). For text learned without paired images
+    # (the CXR model's drafts, trained on IU X-ray reports and their labels alone): the draft
+    # can then only follow the image through what the classifier decided. medvlm only.
+    visual_context: bool = True
     label_phrases: list[str] = field(default_factory=lambda: ["no pneumonia .", "pneumonia ."])
     label_prompt_teacher_forcing: float = 0.7
     # Findings stated in words after the decision, the same way (finding_prompt). Every label

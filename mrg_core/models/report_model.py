@@ -79,11 +79,15 @@ class ReportModel(nn.Module):
         if config.lm.package and not config.lm.package_sha256:  # the weights it was built on
             from mrg_core.weights import spec
             config.lm.package_sha256 = spec(config.lm.package).sha256
+        if not config.visual_context and config.method != "medvlm":
+            raise ValueError("visual_context false needs method medvlm (prompts are the "
+                             "image's own)")
         if config.method in ("prompt", "promptbook"):
             self.bridge = PromptBridge(config.prompt, feat, width, config.method == "promptbook")
             lm = freeze(lm) if config.lm.freeze else lm
         elif config.method == "medvlm":
-            self.bridge = MedVLMBridge(config.medvlm, feat, width, n_labels)
+            self.bridge = (MedVLMBridge(config.medvlm, feat, width, n_labels)
+                           if config.visual_context else None)
             lm = apply_adapter(lm, config.medvlm, self.family)
             if not config.lm.freeze:
                 for p in lm.parameters():
@@ -165,6 +169,9 @@ class ReportModel(nn.Module):
         return self.lm.get_input_embeddings()(ids)
 
     def _visual_prefix(self, enc: EncoderOutput) -> torch.Tensor:
+        if self.bridge is None:  # visual_context false: the words before the report only
+            emb = self.lm.get_input_embeddings().weight
+            return emb.new_zeros(enc.logits.shape[0], 0, emb.shape[1])
         return self.bridge(enc)
 
     def fork_report_encoder(self) -> None:
@@ -270,7 +277,7 @@ class ReportModel(nn.Module):
         """MedVLM with label teacher forcing: some studies embed their true label (see
         MedVLMConfig.label_teacher_forcing); everything else uses the inference path."""
         share = self.config.medvlm.label_teacher_forcing if self.config.method == "medvlm" else 0
-        if not (self.training and share > 0):
+        if not (self.training and share > 0) or self.bridge is None:
             return self._visual_prefix(enc)
         probs = torch.sigmoid(enc.logits)
         y = self.label_matrix(labels, probs.shape[0]).to(probs.device, probs.dtype)
@@ -314,6 +321,16 @@ class ReportModel(nn.Module):
         enc = self.encoder(px)
         prefix = self._training_prefix(self._lm_features(enc, px), labels)
         heads = self._heads(enc, labels) if self.label_phrase_ids or self.finding_names else None
+        lm_loss = self.text_loss(prefix, reports, heads)
+        cls_loss = self.encoder_loss(enc, labels)
+        return {"loss": lm_loss + self.config.cls_weight * cls_loss,
+                "lm_loss": lm_loss, "cls_loss": cls_loss}
+
+    def text_loss(self, prefix: torch.Tensor, reports: list[str],
+                  heads: list[Head] | None) -> torch.Tensor:
+        """The LM's cross-entropy on the reports after `prefix` (visual tokens; [B, 0, D] for a
+        model without visual context) and each study's head words."""
+        dev = prefix.device
         ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports, heads))
         b, p = prefix.shape[:2]
         embeds = torch.cat([prefix, self._embed(ids).to(prefix.dtype)], dim=1)
@@ -321,11 +338,8 @@ class ReportModel(nn.Module):
         logits = self.lm(inputs_embeds=embeds, attention_mask=attn).logits
         # position t predicts token t+1: drop the prefix's logits, keep the text's
         logits = logits[:, p:-1]
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                  lm_labels[:, 1:].reshape(-1), ignore_index=-100)
-        cls_loss = self.encoder_loss(enc, labels)
-        return {"loss": lm_loss + self.config.cls_weight * cls_loss,
-                "lm_loss": lm_loss, "cls_loss": cls_loss}
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               lm_labels[:, 1:].reshape(-1), ignore_index=-100)
 
     # ------------------------------------------------------------------ inference
     def _remember(self, key: str, enc: EncoderOutput, x: torch.Tensor) -> EncodedStudy:
@@ -512,5 +526,6 @@ class ReportModel(nn.Module):
         return {"name": c.name, "version": c.version, "method": c.method,
                 "trained_on": dict(c.trained_on), "threshold": self.calibrated(c.threshold),
                 "label_meaning": c.label_meaning,
+                "text_from_images": c.visual_context,  # False: drafts learned from text alone
                 "n_params": sum(p.numel() for p in self.parameters()),
                 "n_trainable": sum(p.numel() for p in self.parameters() if p.requires_grad)}

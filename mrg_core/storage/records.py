@@ -73,3 +73,4 @@ class CorrectionExample:
     probability: float | None
     created_at: datetime
     kind: str = CORRECTED  # ACCEPTED rows are the model's own text: finetune leaves them out
+    model_name: str = ""  # the model that drafted it: fine-tuning uses its own model's only

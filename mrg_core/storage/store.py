@@ -126,7 +126,7 @@ class Store:
                 images[c.study_id] = [decode_png(p) for p in pngs]
             out.append(CorrectionExample(c.id, h, images[c.study_id], c.final_text,
                                          _label(c, d), d.text, d.model_version, d.probability,
-                                         c.created_at, _kind(c, d)))
+                                         c.created_at, _kind(c, d), d.model_name))
         return out
 
     def export_pairs(self, folder: str | os.PathLike) -> int:
