@@ -1,6 +1,7 @@
 """The one facade the app, the CLI and the benchmarks call.
 
-It owns one model and one store and turns files into analysed studies, drafts and saved
+It owns the models (a primary one, and the others studies are routed to by what they look
+like: mrg_core.routing) and one store, and turns files into analysed studies, drafts and saved
 corrections. Nothing here knows about widgets; nothing in ui/ knows about torch or SQL.
 """
 from __future__ import annotations

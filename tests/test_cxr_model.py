@@ -14,7 +14,12 @@ from mrg_core.evaluation.cxr import pneumonia_statements
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, SAMPLES_DIR, data_dir
 
 # cxr_pneumonia test image -> (decision, probability shown after calibration)
-PINNED: dict[str, tuple[int, float]] = {}
+PINNED: dict[str, tuple[int, float]] = {
+    "NORMAL/IM-0151-0001.jpeg": (0, 0.0197),
+    "NORMAL/IM-0297-0001.jpeg": (0, 0.0054),
+    "PNEUMONIA/person1014_bacteria_2945.jpeg": (1, 0.9992),
+    "PNEUMONIA/person1034_virus_1728.jpeg": (1, 0.9997),
+}
 TOLERANCE = 1e-3
 
 

@@ -32,6 +32,50 @@ def test_text_classes_from_mesh_major_terms():
     assert sectioned("", "No acute XXXX disease.") == "impression : No acute disease."
 
 
+def test_only_decision_sentences_are_kept():
+    from mrg_core.data.iu_reports import decision_sentences
+
+    text = ("The heart is normal in size. There is moderate left pleural effusion. Right lower "
+            "lobe airspace disease. No pneumothorax. Degenerative change of the spine.")
+    assert decision_sentences(text) == ("The heart is normal in size. Right lower lobe airspace "
+                                        "disease. No pneumothorax.")
+
+
+def test_pneumonia_texts_leave_the_location_to_the_radiologist(shared_data):
+    from mrg_core.data.iu_reports import LOCATION, PLACEHOLDER, unlocalised
+
+    assert unlocalised("Right lower lobe airspace disease. Left lung base clear.") == \
+        "[location] airspace disease. [location] clear."
+    assert unlocalised("Opacity in the lingula and right midlung.") == \
+        "Opacity in the [location]."
+    d = load_iu_labelled(shared_data / "iu_reports" / "iu_reports.csv")
+    pos = [t.text for v in d.values() for t in v if t.label == 1]
+    neg = [t.text for v in d.values() for t in v if t.label == 0]
+    assert not any(LOCATION.search(t) for t in pos)
+    assert sum(PLACEHOLDER in t for t in pos) > 0.8 * len(pos)
+    assert not any(PLACEHOLDER in t for t in neg)  # normal text keeps its words
+
+
+def test_suppressed_words_are_never_written():
+    """A model that does not localise never writes side or lobe words, whatever its text says."""
+    m = _model()
+    study = study_from_arrays([np.zeros((64, 64), np.uint8)])
+    s = GenerationSettings(max_new_tokens=30)
+    right = m.tokenizer("right", add_special_tokens=False)["input_ids"][0]
+
+    def favour_right(_module, _inputs, logits):  # the LM's favourite word after every token
+        logits[..., right] += 100.0
+        return logits
+
+    m.base_lm.lm_head.register_forward_hook(favour_right)
+    assert "right" in "".join(m.stream_report(study, s, decision=1)).lower()
+    m.config.suppress_words = ["right"]
+    again = ReportModel(m.config, m.tokenizer, m.lm)
+    assert right in again.suppress_ids
+    draft = "".join(again.stream_report(study, s, decision=1)).lower()
+    assert draft and "right" not in draft
+
+
 def test_real_iu_reports_classes(shared_data):
     d = load_iu_labelled(shared_data / "iu_reports" / "iu_reports.csv")
     labels = [t.label for v in d.values() for t in v]

@@ -8,7 +8,14 @@ terms per report, no images. The text class is defined from the MeSH *major* ter
 - 0 (normal): the major terms are exactly "normal" (1,391 reports).
 - every other report (cardiomegaly, effusion alone, devices, ...) is left out: the image model
   decides pneumonia vs normal only, so a draft must not state findings it never looked for.
-The text keeps IU's two sections: "findings : ... impression : ...".
+The text keeps IU's two sections: "findings : ... impression : ...". Within it, only sentences
+that name a pneumonia-type finding or say something is normal or absent are kept
+(`decision_sentences`): "There is moderate left pleural effusion" or "Degenerative change of the
+spine" would otherwise be written into drafts of a model that never looked for them.
+A pneumonia-compatible report always says where ("left lower lobe airspace disease"); the image
+model does not localise, so in those texts every side, lobe and zone becomes the placeholder
+"[location]" (`unlocalised`): the draft leaves the place for the radiologist to fill in instead
+of guessing one.
 """
 from __future__ import annotations
 
@@ -21,6 +28,20 @@ from pathlib import Path
 from ..paths import data_dir
 
 PNEUMONIA_TERMS = ("pneumonia", "airspace disease", "consolidation", "infiltrate")
+# words of a sentence that states a pneumonia-type finding, and words that negate or normalise
+PNEUMONIA_WORDS = re.compile(r"airspace|consolidat|infiltrat|opacit|pneumonia", re.IGNORECASE)
+NEGATION = re.compile(r"\b(no|not|without|negative|clear|resolved|free of|normal|unremarkable)\b",
+                      re.IGNORECASE)
+
+# sides, lobes and zones of the lung, with their modifiers ("right lower lobe", "bibasilar",
+# "left lung base", "lingula")
+LOCATION = re.compile(
+    r"\b(?:right|left|bilateral|bibasilar|bibasal|basilar|retrocardiac|lingular|perihilar|both)"
+    r"(?:\s+(?:upper|middle|mid|lower))?"
+    r"(?:\s+(?:lung bases?|lung apex|lobes?|lungs?|bases?|midlung|hemithorax|apex|apices|zones?))?\b"
+    r"|\b(?:upper|middle|mid|lower)\s+(?:lobes?|lungs?|lung zones?|zones?)\b"
+    r"|\b(?:lingula|midlung|lung bases?)\b", re.IGNORECASE)
+PLACEHOLDER = "[location]"
 
 
 @dataclass(frozen=True)
@@ -43,10 +64,26 @@ def text_class(mesh_major: str) -> int | None:
     return None
 
 
+def decision_sentences(text: str) -> str:
+    """The sentences of `text` that name a pneumonia-type finding or state normality/absence;
+    any other positive statement is dropped."""
+    keep = [s for s in re.split(r"(?<=[.!?])\s+", text.strip())
+            if s and (PNEUMONIA_WORDS.search(s) or NEGATION.search(s))]
+    return " ".join(keep)
+
+
+def unlocalised(text: str) -> str:
+    """Every side/lobe/zone phrase replaced by PLACEHOLDER (runs of them by one)."""
+    t = LOCATION.sub(PLACEHOLDER, text)
+    return re.sub(r"\[location\](?:\s*(?:and|,|/)?\s*\[location\])+", PLACEHOLDER, t)
+
+
 def sectioned(findings: str, impression: str) -> str:
-    """IU's sections in one text; de-identification marks (XXXX) dropped."""
-    parts = [f"{name} : {t.strip()}" for name, t in (("findings", findings),
-                                                     ("impression", impression)) if t.strip()]
+    """IU's sections in one text (decision_sentences of each); de-identification marks (XXXX)
+    dropped."""
+    parts = [f"{name} : {t}" for name, t in (("findings", decision_sentences(findings)),
+                                             ("impression", decision_sentences(impression)))
+             if t]
     text = re.sub(r"\bx-X{2,}", "x-ray", " ".join(parts), flags=re.IGNORECASE)
     return re.sub(r"\s+", " ", re.sub(r"\bX{2,}\b", " ", text)).strip()
 
@@ -62,6 +99,8 @@ def load_iu_labelled(path: str | Path | None = None, val_share: float = 0.1
             text = sectioned(row.get("findings", ""), row.get("impression", ""))
             if label is None or not text:
                 continue
+            if label == 1:  # the image model does not say where: neither may the text
+                text = unlocalised(text)
             split = "val" if zlib.crc32(row["uid"].encode()) % 1000 < val_share * 1000 else "train"
             out[split].append(LabelledText(row["uid"], text, label))
     return out

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mrg_core.data.iu_reports import NEGATION, PNEUMONIA_WORDS
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, data_dir
 
-PNEUMONIA_WORDS = re.compile(r"airspace|consolidat|infiltrat|opacit|pneumonia", re.IGNORECASE)
-NEGATION = re.compile(r"\b(no|not|without|negative|clear|resolved|free of)\b", re.IGNORECASE)
 
 
 def pneumonia_statements(text: str) -> list[str]:

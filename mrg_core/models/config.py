@@ -135,6 +135,9 @@ class ReportModelConfig:
     finding_weight: float = 0.5  # the findings' share of the classification loss, per label
     # Decoding defaults of this model, chosen on val; GenerationSettings fields left at None
     # take them (see GenerationSettings for what each does).
+    # Words a draft never contains (decoding masks each word's single-token forms): e.g. the
+    # side and lobe words for a model that does not localise, whose training text names them.
+    suppress_words: list[str] = field(default_factory=list)
     label_guidance: float = 0.0
     repetition_penalty: float = 1.2
     no_repeat_ngram_size: int = 3

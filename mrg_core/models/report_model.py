@@ -107,6 +107,10 @@ class ReportModel(nn.Module):
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in self.instruction_ids:
             warnings.warn("the instruction has words the tokenizer does not know ([UNK]): "
                           "train the tokenizer on the instruction too", stacklevel=2)
+        self.suppress_ids = sorted({ids[0] for w in config.suppress_words
+                                    for form in (w, " " + w)
+                                    if len(ids := tokenizer(form, add_special_tokens=False)
+                                           ["input_ids"]) == 1})
         self._cache: OrderedDict[str, EncodedStudy] = OrderedDict()
         self._cache_lock = threading.Lock()  # the app may analyze and generate from two threads
 
@@ -472,7 +476,7 @@ class ReportModel(nn.Module):
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)
-                    if i is not None and i != eos]
+                    if i is not None and i != eos] + self.suppress_ids
         search = beam_search if settings.num_beams > 1 else sample_tokens
         yield from search(dec, embeds, settings, bos, eos, max_new, suppress)
 
