@@ -42,6 +42,10 @@ class EngineSettings:
     # os.pathsep, "" for none.
     extra_model_dirs: tuple[Path, ...] = field(default_factory=lambda: tuple(
         p for p in (DEFAULT_CXR_MODEL_DIR,) if (p / "config.json").is_file()))
+    # False: the primary model reads every study (warning when it is not what the model was
+    # trained on) and extra_model_dirs is ignored; True: studies are routed, unreadable ones
+    # refused (Engine: extra_models)
+    route: bool = True
     precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8 (models/quantize)
     # torch threads while a draft decodes: None = unchanged, "auto" = one core fewer than the
     # machine has (the web server keeps a core), a number = that many
@@ -301,7 +305,7 @@ class Engine:
             log.warning("no model found at %s: the app runs without drafts", settings.model_dir)
         extras = [m for m in (load(d) for d in settings.extra_model_dirs
                               if Path(d).resolve() != Path(settings.model_dir or "").resolve())
-                  if m is not None]
+                  if m is not None] if settings.route else None
         engine = cls(model, Store(settings.database_url), settings.limits,
                      precision=settings.precision, decode_threads=settings.decode_threads,
                      extra_models=extras)

@@ -183,8 +183,8 @@ def test_no_phi_anywhere(tmp_path, debug_log, capfd):
     model_dir = tmp_path / "model"
     tiny_model(method="prompt", family="gpt2", seed=0).save_pretrained(model_dir)
     db = tmp_path / "reports.db"
-    engine = Engine.from_settings(EngineSettings(model_dir=model_dir,
-                                                 database_url=f"sqlite:///{db}"))
+    engine = Engine.from_settings(EngineSettings(model_dir=model_dir,  # one model reads all
+                                                 database_url=f"sqlite:///{db}", route=False))
     exports = tmp_path / "export"
     shown, files, meta = [h.model_info_markdown(engine)], [], []
     for path, final in ((first, "Clear lungs."), (second, "Right basal consolidation.")):

@@ -8,16 +8,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_app(model_dir, db, extra_model_dirs=(), **build_kw):
-    """(demo, engine): the real page on a free loopback port, its model loaded from a folder
-    (and studies routed to `extra_model_dirs` too: none by default, so a radiograph is refused).
+def serve_app(model_dir, db, extra_model_dirs=None, **build_kw):
+    """(demo, engine): the real page on a free loopback port, its model loaded from a folder.
+    `extra_model_dirs` given: studies are routed between the models as in the app, and one no
+    model reads is refused; None (the other tests' synthetic pictures): the one model reads
+    everything, under a warning when out of its domain.
     build_kw go to ui.build_app (auth, model_roots, admin_open); the caller closes both."""
     from mrg_core.engine import Engine, EngineSettings
     from ui import build_app, launch_kwargs
 
     engine = Engine.from_settings(EngineSettings(model_dir=model_dir,
                                                  database_url=f"sqlite:///{db}",
-                                                 extra_model_dirs=tuple(extra_model_dirs)))
+                                                 extra_model_dirs=tuple(extra_model_dirs or ()),
+                                                 route=extra_model_dirs is not None))
     demo = build_app(engine, **build_kw)
     demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1",
                         server_port=_free_port(), quiet=True, auth=build_kw.get("auth"),
