@@ -24,9 +24,12 @@ AI_EXTENSION_URL = f"{FHIR_BASE}/StructureDefinition/ai-draft"
 # single well-established concept we can vouch for, and a wrong code is worse than none.
 SNOMED = "http://snomed.info/sct"
 PNEUMONIA = {"system": SNOMED, "code": "233604007", "display": "Pneumonia"}
-# "Impression:" / "IMPRESSION -" / "Conclusion:" at the start of a line; the section runs to the
-# next "Heading:" line or the end. (Findings-only drafts have none: see impression().)
-_IMPRESSION = re.compile(r"^[ \t]*(?:impression|conclusions?)[ \t]*[:\-–][ \t]*",
+# "Impression:" / "IMPRESSION -" / "Conclusion:" at the start of a line, or after a sentence on
+# the same line (the chest radiograph model's drafts are one line: "Findings: … Impression: …");
+# the section runs to the next "Heading:" line or the end. (Findings-only drafts have none: see
+# impression().)
+_IMPRESSION = re.compile(r"(?:^[ \t]*|(?<=[.!?])[ \t]+)"
+                         r"(?:impression|conclusions?)[ \t]*[:\-–][ \t]*",
                          re.IGNORECASE | re.MULTILINE)
 _HEADING = re.compile(r"^[ \t]*[A-Za-z][A-Za-z /]{0,40}:", re.MULTILINE)
 

@@ -148,6 +148,10 @@ def test_fhir_narrative_is_xhtml_with_the_whole_report():
     ("Impression: Pneumonia in RLL: extensive.", "Pneumonia in RLL: extensive."),
     ("Ground glass opacity in the right lower lobe. No effusion.", None),
     ("Impression:   ", None),
+    # the chest radiograph model's one-line draft: the heading after a sentence counts
+    ("Findings: the lungs are clear. Impression: no acute cardiopulmonary abnormality.",
+     "no acute cardiopulmonary abnormality."),
+    ("Findings: no focal impression: of consolidation.", None),  # not after a sentence
 ])
 def test_conclusion_is_the_impression_or_absent(text, expected):
     assert rx.impression(text) == expected

@@ -5,11 +5,13 @@ Studies are routed as in the app: each goes to the model whose card matches what
 (DICOM tags, else the pixels), and a study no model reads is refused (error
 "no_model_for_study", exit status 2).
 
-One model load, then for each study (a file; a folder or zip whose files are the views or
-slices of one study; one object per DICOM series when it holds several) one JSON object: which argument it is (`input`, 1-based; `kind`; a hash of the path, never
-the path or a name, which may identify a patient), probability, label, threshold, for a series or multi-view study
+One load of each model, then for each study (a file; a folder or zip whose files are the views
+or slices of one study; one object per DICOM series when it holds several) one JSON object:
+which argument it is (`input`, 1-based; `kind`; a hash of the path, never the path or a name,
+which may identify a patient), probability, label, threshold, for a series or multi-view study
 the series (slices, thickness, spacing, order), the aggregation rule, the key slices (most
-probable first) and each slice's probability, out-of-domain decision, draft report, model, run
+probable first) and each slice's probability, out-of-domain decision, draft report, the model
+that read it and why (`model`, `routing`, `domain`), run
 settings and timings.
 
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one

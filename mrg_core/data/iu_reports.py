@@ -38,7 +38,8 @@ NEGATION = re.compile(r"\b(no|not|without|negative|clear|resolved|free of|normal
 LOCATION = re.compile(
     r"\b(?:right|left|bilateral|bibasilar|bibasal|basilar|retrocardiac|lingular|perihilar|both)"
     r"(?:\s+(?:upper|middle|mid|lower))?"
-    r"(?:\s+(?:lung bases?|lung apex|lobes?|lungs?|bases?|midlung|hemithorax|apex|apices|zones?))?\b"
+    r"(?:\s+(?:lung bases?|lung apex|lobes?|lungs?|bases?|midlung|hemithorax|apex|apices"
+    r"|zones?))?\b"
     r"|\b(?:upper|middle|mid|lower)\s+(?:lobes?|lungs?|lung zones?|zones?)\b"
     r"|\b(?:lingula|midlung|lung bases?)\b", re.IGNORECASE)
 PLACEHOLDER = "[location]"
