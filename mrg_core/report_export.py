@@ -90,6 +90,18 @@ def impression(final_text: str) -> str | None:
     return text or None
 
 
+_FINDINGS = re.compile(r"^\s*findings[ \t]*[:\-–][ \t]*", re.IGNORECASE)
+
+
+def sections(final_text: str) -> dict:
+    """{"findings", "impression"}: the impression as impression() finds it (None without one),
+    the findings everything before it, without a leading "Findings:" heading."""
+    text = final_text or ""
+    m = _IMPRESSION.search(text)
+    findings = _FINDINGS.sub("", text[:m.start()] if m else text, count=1).strip()
+    return {"findings": findings or None, "impression": impression(text)}
+
+
 def _narrative(final_text: str, status: str, prob_line: str | None, model: dict,
                study: dict) -> dict:
     """FHIR Narrative (status "generated"): the report's paragraphs, then how it was made."""
@@ -138,6 +150,7 @@ def to_json(final_text: str, probability: float | None = None, threshold: float 
     """Machine-readable report (UTF-8 JSON text)."""
     doc = {
         "report": final_text,
+        "sections": sections(final_text),  # findings and impression kept apart
         "draft": draft_text,
         "reviewer": reviewer,
         "effective": _aware(effective).isoformat(),

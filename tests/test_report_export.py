@@ -181,3 +181,18 @@ def test_every_export_says_what_the_probability_is_of():
     ext = {e["url"]: e for e in doc["extension"][0]["extension"]}
     assert ext["probabilityMeaning"]["valueString"] == meaning and meaning in doc["text"]["div"]
     assert "the model's label" not in rx.to_text(TEXT, 0.873, 0.5, INFO, WHEN, SUMMARY)
+
+
+@pytest.mark.parametrize("text,findings,impression", [
+    ("Findings: there is [location] airspace disease. No pneumothorax. Impression: [location] "
+     "airspace disease.", "there is [location] airspace disease. No pneumothorax.",
+     "[location] airspace disease."),
+    ("FINDINGS:\nClear lungs.\n\nIMPRESSION:\nNormal chest.", "Clear lungs.", "Normal chest."),
+    ("Ground glass opacity in the right lower lobe.",  # no headings: all findings
+     "Ground glass opacity in the right lower lobe.", None),
+])
+def test_json_keeps_findings_and_impression_apart(text, findings, impression):
+    doc = json.loads(rx.to_json(text))
+    assert doc["sections"] == {"findings": findings, "impression": impression}
+    assert doc["report"] == text  # the report itself is kept whole
+
