@@ -390,10 +390,9 @@ class Engine:
         if self.routed:
             from mrg_core import routing
 
-            try:
-                model = routing.choose(models, seen)
-            except routing.NoModelForStudy as exc:
-                raise NoModelForStudy(str(exc)) from None
+            model = routing.choose(models, seen)
+            if model is None:
+                raise NoModelForStudy(routing.refusal(models, seen))
         else:
             model = models[0]
         self._routes[study.content_hash] = (model, seen)

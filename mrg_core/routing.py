@@ -8,10 +8,6 @@ from __future__ import annotations
 from mrg_core.domain import WORDS, Domain, dicom_kind
 
 
-class NoModelForStudy(RuntimeError):
-    """No loaded model reads this kind of study. The message is for the user."""
-
-
 def model_kind(trained_on: dict | None) -> str | None:
     """The domain kind a model card's trained_on names ("kind", else from its modality)."""
     t = trained_on or {}
@@ -26,20 +22,21 @@ def model_label(info: dict) -> str:
 
 def choose(models: list, seen: Domain | None):
     """The first model whose card's kind is the study's; the first model when the study's kind
-    is unknown (no tags, no pixel classifier). Raises NoModelForStudy when none matches."""
+    is unknown (no tags, no pixel classifier); None when no model reads it (see refusal)."""
     if not models:
         raise ValueError("no models to choose from")
     if seen is None:
         return models[0]
-    for m in models:
-        if model_kind(m.config.trained_on) == seen.kind:
-            return m
+    return next((m for m in models if model_kind(m.config.trained_on) == seen.kind), None)
+
+
+def refusal(models: list, seen: Domain) -> str:
+    """Why a study is refused, in words: what it looks like and what the loaded models read."""
     reads = "; ".join(f"{WORDS.get(model_kind(m.config.trained_on), 'unknown studies')} → "
                       f"{model_label(m.info)}" for m in models)
-    raise NoModelForStudy(
-        f"No model here reads this study: it looks like {seen.describe()}. Loaded models: "
-        f"{reads}. No probability or draft is made; the images can still be read and a "
-        "report written by hand.")
+    return (f"No model here reads this study: it looks like {seen.describe()}. Loaded models: "
+            f"{reads}. No probability or draft is made; the images can still be read and a "
+            "report written by hand.")
 
 
 def routing_line(seen: Domain | None, info: dict) -> str:

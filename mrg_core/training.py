@@ -25,7 +25,6 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -660,9 +659,12 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
 def train_text_phase(model, cfg: TrainConfig, accelerator, out: Path) -> dict:
     """The report phase of a model whose images have no reports: the LM's adapter learns report
     text conditioned on the text's class stated in words (the label phrase), as it will later
-    be conditioned on the image classifier's decision. The encoder stays as the warm-up left it.
+    be conditioned on the image classifier's decision. The encoder stays as the warm-up left it
+    (only the LM's trainable parameters are optimised; the text loss never reaches it).
     Classes are balanced per epoch (each drawn as often); the epoch with the lowest val
     text loss is saved as best/."""
+    from transformers import get_cosine_schedule_with_warmup
+
     from .data.iu_reports import load_iu_labelled
 
     if cfg.report_text != "iu_reports":
@@ -670,21 +672,17 @@ def train_text_phase(model, cfg: TrainConfig, accelerator, out: Path) -> dict:
     if model.bridge is not None or not model.label_phrase_ids:
         raise ValueError("report_text needs a model with visual_context false and label_prompt")
     texts = load_iu_labelled()
-    model.encoder.requires_grad_(False)
     params = [p for p in model.lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr.get("lm", 2e-4), weight_decay=cfg.weight_decay)
     by_class = {c: [t for t in texts["train"] if t.label == c] for c in (0, 1)}
     per_epoch = len(texts["train"])  # half from each class: the rarer one repeats
     steps = cfg.epochs * math.ceil(per_epoch / cfg.batch_size)
-    from transformers import get_cosine_schedule_with_warmup
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
     rng = random.Random(cfg.seed)
-    dev = accelerator.device
 
     def loss_of(batch) -> torch.Tensor:
-        prefix = model._visual_prefix(SimpleNamespace(logits=torch.zeros(len(batch), 1)))
         with accelerator.autocast():
-            return model.text_loss(prefix.to(dev), [t.text for t in batch],
+            return model.text_loss(None, [t.text for t in batch],
                                    [(t.label, ()) for t in batch])
 
     rows, best = [], None

@@ -270,6 +270,27 @@ def test_cli_too_few_corrections_exits_2(base_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_leaves_out_the_other_routed_models_corrections(base_dir, tmp_path):
+    """The radiograph model's corrections never teach the CT model: by default the app's other
+    routed models ($MRG_EXTRA_MODELS) are left out, --exclude-model names them explicitly."""
+    cxr = tmp_path / "cxr"
+    tiny_model(seed=3).save_pretrained(cxr)
+    cfg = json.loads((cxr / "config.json").read_text())
+    (cxr / "config.json").write_text(json.dumps(cfg | {"name": "tiny-cxr"}))
+    url = f"sqlite:///{tmp_path / 'mixed.db'}"
+    with Store(url) as store:
+        for i, (kind, study) in enumerate(studies(5, seed=700)):
+            name = "tiny-cxr" if i < 3 else "m"  # 3 drafted by the radiograph model
+            store.save_review(study, DraftRecord(name, "0.1.0", original(kind)), reviewed(kind),
+                              "dr-test")
+    common = ("--from-db", url, "--base", str(base_dir), "--out", str(tmp_path / "x"),
+              "--min-corrections", "3")
+    for r in (_cli(*common, MRG_EXTRA_MODELS=str(cxr)),
+              _cli(*common, "--exclude-model", "tiny-cxr", MRG_EXTRA_MODELS="")):
+        assert r.returncode == 2 and "Only 2 corrected studies" in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("base_adapter, adapter, applied", [
     ("none", "prefix", "rebuilt-prefix"), ("none", "lora", "merge-lora"),
     ("lora", "lora", "existing")])

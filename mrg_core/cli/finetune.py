@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,18 +102,12 @@ def _other_models(args) -> set[str]:
     """Names of models whose corrections this fine-tune leaves out: --exclude-model, else the
     app's other routed models (the chest radiograph model), never the base itself."""
     from mrg_core.engine import EngineSettings
+    from mrg_core.registry import read_model_version
 
     if args.exclude_model is not None:
         names = set(args.exclude_model)
     else:
-        names = set()
-        for d in EngineSettings.from_env().extra_model_dirs:
-            try:
-                names.add(json.loads((Path(d) / "config.json").read_text())["name"])
-            except (OSError, ValueError, KeyError):
-                continue
-    try:
-        names.discard(json.loads((Path(args.base) / "config.json").read_text()).get("name"))
-    except (OSError, ValueError):
-        pass
-    return names
+        found = (read_model_version(d) for d in EngineSettings.from_env().extra_model_dirs)
+        names = {mv.name for mv in found if mv is not None}
+    base = read_model_version(args.base)
+    return names - {base.name} if base is not None else names

@@ -174,9 +174,13 @@ class ReportModel(nn.Module):
 
     def _visual_prefix(self, enc: EncoderOutput) -> torch.Tensor:
         if self.bridge is None:  # visual_context false: the words before the report only
-            emb = self.lm.get_input_embeddings().weight
-            return emb.new_zeros(enc.logits.shape[0], 0, emb.shape[1])
+            return self._no_prefix(enc.logits.shape[0])
         return self.bridge(enc)
+
+    def _no_prefix(self, b: int) -> torch.Tensor:
+        """[b, 0, D]: no tokens before the words (text alone)."""
+        emb = self.lm.get_input_embeddings().weight
+        return emb.new_zeros(b, 0, emb.shape[1])
 
     def fork_report_encoder(self) -> None:
         """Start the report encoder (config.report_encoder) from the classifier's encoder."""
@@ -330,10 +334,12 @@ class ReportModel(nn.Module):
         return {"loss": lm_loss + self.config.cls_weight * cls_loss,
                 "lm_loss": lm_loss, "cls_loss": cls_loss}
 
-    def text_loss(self, prefix: torch.Tensor, reports: list[str],
+    def text_loss(self, prefix: torch.Tensor | None, reports: list[str],
                   heads: list[Head] | None) -> torch.Tensor:
-        """The LM's cross-entropy on the reports after `prefix` (visual tokens; [B, 0, D] for a
-        model without visual context) and each study's head words."""
+        """The LM's cross-entropy on the reports after `prefix` (visual tokens; None for text
+        alone, as a model without visual context reads it) and each study's head words."""
+        if prefix is None:
+            prefix = self._no_prefix(len(reports))
         dev = prefix.device
         ids, mask, lm_labels = (t.to(dev) for t in self.tokenize_reports(reports, heads))
         b, p = prefix.shape[:2]
