@@ -739,10 +739,12 @@ def init_encoder(model, folder: str | Path) -> dict:
 
 
 def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator,
-                   sampler: EpochSampler | None = None) -> list[dict]:
+                   sampler: EpochSampler | None = None, on_epoch=None) -> list[dict]:
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
     the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
-    dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features."""
+    dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features.
+    on_epoch(epoch, val_probabilities) sees every epoch's val probabilities (grouped_cv keeps
+    them as out-of-fold predictions)."""
     import copy
 
     from sklearn.metrics import roc_auc_score
@@ -775,6 +777,8 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
         enc.eval()
         p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
                                      accelerator.device)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, p)
         keep = ~np.isnan(y)
         auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
         row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),

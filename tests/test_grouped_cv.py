@@ -1,0 +1,111 @@
+"""Grouped cross-validation (mrg_core.grouped_cv): sources never straddle a fold, on the real
+COV-CTR names; a real tiny run gives every example one out-of-fold probability per epoch."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mrg_core.grouped_cv import grouped_folds, source_group, summarise
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_test.json"
+
+
+@pytest.mark.parametrize("image_id, group", [
+    ("2020.02.26.20027938-p6-80_3%0.png", "2020.02.26.20027938"),
+    ("2020.03.12.20034686-p17-91-3.png", "2020.03.12.20034686"),
+    ("bmj.m606.full-p4-22%7.png", "bmj.m606.full"),
+    ("18%3.jpg", "18"),
+    ("PIIS0140673620302117_1.png", "PIIS0140673620302117"),
+    ("2144.png", "2144"),
+])
+def test_source_group_reads_paper_and_case_from_the_file_name(image_id, group):
+    assert source_group(image_id) == group
+
+
+def test_folds_keep_each_real_source_on_one_side(shared_data):
+    """On COV-CTR train + val: the slices of one paper or case are held out together, every
+    slice is held out exactly once, and no fold trains on what it holds out."""
+    from mrg_core.data.covctr import load_covctr
+
+    splits = load_covctr(shared_data / "covctr")
+    pooled = splits["train"] + splits["val"]
+    folds = grouped_folds(pooled, 5)
+    held_count = np.zeros(len(pooled), int)
+    for train_idx, held in folds:
+        assert not set(train_idx.tolist()) & set(held.tolist())
+        assert len(train_idx) + len(held) == len(pooled)
+        held_count[held] += 1
+        train_groups = {source_group(pooled[j].id) for j in train_idx}
+        assert not train_groups & {source_group(pooled[j].id) for j in held}
+    assert (held_count == 1).all()
+    # e.g. the four slices of case 18 (JPEG, non-COVID) share one fold
+    case = [i for i, ex in enumerate(pooled) if ex.id.startswith("18%")]
+    assert len(case) > 1
+    assert len({next(f for f, (_t, h) in enumerate(folds) if i in set(h.tolist()))
+                for i in case}) == 1
+    # the label shares stay close to the pool's
+    rate = np.mean([ex.label for ex in pooled])
+    for _t, held in folds:
+        assert abs(np.mean([pooled[j].label for j in held]) - rate) < 0.1
+
+
+def test_summarise_threshold_and_accuracy_by_format():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.7, 0.6, 0.8, 0.9])
+    fmt = ["jpeg", "png", "jpeg", "png", "png", "png"]
+    s = summarise(p, y, fmt)
+    assert s["threshold"] == pytest.approx(0.6)  # Youden: sens 1, spec 2/3
+    assert s["all"]["accuracy"] == pytest.approx(5 / 6)
+    assert s["jpeg"] == {"n": 2, "accuracy": 0.5, "specificity": 0.5}
+    assert s["png"]["accuracy"] == 1.0 and s["png"]["auc"] == 1.0
+    fixed = summarise(p, y, fmt, threshold=0.75)
+    assert fixed["all"]["sensitivity"] == pytest.approx(2 / 3)
+
+
+def test_cli_cross_validates_a_tiny_recipe(tmp_path):
+    """A real run (tiny encoder, synthetic COV-CTR): every train + val example gets one
+    out-of-fold probability per warm-up epoch, and the chosen threshold is Youden's J on the
+    chosen epoch's out-of-fold probabilities."""
+    from mrg_core.data.synthetic import write_synthetic_covctr
+    from mrg_core.grouped_cv import main
+
+    data = write_synthetic_covctr(tmp_path / "covctr", n={"train": 12, "val": 6, "test": 2},
+                                  size=32)
+    cfg = json.loads(CONFIG.read_text())
+    cfg["data"]["root"] = str(data)
+    cfg["encoder_warmup_epochs"], cfg["jpeg_augment"] = 2, 0.5
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert main(["--config", str(tmp_path / "cfg.json"), "--folds", "3",
+                 "--out", str(tmp_path / "cv")]) == 0
+    out = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert len(out["out_of_fold"]) == 18
+    assert all(len(v) == 2 and all(0 <= p <= 1 for p in v) for v in out["out_of_fold"].values())
+    assert sum(f["n_held"] for f in out["folds"]) == 18
+    from mrg_core.data.covctr import load_covctr
+
+    splits = load_covctr(data)
+    label = {ex.id: ex.label for ex in splits["train"] + splits["val"]}
+    assert set(out["out_of_fold"]) == set(label)
+    e = out["chosen_epoch"]
+    ids = list(out["out_of_fold"])
+    probs = np.array([out["out_of_fold"][i][e - 1] for i in ids])
+    y = np.array([label[i] for i in ids])
+    fmts = ["jpeg" if i.endswith(".jpg") else "png" for i in ids]
+    assert out["threshold"] == pytest.approx(summarise(probs, y, fmts)["threshold"], abs=1e-4)
+    assert max(r["all"]["auc"] for r in out["epochs"]) == \
+        next(r for r in out["epochs"] if r["epoch"] == e)["all"]["auc"]
+    # --apply-to reuses cv.json and gives a saved model the out-of-fold operating point
+    from mrg_core.models import ReportModel
+    from mrg_core.models.factory import tiny_model
+    from mrg_core.training import platt_scaling
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    before = (tmp_path / "cv" / "cv.json").stat().st_mtime_ns
+    assert main(["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "cv"),
+                 "--apply-to", str(tmp_path / "model"), "--epoch", "2"]) == 0
+    assert (tmp_path / "cv" / "cv.json").stat().st_mtime_ns == before  # not run again
+    saved = ReportModel.from_pretrained(tmp_path / "model").config
+    epoch2 = np.array([out["out_of_fold"][i][1] for i in ids])
+    assert saved.threshold == pytest.approx(summarise(epoch2, y, fmts)["threshold"], abs=1e-4)
+    assert saved.calibration == platt_scaling(epoch2, y.astype(float))
