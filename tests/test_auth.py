@@ -217,8 +217,9 @@ def test_api_call_with_another_reviewer_is_stored_under_the_signed_in_user(signe
     assert "mallory" not in history
     *files, msg = client.predict("Clear lungs.", "mallory", api_name="/export")
     paths = [f.get("value") if isinstance(f, dict) else f for f in files]  # gr.update(value=)
-    texts = {Path(f).name.split(".", 1)[1]: Path(f).read_text() for f in paths if f}
-    assert set(texts) == {"txt", "json", "fhir.json"}, msg
+    texts = {Path(f).name.split(".", 1)[1]: Path(f).read_text(errors="replace")
+             for f in paths if f}
+    assert set(texts) == {"txt", "json", "fhir.json", "sr.dcm"}, msg
     assert json.loads(texts["json"])["reviewer"] == "ada"
     assert "Reviewed by: ada" in texts["txt"]
     assert not any("mallory" in t for t in texts.values())
@@ -254,7 +255,7 @@ def test_oversized_upload_and_hostile_names_never_become_paths(tmp_path):
     assert res.ok and "<b>" not in res.message
     out = tmp_path / "export"
     paths, _ = h.export_files(engine, s, "Clear lungs.", "Dr Ada", out)
-    assert [Path(p).parent for p in paths] == [out] * 3
+    assert [Path(p).parent for p in paths] == [out] * 4
     assert all(Path(p).name.startswith("report_" + s.study.content_hash[:10]) for p in paths)
     assert not any("evil" in p.name for p in tmp_path.rglob("*"))
     assert not Path("/tmp/evil_<b>x</b>.dcm").exists()

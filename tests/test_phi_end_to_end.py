@@ -152,7 +152,7 @@ def flow(engine: Engine, path: Path, final: str, out: Path
     assert out_save.ok, out_save.message
     shown += [out_save.message, h.history_markdown(engine, s)]
     paths, msg = h.export_files(engine, s, final, "Dr Ada", out)
-    assert len(paths) == 3
+    assert len(paths) == 4  # txt, json, FHIR, DICOM SR
     shown.append(msg)
     return shown, paths, meta
 

@@ -5,6 +5,7 @@ import os
 import sqlite3
 
 import numpy as np
+import pydicom
 import pytest
 
 from mrg_core.engine import Engine
@@ -289,8 +290,9 @@ def test_export_files_without_phi(engine, tmp_path):
     stream_all(engine, s)
     assert h.save(engine, s, "Clear lungs.", "Dr Ada").ok
     paths, msg = h.export_files(engine, s, "Clear lungs.", "Dr Ada", tmp_path / "out")
-    assert len(paths) == 3 and "ready" in msg
-    texts = [open(p, encoding="utf-8").read() for p in paths]
+    assert len(paths) == 4 and "ready" in msg
+    # the SR is binary: its bytes are searched as text too, then read as DICOM
+    texts = [open(p, encoding="utf-8", errors="replace").read() for p in paths]
     page = " ".join([res.message, a.probability, a.warning or "", h.history_markdown(engine, s),
                      *texts])
     leaked = [m for m in markers if m in page]
@@ -298,6 +300,17 @@ def test_export_files_without_phi(engine, tmp_path):
     fhir = json.loads(texts[2])
     assert fhir["resourceType"] == "DiagnosticReport" and fhir["status"] == "final"
     assert base64.b64decode(fhir["presentedForm"][0]["data"]).decode() == "Clear lungs."
+    sr = pydicom.dcmread(paths[3])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert sr.PreliminaryFlag == "FINAL" and sr.CompletionFlag == "COMPLETE"  # it was saved
+    assert str(sr.PatientName) == "" and sr.PatientID == ""
+    # the page keeps no UID: a standalone SR, not the source study's
+    src = pydicom.dcmread(phi, stop_before_pixels=True)
+    assert sr.StudyInstanceUID != src.StudyInstanceUID
+    assert "CurrentRequestedProcedureEvidenceSequence" not in sr
+    finding = sr.ContentSequence[0]
+    assert finding.ConceptNameCodeSequence[0].CodeMeaning == "Findings"
+    assert finding.ContentSequence[0].TextValue == "Clear lungs."
     assert h.export_files(engine, s, " ", "x", tmp_path)[0] == []
 
 
@@ -310,7 +323,7 @@ def test_export_files_belong_to_one_session_study_and_text(engine, tmp_path):
         assert h.load_files(engine, s, [str(CT_SAMPLE)]).ok
     pa, _ = h.export_files(engine, a, "Report A.", "", out)
     pb, _ = h.export_files(engine, b, "Report B.", "", out)
-    assert len(pa) == len(pb) == 3 and not set(pa) & set(pb)  # same study, two tabs
+    assert len(pa) == len(pb) == 4 and not set(pa) & set(pb)  # same study, two tabs
     assert "Report A." in open(pa[0], encoding="utf-8").read()
     assert "Report B." in open(pb[0], encoding="utf-8").read()
     assert not h.exports_stale(a, "Report A.")
@@ -337,7 +350,7 @@ def test_export_refused_while_streaming(engine, ct_session, tmp_path):
     paths, msg = h.export_files(engine, ct_session, "partial", "", tmp_path)
     assert paths == [] and "still being generated" in msg
     gen.close()
-    assert len(h.export_files(engine, ct_session, "Done.", "", tmp_path)[0]) == 3
+    assert len(h.export_files(engine, ct_session, "Done.", "", tmp_path)[0]) == 4
 
 
 def test_fhir_is_final_only_for_the_text_that_was_saved(engine, ct_session, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrg_core import report_export
+from mrg_core import report_export, report_sr
 from mrg_core.domain import WORDS
 from mrg_core.engine import Engine, ModelNotLoaded, NoModelForStudy
 from mrg_core.io import StudyLoadError
@@ -742,7 +742,9 @@ def _join_words(tokens: list[str]) -> str:
 
 def export_files(engine: Engine, session: Session, final_text: str, reviewer: str,
                  folder: str | Path) -> tuple[list[str], str]:
-    """Write the report as .txt, .json and FHIR .json; returns (paths, message).
+    """Write the report as .txt, .json, FHIR .json and DICOM SR (.sr.dcm); returns (paths,
+    message). The SR stands alone (new UIDs, empty patient module): the page keeps no DICOM
+    UID, so linking it to the source study is the CLI's `report --sr-dir`.
 
     The session's earlier export files are deleted first; the new ones are named after the
     study and the session (two tabs on one study never share a file) and are remembered with
@@ -766,8 +768,9 @@ def export_files(engine: Engine, session: Session, final_text: str, reviewer: st
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"report_{session.study.content_hash[:10]}_{session.id}"
     txt, js, fhir = folder / f"{stem}.txt", folder / f"{stem}.json", folder / f"{stem}.fhir.json"
+    sr = folder / f"{stem}.sr.dcm"
     # Remembered before writing, so a half-written set is deleted by the next clear as well.
-    session.export_paths = [str(txt), str(js), str(fhir)]
+    session.export_paths = [str(txt), str(js), str(fhir), str(sr)]
     session.export_key = (session.study.content_hash, final_text)
     txt.write_text(report_export.to_text(final_text, effective=effective, reviewer=reviewer,
                                          **common), encoding="utf-8")
@@ -777,6 +780,13 @@ def export_files(engine: Engine, session: Session, final_text: str, reviewer: st
     fhir.write_text(report_export.json.dumps(report_export.to_fhir_diagnostic_report(
         final_text, status=status, effective=effective, **common), indent=2,
         ensure_ascii=False), encoding="utf-8")
+    model_info = dict(common["model_info"] or {})
+    if a is not None and a.label_meaning:
+        model_info["label_meaning"] = a.label_meaning
+    report_sr.to_dicom_sr(final_text, probability=common["probability"],
+                          threshold=common["threshold"], model_info=model_info,
+                          final=save is not None, reviewer=reviewer or None,
+                          effective=effective).save_as(sr)
     note = "" if save is not None else " (not saved yet: FHIR status 'preliminary')"
     return list(session.export_paths), f"Export files ready{note}."
 

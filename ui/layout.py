@@ -161,6 +161,8 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                                                     elem_id="download-json")
                         dl_fhir = gr.DownloadButton("FHIR R4", visible=False, size="sm",
                                                     elem_id="download-fhir")
+                        dl_sr = gr.DownloadButton("DICOM SR", visible=False, size="sm",
+                                                  elem_id="download-sr")
                     export_msg = gr.Markdown(elem_id="export-message")
                 with gr.Accordion("History of this study", open=True):
                     history = gr.Markdown("No study loaded.", elem_id="history")
@@ -190,7 +192,7 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
         # Export files and the save notice belong to one study, draft and model: whenever one
         # of these changes they are hidden and the files deleted, so nothing on the page can
         # offer the previous study's report.
-        downloads = [dl_txt, dl_json, dl_fhir]
+        downloads = [dl_txt, dl_json, dl_fhir, dl_sr]
         stale_outputs = [*downloads, export_msg, save_msg]
         keep_stale = (gr.update(),) * len(stale_outputs)
 

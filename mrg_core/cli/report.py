@@ -12,7 +12,8 @@ which may identify a patient), probability, label, threshold, for a series or mu
 the series (slices, thickness, spacing, order), the aggregation rule, the key slices (most
 probable first) and each slice's probability, out-of-domain decision, draft report, the model
 that read it and why (`model`, `routing`, `domain`), run
-settings and timings.
+settings and timings. With --sr-dir each draft is also written as a DICOM SR
+(report_<input>_<k>.sr.dcm; `sr` in the JSON).
 
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one
 core fewer than the machine has (1 on a 2-core machine: on a loaded machine torch's default of
@@ -49,6 +50,11 @@ def main(argv: list[str]) -> int:
                     help="read every study with --model, no routing (a study it was not "
                          "trained on gets a warning instead of a refusal)")
     ap.add_argument("--jsonl", action="store_true", help="one compact JSON object per line")
+    ap.add_argument("--sr-dir", type=Path,
+                    help="also write each draft as a DICOM Comprehensive SR (PRELIMINARY) in "
+                         "this folder, report_<input>_<k>.sr.dcm; for DICOM input the SR joins "
+                         "the source study and references its instances (UIDs read from the "
+                         "files given, written only into the SR; patient module left empty)")
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--num-beams", type=int, default=1)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -106,7 +112,10 @@ def main(argv: list[str]) -> int:
             status = 2
             print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2), flush=True)
             continue
-        for study in studies:  # one object per series (a file or plain images: one study)
+        refs = _references(path) if args.sr_dir else []
+        if len(refs) != len(studies):  # cannot tell which instances are whose: stand alone
+            refs = [None] * len(studies)
+        for k, study in enumerate(studies, 1):  # one object per series (plain images: one)
             record = input_record(index, path)
             t2 = time.perf_counter()
             try:
@@ -144,9 +153,37 @@ def main(argv: list[str]) -> int:
                      "precision": model_precision(engine.route(study)[0])},
                 timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
+            if args.sr_dir:
+                record["sr"] = _write_sr(args.sr_dir, f"report_{index}_{k}.sr.dcm", text, a,
+                                         refs[k - 1])
             print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
                   flush=True)
     return status
+
+
+def _references(path: Path) -> list:
+    from mrg_core.io.references import source_references
+
+    try:
+        return source_references([path])
+    except Exception:  # noqa: BLE001 - the study loaded; an unlinked SR is still useful
+        return []
+
+
+def _write_sr(folder: Path, name: str, text: str, analysis, source) -> dict:
+    """The draft as a preliminary SR; {"file", "linked_to_source"} or {"error"} (an empty
+    draft has nothing to report)."""
+    from mrg_core.report_sr import to_dicom_sr
+
+    if not text.strip():
+        return {"error": "empty_report"}
+    folder.mkdir(parents=True, exist_ok=True)
+    sr = to_dicom_sr(text, probability=float(analysis.probability),
+                     threshold=float(analysis.threshold),
+                     model_info={**analysis.model, "label_meaning": analysis.label_meaning},
+                     final=False, source=source)
+    sr.save_as(folder / name)
+    return {"file": name, "linked_to_source": source is not None}
 
 
 def input_record(index: int, path: Path) -> dict:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pydicom
 import pytest
 
 from mrg_core.paths import SAMPLES_DIR, data_dir
@@ -96,6 +97,14 @@ def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     doc = json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
     assert doc["resourceType"] == "DiagnosticReport" and doc["status"] == "final"
     assert base64.b64decode(doc["presentedForm"][0]["data"]).decode("utf-8") == final
+    # ... and so does the DICOM SR (issue 21), read back with pydicom
+    with page.expect_download(timeout=WAIT_MS) as dl:
+        page.get_by_role("button", name="DICOM SR").click()
+    sr = pydicom.dcmread(dl.value.path())
+    assert sr.Modality == "SR" and sr.PreliminaryFlag == "FINAL"
+    texts = [c.TextValue for item in sr.ContentSequence if "ContentSequence" in item
+             for c in item.ContentSequence]
+    assert "\n".join(texts) == final.strip()
 
     # 6. The row is in the database file.
     with sqlite3.connect(db) as con:

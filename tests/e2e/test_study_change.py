@@ -10,7 +10,7 @@ from tests.e2e.test_browser import WAIT_MS, upload, wait_text
 
 pytestmark = pytest.mark.e2e
 
-DOWNLOADS = ("#download-txt", "#download-json", "#download-fhir")
+DOWNLOADS = ("#download-txt", "#download-json", "#download-fhir", "#download-sr")
 
 
 @pytest.fixture(scope="module")
