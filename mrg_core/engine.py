@@ -480,6 +480,21 @@ class Engine:
         label, key = hit
         return _sub_study(study, key), label
 
+    def ground(self, study: Study, text: str):
+        """Where each statement of `text` (the draft, or the radiologist's edit of it) comes
+        from in the image the draft is written from: (view index, [GroundedStatement]). A
+        series or multi-view study is grounded on its key view, with the study's decision, as
+        its draft is written. Raises grounding.NoGrounding when the routed model's text does
+        not see the image."""
+        from mrg_core.grounding import ground_sentences
+
+        model = self.route(study)[0]
+        drafted, decision = self.drafted_study(study)
+        index = 0 if len(study.views) == 1 else \
+            self._decisions[(study.content_hash, id(model))][1]
+        with self._model_lock, torch_threads(self.decode_threads):
+            return index, ground_sentences(model, drafted, text, decision=decision)
+
     def stream_report(self, study: Study, settings=None) -> Iterator[str]:
         """Yield text pieces as they are decoded; concatenated they are the draft.
 

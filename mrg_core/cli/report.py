@@ -12,7 +12,8 @@ which may identify a patient), probability, label, threshold, for a series or mu
 the series (slices, thickness, spacing, order), the aggregation rule, the key slices (most
 probable first) and each slice's probability, out-of-domain decision, draft report, the model
 that read it and why (`model`, `routing`, `domain`), run
-settings and timings. With --sr-dir each draft is also written as a DICOM SR
+settings and timings. With --ground, `grounding`: per statement of the draft, where its
+saliency peaks and its share inside the lungs (mrg_core/grounding.py). With --sr-dir each draft is also written as a DICOM SR
 (report_<input>_<k>.sr.dcm; `sr` in the JSON).
 
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one
@@ -55,6 +56,11 @@ def main(argv: list[str]) -> int:
                          "this folder, report_<input>_<k>.sr.dcm; for DICOM input the SR joins "
                          "the source study and references its instances (UIDs read from the "
                          "files given, written only into the SR; patient module left empty)")
+    ap.add_argument("--ground", action="store_true",
+                    help="also ground each statement of the draft: `grounding` lists, per "
+                         "sentence or clause, where its saliency peaks (view, row/column as "
+                         "fractions, image region) and the map's share inside the lungs (with "
+                         "requirements-eval.txt installed)")
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--num-beams", type=int, default=1)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -153,12 +159,26 @@ def main(argv: list[str]) -> int:
                      "precision": model_precision(engine.route(study)[0])},
                 timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
+            if args.ground:
+                record["grounding"] = _grounding(engine, study, text)
             if args.sr_dir:
                 record["sr"] = _write_sr(args.sr_dir, f"report_{index}_{k}.sr.dcm", text, a,
                                          refs[k - 1])
             print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
                   flush=True)
     return status
+
+
+def _grounding(engine, study, text: str) -> dict:
+    from mrg_core.grounding import NoGrounding
+
+    t = time.perf_counter()
+    try:
+        view, statements = engine.ground(study, text)
+    except NoGrounding as err:
+        return {"error": str(err)}
+    return {"view": view, "statements": [g.to_dict() for g in statements],
+            "seconds": round(time.perf_counter() - t, 3)}
 
 
 def _references(path: Path) -> list:
