@@ -59,9 +59,11 @@ def grouped_folds(examples: list[Example], k: int, seed: int = 0
 
 
 def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jpeg_cache,
-                       device: str = "cpu") -> tuple[np.ndarray, float]:
+                       device: str = "cpu", keep: str | Path | None = None
+                       ) -> tuple[np.ndarray, float]:
     """Warm up a fresh encoder on `train` with the config's recipe; the held-out probabilities
-    after every epoch, [epochs, len(held)]."""
+    after every epoch, [epochs, len(held)]. keep: write the last epoch's encoder there
+    (model.safetensors with encoder.* tensors, what init_encoder_from reads)."""
     from accelerate.utils import set_seed
 
     from .models import ReportModel, ReportModelConfig
@@ -90,7 +92,15 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
     rows: list[np.ndarray] = []
     t = time.time()
     warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler,
-                   on_epoch=lambda _epoch, p: rows.append(np.asarray(p, dtype=float)))
+                   on_epoch=lambda _epoch, p: rows.append(np.asarray(p, dtype=float)),
+                   keep_best=keep is None)
+    if keep is not None:
+        from safetensors.torch import save_file
+
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        save_file({f"encoder.{k}": v.detach().contiguous().cpu()
+                   for k, v in model.encoder.state_dict().items()},
+                  str(Path(keep) / "model.safetensors"))
     return np.stack(rows), time.time() - t
 
 
@@ -199,10 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--apply-to", metavar="FOLDER",
                     help="a saved model trained with this recipe: set its threshold and Platt "
-                         "scaling from the out-of-fold probabilities (an existing cv.json in "
-                         "--out is reused)")
+                         "scaling from the out-of-fold probabilities (with --apply-to or "
+                         "--refit-to, an existing cv.json in --out is reused)")
     ap.add_argument("--epoch", type=int, help="with --apply-to: the model's own warm-up epoch "
                                               "(default: the cross-validated choice)")
+    ap.add_argument("--refit-to", metavar="FOLDER",
+                    help="then train the encoder on all of train + val for the chosen epoch "
+                         "count (or --epoch) and write it there for init_encoder_from, with "
+                         "the out-of-fold threshold and Platt scaling in operating_point.json")
     a = ap.parse_args(argv)
     cfg = TrainConfig.from_dict(json.loads(Path(a.config).read_text(encoding="utf-8")))
     if not cfg.encoder_warmup_epochs:
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = load_splits(cfg.data.spec())
     pooled = [ex for ex in splits["train"] + splits["val"] if ex.label in (0, 1)]
     out = Path(a.out)
-    if a.apply_to and (out / "cv.json").is_file():
+    if (a.apply_to or a.refit_to) and (out / "cv.json").is_file():
         result = json.loads((out / "cv.json").read_text(encoding="utf-8"))
     else:
         result = cross_validate(cfg, pooled, a.folds, a.seed, a.device)
@@ -224,6 +238,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epoch {r['epoch']}: AUC {r['all']['auc']:.4f} acc {r['all']['accuracy']:.3f} "
               f"at {r['threshold']:.3f}  {parts}")
     print(f"chosen: epoch {result['chosen_epoch']}, threshold {result['threshold']:.4f}")
+    if a.refit_to:
+        from .data import ImageCache
+        from .models import ReportModelConfig
+        from .training import platt_scaling
+
+        epoch = a.epoch or result["chosen_epoch"]
+        cfg.encoder_warmup_epochs = epoch
+        pre = ReportModelConfig.from_dict(cfg.model).preprocess
+        cache, jpeg_cache = ImageCache(pre), None
+        cache.preload(pooled)
+        if cfg.augment and cfg.jpeg_augment > 0:
+            jpeg_cache = ImageCache(pre, jpeg_quality=(70, 95))
+            jpeg_cache.preload(pooled, desc="JPEG copies")
+        # the "held-out" probabilities of a refit are in-sample: only the weights are kept
+        fold_probabilities(cfg, pooled, pooled[:32], cache, jpeg_cache, a.device,
+                           keep=a.refit_to)
+        row = next(r for r in result["epochs"] if r["epoch"] == epoch)
+        y = np.array([ex.label for ex in pooled], dtype=float)
+        oof = np.array([result["out_of_fold"][ex.id][epoch - 1] for ex in pooled])
+        point = {"epochs": epoch, "threshold": row["threshold"],
+                 "calibration": platt_scaling(oof, y), "out_of_fold": row,
+                 "trained_on": "train + val", "config": a.config}
+        Path(a.refit_to, "operating_point.json").write_text(json.dumps(point, indent=1))
+        print(f"refit encoder ({epoch} epochs, train + val) in {a.refit_to}")
     if a.apply_to:
         epoch = a.epoch or result["chosen_epoch"]
         done = apply_operating_point(a.apply_to, result, epoch,

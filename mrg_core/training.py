@@ -739,12 +739,14 @@ def init_encoder(model, folder: str | Path) -> dict:
 
 
 def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator,
-                   sampler: EpochSampler | None = None, on_epoch=None) -> list[dict]:
+                   sampler: EpochSampler | None = None, on_epoch=None,
+                   keep_best: bool = True) -> list[dict]:
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
     the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
     dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features.
     on_epoch(epoch, val_probabilities) sees every epoch's val probabilities (grouped_cv keeps
-    them as out-of-fold predictions)."""
+    them as out-of-fold predictions). keep_best=False keeps the last epoch (a refit for an
+    epoch count chosen elsewhere)."""
     import copy
 
     from sklearn.metrics import roc_auc_score
@@ -788,7 +790,7 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
         rows.append(row)
         accelerator.print("encoder warm-up " + json.dumps({k: (round(v, 4) if isinstance(v, float)
                                                                 else v) for k, v in row.items()}))
-    if best_state is not None:
+    if best_state is not None and keep_best:
         enc.load_state_dict(best_state)
     enc.train()
     return rows

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from mrg_core.grouped_cv import grouped_folds, source_group, summarise
@@ -109,3 +110,17 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
     epoch2 = np.array([out["out_of_fold"][i][1] for i in ids])
     assert saved.threshold == pytest.approx(summarise(epoch2, y, fmts)["threshold"], abs=1e-4)
     assert saved.calibration == platt_scaling(epoch2, y.astype(float))
+
+    # --refit-to: the encoder trained on all of train + val for the chosen epoch count, ready
+    # for init_encoder_from, with the out-of-fold operating point beside it
+    from mrg_core.training import init_encoder
+
+    assert main(["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "cv"),
+                 "--refit-to", str(tmp_path / "enc"), "--epoch", "2"]) == 0
+    point = json.loads((tmp_path / "enc" / "operating_point.json").read_text())
+    assert point["epochs"] == 2 and point["threshold"] == out["epochs"][1]["threshold"]
+    assert point["calibration"] == platt_scaling(epoch2, y.astype(float))
+    fresh = tiny_model()
+    before = {k: v.clone() for k, v in fresh.encoder.state_dict().items()}
+    assert init_encoder(fresh, tmp_path / "enc")["tensors"] == len(before)
+    assert any(not torch.equal(before[k], v) for k, v in fresh.encoder.state_dict().items())
