@@ -13,8 +13,9 @@ the series (slices, thickness, spacing, order), the aggregation rule, the key sl
 probable first) and each slice's probability, out-of-domain decision, draft report, the model
 that read it and why (`model`, `routing`, `domain`), run
 settings and timings. With --ground, `grounding`: per statement of the draft, where its
-saliency peaks and its share inside the lungs (mrg_core/grounding.py). With --sr-dir each draft is also written as a DICOM SR
-(report_<input>_<k>.sr.dcm; `sr` in the JSON).
+saliency peaks and its share inside the lungs (mrg_core/grounding.py, experimental). With
+--sr-dir each draft is also written as a DICOM SR (report_<input>_<k>.sr.dcm; `sr` in the
+JSON).
 
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one
 core fewer than the machine has (1 on a 2-core machine: on a loaded machine torch's default of

@@ -182,10 +182,11 @@ def test_page_images_and_exports_reach_their_user_only_and_go_when_the_page_clos
     export_url = dl.value.url
     assert "No acute findings." in Path(dl.value.path()).read_text(encoding="utf-8")
 
-    # the app writes these inside the upload folder and Gradio serves them as they are
+    # the app writes these inside the upload folder and Gradio serves them as they are: the
+    # view and the four exports (text, JSON, FHIR, DICOM SR)
     report = file_path(export_url)
     sent = [file_path(image_url), *report.parent.glob(report.name.split(".")[0] + ".*")]
-    assert len(sent) == 4 and all(p.is_file() and p.is_relative_to(folder) for p in sent)
+    assert len(sent) == 5 and all(p.is_file() and p.is_relative_to(folder) for p in sent)
 
     with signed_in(app, "bob") as bob:
         for u in (image_url, export_url):
