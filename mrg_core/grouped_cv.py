@@ -131,21 +131,26 @@ def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],
             **{f: part(fmt == f) for f in sorted(set(formats))}}
 
 
+def _caches(cfg, examples: list[Example]):
+    """(decoded images, their JPEG re-encodings or None) as the recipe's training sees them."""
+    from .data import ImageCache
+    from .models import ReportModelConfig
+
+    pre = ReportModelConfig.from_dict(cfg.model).preprocess
+    cache, jpeg_cache = ImageCache(pre), None
+    cache.preload(examples)
+    if cfg.augment and cfg.jpeg_augment > 0:
+        jpeg_cache = ImageCache(pre, jpeg_quality=(70, 95))
+        jpeg_cache.preload(examples, desc="JPEG copies")
+    return cache, jpeg_cache
+
+
 def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
                    device: str = "cpu", log=print) -> dict:
     """Out-of-fold probabilities per epoch for the pooled examples, and a summary per epoch
     count. The chosen epoch count is the one with the best out-of-fold AUC; its threshold is
     Youden's J on all out-of-fold probabilities at that epoch."""
-    from .data import ImageCache
-    from .models import ReportModelConfig
-
-    pre = ReportModelConfig.from_dict(cfg.model).preprocess
-    cache = ImageCache(pre)
-    cache.preload(examples)
-    jpeg_cache = None
-    if cfg.augment and cfg.jpeg_augment > 0:
-        jpeg_cache = ImageCache(pre, jpeg_quality=(70, 95))
-        jpeg_cache.preload(examples, desc="JPEG copies")
+    cache, jpeg_cache = _caches(cfg, examples)
     y = np.array([ex.label for ex in examples])
     formats = [file_format(ex.image_paths[0]) for ex in examples]
     oof = np.full((cfg.encoder_warmup_epochs, len(examples)), np.nan)
@@ -239,18 +244,11 @@ def main(argv: list[str] | None = None) -> int:
               f"at {r['threshold']:.3f}  {parts}")
     print(f"chosen: epoch {result['chosen_epoch']}, threshold {result['threshold']:.4f}")
     if a.refit_to:
-        from .data import ImageCache
-        from .models import ReportModelConfig
         from .training import platt_scaling
 
         epoch = a.epoch or result["chosen_epoch"]
         cfg.encoder_warmup_epochs = epoch
-        pre = ReportModelConfig.from_dict(cfg.model).preprocess
-        cache, jpeg_cache = ImageCache(pre), None
-        cache.preload(pooled)
-        if cfg.augment and cfg.jpeg_augment > 0:
-            jpeg_cache = ImageCache(pre, jpeg_quality=(70, 95))
-            jpeg_cache.preload(pooled, desc="JPEG copies")
+        cache, jpeg_cache = _caches(cfg, pooled)
         # the "held-out" probabilities of a refit are in-sample: only the weights are kept
         fold_probabilities(cfg, pooled, pooled[:32], cache, jpeg_cache, a.device,
                            keep=a.refit_to)
