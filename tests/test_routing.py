@@ -138,3 +138,29 @@ def test_report_cli_routes_and_refuses(models, studies, tmp_path):
     assert rows[1]["domain"]["kind"] == "chest_radiograph" and not rows[1]["out_of_domain"]
     assert rows[2]["error"] == "no_model_for_study" and "neither" in rows[2]["message"]
     assert "probability" not in rows[2]
+
+
+def test_exports_name_the_model_that_read_the_study(models, studies, tmp_path):
+    """Text, JSON, FHIR and SR exports of a routed study carry the routed model's name and
+    label meaning, not the primary model's."""
+    import pydicom
+
+    from ui import handlers as h
+    from ui.state import Session
+
+    ct, cxr = models
+    engine = Engine(ct, Store(f"sqlite:///{tmp_path / 'x.db'}"), extra_models=[cxr])
+    s = Session()
+    assert h.load_files(engine, s, [str(SAMPLES_DIR / "cr_phantom_pa.dcm")]).ok
+    h.analyze(engine, s)
+    paths, _ = h.export_files(engine, s, "Clear lungs.", "Dr Ada", tmp_path / "out")
+    doc = json.loads(open(paths[1], encoding="utf-8").read())
+    assert doc["model"]["name"] == "tiny-cxr"
+    assert doc["probability_meaning"] == cxr.config.label_meaning
+    assert "tiny-cxr" in open(paths[0], encoding="utf-8").read()
+    fhir = json.loads(open(paths[2], encoding="utf-8").read())
+    assert {"url": "modelName", "valueString": "tiny-cxr"} in fhir["extension"][0]["extension"]
+    sr = pydicom.dcmread(paths[3])
+    names = [i.TextValue for i in sr.ContentSequence
+             if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"]
+    assert names == ["tiny-cxr"]

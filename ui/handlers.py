@@ -758,9 +758,11 @@ def export_files(engine: Engine, session: Session, final_text: str, reviewer: st
         return [], ("A draft is still being generated; press Stop or wait for it to finish, "
                     "then prepare the export files.")
     a = session.analysis
+    # the model that read this study (routing: not always the primary one)
+    model_info = a.model if a is not None and a.model else engine.model_info
     common = dict(probability=None if a is None else a.probability,
                   threshold=None if a is None else a.threshold,
-                  model_info=engine.model_info, study_summary=session.study.summary())
+                  model_info=model_info, study_summary=session.study.summary())
     # "final" only for the text that was saved: a later edit or draft is not signed off yet
     save = session.last_save if _norm(session.saved_text) == _norm(final_text) else None
     effective = save.created_at if save is not None else None
@@ -780,9 +782,6 @@ def export_files(engine: Engine, session: Session, final_text: str, reviewer: st
     fhir.write_text(report_export.json.dumps(report_export.to_fhir_diagnostic_report(
         final_text, status=status, effective=effective, **common), indent=2,
         ensure_ascii=False), encoding="utf-8")
-    model_info = dict(common["model_info"] or {})
-    if a is not None and a.label_meaning:
-        model_info["label_meaning"] = a.label_meaning
     report_sr.to_dicom_sr(final_text, probability=common["probability"],
                           threshold=common["threshold"], model_info=model_info,
                           final=save is not None, reviewer=reviewer or None,

@@ -200,8 +200,7 @@ def _write_sr(folder: Path, name: str, text: str, analysis, source) -> dict:
         return {"error": "empty_report"}
     folder.mkdir(parents=True, exist_ok=True)
     sr = to_dicom_sr(text, probability=float(analysis.probability),
-                     threshold=float(analysis.threshold),
-                     model_info={**analysis.model, "label_meaning": analysis.label_meaning},
+                     threshold=float(analysis.threshold), model_info=analysis.model,
                      final=False, source=source)
     sr.save_as(folder / name)
     return {"file": name, "linked_to_source": source is not None}

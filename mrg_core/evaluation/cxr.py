@@ -29,7 +29,6 @@ from mrg_core.data.iu_reports import NEGATION, PNEUMONIA_WORDS
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, data_dir
 
 
-
 def pneumonia_statements(text: str) -> list[str]:
     """Sentences that state pneumonia-type findings (not negated: "no focal consolidation" is
     a normal report's sentence)."""
