@@ -470,15 +470,20 @@ class Engine:
     def drafted_study(self, study: Study) -> tuple[Study, int | None]:
         """(what the draft is written from, the decision it states): a single view as it is; a
         series or multi-view study from its key view with the whole study's decision."""
+        _index, drafted, decision = self._drafted(study)
+        return drafted, decision
+
+    def _drafted(self, study: Study) -> tuple[int, Study, int | None]:
+        """drafted_study, with the index of the view it is."""
         if len(study.views) == 1:
-            return study, None
+            return 0, study, None
         key = (study.content_hash, id(self.route(study)[0]))
         hit = self._decisions.get(key)
         if hit is None:
             self.analyze(study)
             hit = self._decisions[key]
-        label, key = hit
-        return _sub_study(study, key), label
+        label, index = hit
+        return index, _sub_study(study, index), label
 
     def ground(self, study: Study, text: str):
         """Where each statement of `text` (the draft, or the radiologist's edit of it) comes
@@ -489,9 +494,7 @@ class Engine:
         from mrg_core.grounding import ground_sentences
 
         model = self.route(study)[0]
-        drafted, decision = self.drafted_study(study)
-        index = 0 if len(study.views) == 1 else \
-            self._decisions[(study.content_hash, id(model))][1]
+        index, drafted, decision = self._drafted(study)
         with self._model_lock, torch_threads(self.decode_threads):
             return index, ground_sentences(model, drafted, text, decision=decision)
 

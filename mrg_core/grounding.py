@@ -111,11 +111,7 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
     if not spans:
         raise NoGrounding("the draft has no statement to ground")
     ids, owner = _statement_ids(model, draft, spans)
-    pred = model.predict(study)
-    label = (pred.label if decision is None else int(decision)) if model.label_phrase_ids \
-        else None
-    findings = pred.findings if decision is None or decision == pred.label else ()
-    head = model.head_ids(label, findings)
+    head = model.head_ids(*model.stated(model.predict(study), decision))  # as drafted
     seq = torch.tensor([head + ids], device=model.device)
     owner_t = torch.tensor(owner, device=model.device)
     n = len(spans)
@@ -134,6 +130,7 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
 
     s = model.config.preprocess.image_size
     x = study_to_tensor(study, model.config.preprocess)[None].to(model.device)
+    lung_share = _lung_share(study) if lungs else None
     out = []
     with model._eval(), torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
@@ -153,22 +150,27 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
             cams = cams / peak if peak > 0 else np.zeros_like(cams)
             maps = [np.clip(heatmap_to_view(cams[i], v.display.shape, model.config.preprocess),
                             0, 1) for i, v in enumerate(study.views)]
-            out.append(_located(draft[a:b], a, b, scores[k], maps, study, lungs))
+            share = lung_share(maps) if lung_share is not None and peak > 0 else None
+            out.append(_located(draft[a:b], a, b, scores[k], maps, share))
     return out
 
 
-def _located(text, a, b, score, maps, study, lungs) -> GroundedStatement:
+def _lung_share(study):
+    """maps -> their mass share inside the study's lung fields (masks made once per study), or
+    None without scipy (an evaluation extra)."""
+    try:
+        from .evaluation.saliency import lung_mask, study_lung_share
+    except ImportError:
+        return None
+    displays = [v.display for v in study.views]
+    masks = [lung_mask(d) for d in displays]
+    return lambda maps: study_lung_share(displays, maps, masks)[0]
+
+
+def _located(text, a, b, score, maps, share) -> GroundedStatement:
     view = int(np.argmax([m.max() for m in maps]))
     r, c = np.unravel_index(int(np.argmax(maps[view])), maps[view].shape)
     h, w = maps[view].shape
-    share = None
-    if lungs and float(np.max(maps[view])) > 0:
-        try:
-            from .evaluation.saliency import study_lung_share
-        except ImportError:  # scipy is an evaluation extra
-            study_lung_share = None
-        if study_lung_share is not None:
-            share, _ = study_lung_share([v.display for v in study.views], maps)
     return GroundedStatement(text=text, start=a, end=b, log_likelihood=float(score), maps=maps,
                              peak_view=view, peak=(float((r + 0.5) / h), float((c + 0.5) / w)),
                              lung_share=share)

@@ -62,8 +62,9 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
                        device: str = "cpu", keep: str | Path | None = None
                        ) -> tuple[np.ndarray, float]:
     """Warm up a fresh encoder on `train` with the config's recipe; the held-out probabilities
-    after every epoch, [epochs, len(held)]. keep: write the last epoch's encoder there
-    (model.safetensors with encoder.* tensors, what init_encoder_from reads)."""
+    after every epoch, [epochs, len(held)] (nothing held out: the last epoch is kept, no
+    probabilities). keep: write the encoder there (model.safetensors with encoder.* tensors,
+    what init_encoder_from reads)."""
     from accelerate.utils import set_seed
 
     from .models import ReportModel, ReportModelConfig
@@ -88,12 +89,11 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size,
                                                sampler=sampler, collate_fn=collate)
     held_loader = torch.utils.data.DataLoader(ExampleDataset(held, cache, mcfg.labels),
-                                              batch_size=32, collate_fn=collate)
+                                              batch_size=32, collate_fn=collate) if held else None
     rows: list[np.ndarray] = []
     t = time.time()
     warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler,
-                   on_epoch=lambda _epoch, p: rows.append(np.asarray(p, dtype=float)),
-                   keep_best=keep is None)
+                   on_epoch=lambda _epoch, p: rows.append(np.asarray(p, dtype=float)))
     if keep is not None:
         from safetensors.torch import save_file
 
@@ -101,7 +101,7 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
         save_file({f"encoder.{k}": v.detach().contiguous().cpu()
                    for k, v in model.encoder.state_dict().items()},
                   str(Path(keep) / "model.safetensors"))
-    return np.stack(rows), time.time() - t
+    return (np.stack(rows) if rows else np.empty((0, 0))), time.time() - t
 
 
 def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],
@@ -249,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         epoch = a.epoch or result["chosen_epoch"]
         cfg.encoder_warmup_epochs = epoch
         cache, jpeg_cache = _caches(cfg, pooled)
-        # the "held-out" probabilities of a refit are in-sample: only the weights are kept
-        fold_probabilities(cfg, pooled, pooled[:32], cache, jpeg_cache, a.device,
-                           keep=a.refit_to)
+        fold_probabilities(cfg, pooled, [], cache, jpeg_cache, a.device, keep=a.refit_to)
         row = next(r for r in result["epochs"] if r["epoch"] == epoch)
         y = np.array([ex.label for ex in pooled], dtype=float)
         oof = np.array([result["out_of_fold"][ex.id][epoch - 1] for ex in pooled])

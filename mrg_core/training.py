@@ -739,14 +739,13 @@ def init_encoder(model, folder: str | Path) -> dict:
 
 
 def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerator,
-                   sampler: EpochSampler | None = None, on_epoch=None,
-                   keep_best: bool = True) -> list[dict]:
+                   sampler: EpochSampler | None = None, on_epoch=None) -> list[dict]:
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
     the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
     dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features.
     on_epoch(epoch, val_probabilities) sees every epoch's val probabilities (grouped_cv keeps
-    them as out-of-fold predictions). keep_best=False keeps the last epoch (a refit for an
-    epoch count chosen elsewhere)."""
+    them as out-of-fold predictions). val_loader None: no evaluation, the last epoch is kept (a
+    refit for an epoch count chosen elsewhere)."""
     import copy
 
     from sklearn.metrics import roc_auc_score
@@ -776,21 +775,22 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             sched.step()
             opt.zero_grad()
             loss_sum, n = loss_sum + float(loss.detach()) * len(labels), n + len(labels)
-        enc.eval()
-        p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
-                                     accelerator.device)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, p)
-        keep = ~np.isnan(y)
-        auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
         row = {"epoch": epoch + 1, "seconds": round(time.time() - te, 1),
-               "train_cls_loss": loss_sum / max(n, 1), "val_auc": auc}
-        if auc > best:
-            best, best_state, row["best"] = auc, copy.deepcopy(enc.state_dict()), True
+               "train_cls_loss": loss_sum / max(n, 1)}
+        if val_loader is not None:
+            enc.eval()
+            p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
+                                         accelerator.device)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, p)
+            keep = ~np.isnan(y)
+            row["val_auc"] = auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
+            if auc > best:
+                best, best_state, row["best"] = auc, copy.deepcopy(enc.state_dict()), True
         rows.append(row)
         accelerator.print("encoder warm-up " + json.dumps({k: (round(v, 4) if isinstance(v, float)
                                                                 else v) for k, v in row.items()}))
-    if best_state is not None and keep_best:
+    if best_state is not None:
         enc.load_state_dict(best_state)
     enc.train()
     return rows

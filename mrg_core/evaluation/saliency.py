@@ -119,11 +119,14 @@ def lung_mass_share(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
     return float((h * mask).sum() / total) if total > 0 else None
 
 
-def study_lung_share(displays: Iterable[np.ndarray],
-                     heatmaps: Iterable[np.ndarray]) -> tuple[float | None, bool]:
+def study_lung_share(displays: Iterable[np.ndarray], heatmaps: Iterable[np.ndarray],
+                     masks: Iterable[np.ndarray | None] | None = None
+                     ) -> tuple[float | None, bool]:
     """(heatmap mass share pooled over the study's views that have a lung mask, whether any
-    view has one). Views share one heatmap scale, so pooling weights them by their evidence."""
-    pairs = [(np.asarray(h), m) for h, m in ((h, lung_mask(d)) for d, h in zip(displays, heatmaps))
+    view has one). Views share one heatmap scale, so pooling weights them by their evidence.
+    masks: the views' lung_mask, when the caller scores several maps of one study."""
+    masks = (lung_mask(d) for d in displays) if masks is None else masks
+    pairs = [(np.asarray(h), m) for h, m in zip(heatmaps, masks)
              if m is not None and m.shape == np.shape(h)]
     if not pairs:
         return None, False

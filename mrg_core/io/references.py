@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 from .limits import LoadLimits
-from .load import CROSS_SECTIONAL, expand_sources, read_source, sniff
+from .load import CROSS_SECTIONAL, _as_list, expand_sources, read_source, sniff
 
 _TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
          "SeriesNumber", "Modality")
@@ -46,8 +46,7 @@ def source_references(sources, limits: LoadLimits = LoadLimits()) -> list[Source
     (SeriesNumber, then as given). Plain images have none: an empty list."""
     import pydicom
 
-    items = expand_sources(list(sources) if isinstance(sources, (list, tuple)) else [sources],
-                           limits)
+    items = expand_sources(_as_list(sources), limits)
     groups: dict[tuple, list[tuple[int | None, Instance]]] = {}
     study_of: dict[tuple, str] = {}
     for i, source in enumerate(items):

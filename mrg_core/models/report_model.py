@@ -455,16 +455,22 @@ class ReportModel(nn.Module):
     def explain(self, study) -> list[np.ndarray]:
         return self.analyze(study)[1]
 
-    def _report_tokens(self, study, settings: GenerationSettings,
-                       decision: int | None = None) -> Iterator[int]:
-        enc = self.encode(study)
-        dev = self.device
-        pred = self._prediction(enc.logits)
+    def stated(self, pred: Prediction, decision: int | None = None
+               ) -> tuple[int | None, tuple[str, ...]]:
+        """(label, findings) a draft states before its words (head_ids): the prediction's, or
+        `decision` (a series' own) in place of the label, whose findings then go too."""
         findings = pred.findings
         if decision is not None and decision != pred.label:
             findings = ()  # the study's decision overrides this view's: its findings go too
         label = (pred.label if decision is None else int(decision)) \
             if self.label_phrase_ids else None
+        return label, findings
+
+    def _report_tokens(self, study, settings: GenerationSettings,
+                       decision: int | None = None) -> Iterator[int]:
+        enc = self.encode(study)
+        dev = self.device
+        label, findings = self.stated(self._prediction(enc.logits), decision)
 
         def prompt(lab):
             head = torch.tensor([self.head_ids(lab, findings)], device=dev)
