@@ -60,9 +60,10 @@ def grouped_folds(examples: list[Example], k: int, seed: int = 0
 
 def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jpeg_cache,
                        device: str = "cpu", keep: str | Path | None = None
-                       ) -> tuple[np.ndarray, float]:
+                       ) -> tuple[np.ndarray, np.ndarray, float]:
     """Warm up a fresh encoder on `train` with the config's recipe; the held-out probabilities
-    after every epoch, [epochs, len(held)] (nothing held out: the last epoch is kept, no
+    after every epoch: the decision's, [epochs, len(held)], and every label's (decision, findings,
+    lobes), [epochs, len(held), labels] (nothing held out: the last epoch is kept, no
     probabilities). keep: write the encoder there (model.safetensors with encoder.* tensors,
     what init_encoder_from reads)."""
     from accelerate.utils import set_seed
@@ -91,9 +92,16 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
     held_loader = torch.utils.data.DataLoader(ExampleDataset(held, cache, mcfg.labels),
                                               batch_size=32, collate_fn=collate) if held else None
     rows: list[np.ndarray] = []
+    label_rows: list[np.ndarray] = []
+
+    @torch.no_grad()
+    def seen(_epoch: int, p) -> None:
+        rows.append(np.asarray(p, dtype=float))
+        label_rows.append(torch.cat([torch.sigmoid(model.encoder(pix.to(device)).logits.float())
+                                     for pix, _r, _l in held_loader]).cpu().numpy())
+
     t = time.time()
-    warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler,
-                   on_epoch=lambda _epoch, p: rows.append(np.asarray(p, dtype=float)))
+    warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler, on_epoch=seen)
     if keep is not None:
         from safetensors.torch import save_file
 
@@ -101,7 +109,9 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
         save_file({f"encoder.{k}": v.detach().contiguous().cpu()
                    for k, v in model.encoder.state_dict().items()},
                   str(Path(keep) / "model.safetensors"))
-    return (np.stack(rows) if rows else np.empty((0, 0))), time.time() - t
+    if not rows:
+        return np.empty((0, 0)), np.empty((0, 0, 0)), time.time() - t
+    return np.stack(rows), np.stack(label_rows), time.time() - t
 
 
 def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],
@@ -153,12 +163,16 @@ def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
     cache, jpeg_cache = _caches(cfg, examples)
     y = np.array([ex.label for ex in examples])
     formats = [file_format(ex.image_paths[0]) for ex in examples]
+    n_labels = len(cfg.model.get("labels") or [None])
     oof = np.full((cfg.encoder_warmup_epochs, len(examples)), np.nan)
+    oof_labels = np.full((cfg.encoder_warmup_epochs, len(examples), n_labels), np.nan)
     folds = []
     for i, (train_idx, held) in enumerate(grouped_folds(examples, k, seed)):
-        probs, secs = fold_probabilities(cfg, [examples[j] for j in train_idx],
-                                         [examples[j] for j in held], cache, jpeg_cache, device)
+        probs, label_probs, secs = fold_probabilities(
+            cfg, [examples[j] for j in train_idx], [examples[j] for j in held], cache,
+            jpeg_cache, device)
         oof[:, held] = probs
+        oof_labels[:, held] = label_probs
         folds.append({"fold": i, "n_held": int(len(held)),
                       "held_groups": len({source_group(examples[j].id) for j in held}),
                       "seconds": round(secs, 1)})
@@ -168,37 +182,55 @@ def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
     return {"folds": folds, "epochs": epochs, "chosen_epoch": best["epoch"],
             "threshold": best["threshold"],
             "out_of_fold": {ex.id: [round(float(p), 5) for p in oof[:, j]]
-                            for j, ex in enumerate(examples)}}
+                            for j, ex in enumerate(examples)},
+            # every label's head (findings, lobes) per epoch: finding thresholds fitted out of
+            # fold, not on val (which a refitted encoder has trained on)
+            "out_of_fold_labels": {ex.id: np.round(oof_labels[:, j], 4).tolist()
+                                   for j, ex in enumerate(examples)}}
 
 
-def apply_operating_point(folder: str | Path, cv: dict, epoch: int, labels: dict[str, int],
+def apply_operating_point(folder: str | Path, cv: dict, epoch: int, pooled: list[Example],
                           val: list[Example], by_decision: bool = True) -> dict:
     """Give a saved model the decision threshold (Youden's J) and the Platt scaling fitted on
     the out-of-fold probabilities of `epoch` (its own warm-up epoch, same recipe) instead of
     val's: 540 slices from every source in place of 72 with 9 JPEGs. The finding thresholds
-    for a negative decision depend on the decision, so they are refitted on val."""
+    (shared, and for a negative decision) come from the out-of-fold finding heads too when cv
+    has them: val's are in-sample for an encoder refitted on train + val, and thresholds fitted
+    there state findings on most unseen slices. Older cv.json files: refitted on val."""
     from .data import ImageCache
     from .models import ReportModel
-    from .training import finding_thresholds, platt_scaling
+    from .training import finding_thresholds, finding_thresholds_from, platt_scaling
 
     folder = Path(folder)
     oof = cv["out_of_fold"]
     row = next(r for r in cv["epochs"] if r["epoch"] == epoch)
-    probs = np.array([v[epoch - 1] for v in oof.values()])
-    y = np.array([labels.get(i, -1) for i in oof], dtype=float)
-    keep = y >= 0
+    by_id = {ex.id: ex for ex in pooled}
+    ids = [i for i in oof if i in by_id and by_id[i].label in (0, 1)]
+    probs = np.array([oof[i][epoch - 1] for i in ids])
+    y = np.array([by_id[i].label for i in ids], dtype=float)
     model = ReportModel.from_pretrained(folder)
     model.config.threshold = float(row["threshold"])
-    model.config.calibration = platt_scaling(probs[keep], y[keep])
-    if model.finding_names:
+    model.config.calibration = platt_scaling(probs, y)
+    source = None
+    if model.finding_names and cv.get("out_of_fold_labels"):
+        with_report = [i for i in ids if by_id[i].has_report]
+        label_probs = np.array([cv["out_of_fold_labels"][i][epoch - 1] for i in with_report])
+        model.config.label_thresholds, model.config.negative_label_thresholds = \
+            finding_thresholds_from(model, label_probs, [by_id[i] for i in with_report],
+                                   by_decision=by_decision)
+        source = "out of fold"
+    elif model.finding_names:
         cache = ImageCache(model.config.preprocess)
         model.config.label_thresholds, model.config.negative_label_thresholds = \
             finding_thresholds(model, val, cache, by_decision=by_decision)
+        source = "val"
     card = (folder / "README.md").read_text(encoding="utf-8") \
         if (folder / "README.md").is_file() else None
     model.save_pretrained(folder, card=card)
     return {"threshold": model.config.threshold, "calibration": model.config.calibration,
-            "epoch": epoch, "out_of_fold": row}
+            "epoch": epoch, "out_of_fold": row, "finding_thresholds_from": source,
+            "label_thresholds": model.config.label_thresholds,
+            "negative_label_thresholds": model.config.negative_label_thresholds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refit encoder ({epoch} epochs, train + val) in {a.refit_to}")
     if a.apply_to:
         epoch = a.epoch or result["chosen_epoch"]
-        done = apply_operating_point(a.apply_to, result, epoch,
-                                     {ex.id: ex.label for ex in pooled}, splits["val"])
+        done = apply_operating_point(a.apply_to, result, epoch, pooled, splits["val"])
         print(f"{a.apply_to}: threshold {done['threshold']:.4f}, calibration "
-              f"{done['calibration']} (out-of-fold, epoch {epoch})")
+              f"{done['calibration']} (out-of-fold, epoch {epoch}); finding thresholds from "
+              f"{done['finding_thresholds_from']}")
     return 0
 
 

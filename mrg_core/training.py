@@ -873,13 +873,22 @@ def finding_thresholds(model, val_ex: list[Example], cache: ImageCache, min_posi
     probs = torch.cat([torch.sigmoid(model.encoder(
         torch.stack([cache.get(ex) for ex in keep[i:i + 32]]).to(model.device)).logits.float())
         for i in range(0, len(keep), 32)]).cpu().numpy()
-    y = np.array([study_targets(ex, model.config.labels) for ex in keep])
+    return finding_thresholds_from(model, probs, keep, min_positives, beta, by_decision)
+
+
+def finding_thresholds_from(model, label_probs: np.ndarray, examples: list[Example],
+                           min_positives: int = 5, beta: float = 1.0, by_decision: bool = True
+                           ) -> tuple[dict[str, float], dict[str, float]]:
+    """finding_thresholds from given probabilities of every label head ([studies, labels], in
+    config.labels order): an encoder pass over val, or grouped_cv's out-of-fold ones."""
+    y = np.array([study_targets(ex, model.config.labels) for ex in examples])
     columns = {n: j for j, n in enumerate(model.config.labels) if n in model.finding_names}
-    shared = fbeta_thresholds(probs, y, columns, beta, min_positives)
+    shared = fbeta_thresholds(label_probs, y, columns, beta, min_positives)
     if not by_decision:
         return shared, {}
-    negative = probs[:, model._target_index] < model.config.threshold
-    return shared, fbeta_thresholds(probs[negative], y[negative], columns, beta, min_positives)
+    negative = label_probs[:, model._target_index] < model.config.threshold
+    return shared, fbeta_thresholds(label_probs[negative], y[negative], columns, beta,
+                                    min_positives)
 
 
 def fbeta_thresholds(probs: np.ndarray, y: np.ndarray, columns: dict[str, int],

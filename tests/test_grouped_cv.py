@@ -82,6 +82,12 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
     out = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert len(out["out_of_fold"]) == 18
     assert all(len(v) == 2 and all(0 <= p <= 1 for p in v) for v in out["out_of_fold"].values())
+    # every label head's out-of-fold probabilities too: [epoch][label] per example
+    assert set(out["out_of_fold_labels"]) == set(out["out_of_fold"])
+    assert all(np.array(v).shape == (2, len(cfg["model"].get("labels") or [None]))
+               for v in out["out_of_fold_labels"].values())
+    assert all(v[e][0] == pytest.approx(out["out_of_fold"][i][e], abs=1e-3)
+               for i, v in out["out_of_fold_labels"].items() for e in range(2))
     assert sum(f["n_held"] for f in out["folds"]) == 18
     from mrg_core.data.covctr import load_covctr
 
@@ -131,3 +137,46 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
                  "--refit-to", str(tmp_path / "enc1"), "--epoch", "1"]) == 0
     two, one = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("enc", "enc1"))
     assert any(not torch.equal(two[k], one[k]) for k in two)
+
+
+def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
+    """With the finding heads' out-of-fold probabilities in cv.json, a model's finding
+    thresholds are fitted on them (F1 over train + val's out-of-fold probabilities), not on
+    val, which a refitted encoder has trained on."""
+    from mrg_core.data.covctr import load_covctr
+    from mrg_core.data.synthetic import write_synthetic_covctr
+    from mrg_core.grouped_cv import apply_operating_point
+    from mrg_core.models import ReportModel, tiny_config
+    from mrg_core.models.factory import SAMPLE_REPORTS
+    from mrg_core.text import train_tokenizer
+
+    splits = load_covctr(write_synthetic_covctr(tmp_path / "covctr",
+                                                n={"train": 12, "val": 6, "test": 2}, size=32))
+    pooled = splits["train"] + splits["val"]
+    cfg = tiny_config()
+    cfg.labels = ["pneumonia", "ground_glass"]
+    cfg.finding_prompt = True
+    cfg.finding_phrases = {"ground_glass": "ground glass shadow"}
+    tok = train_tokenizer(SAMPLE_REPORTS + ["ground glass shadow ."], min_frequency=1)
+    ReportModel.build(cfg, tok).save_pretrained(tmp_path / "model")
+    # out-of-fold: COVID-19 slices (their reports say ground glass) at 0.7, one of them missed
+    # at 0.05; other slices at 0.1, one false alarm at 0.6 → F1 is best at 0.7
+    positives = [ex.id for ex in pooled if ex.label == 1 and ex.has_report]
+    negatives = [ex.id for ex in pooled if ex.label == 0]
+    assert len(positives) >= 6 and len(negatives) >= 2
+    glass = {i: 0.7 for i in positives} | {i: 0.1 for i in negatives}
+    glass[positives[0]], glass[negatives[0]] = 0.05, 0.6
+    cv = {"epochs": [{"epoch": 1, "threshold": 0.5, "all": {}}],
+          "out_of_fold": {ex.id: [0.8 if ex.label else 0.2] for ex in pooled},
+          "out_of_fold_labels": {ex.id: [[0.8 if ex.label else 0.2, glass.get(ex.id, 0.1)]]
+                                 for ex in pooled}}
+    done = apply_operating_point(tmp_path / "model", cv, 1, pooled, splits["val"])
+    saved = ReportModel.from_pretrained(tmp_path / "model").config
+    assert done["finding_thresholds_from"] == "out of fold"
+    assert saved.label_thresholds["ground_glass"] == pytest.approx(0.7)
+    # the negative decisions hold no ground glass case: too few positives → 0.5
+    assert saved.negative_label_thresholds["ground_glass"] == 0.5
+    # without the heads' out-of-fold probabilities: refitted on val, as before
+    del cv["out_of_fold_labels"]
+    assert apply_operating_point(tmp_path / "model", cv, 1, pooled,
+                                 splits["val"])["finding_thresholds_from"] == "val"
