@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=float(env("MRG_MAX_UPLOAD_MB") or 256),
                    help="largest file accepted, in MiB; the upload and the loader use the same "
                         "limit (env MRG_MAX_UPLOAD_MB; default 256)")
-    p.add_argument("--precision", choices=["fp32", "fp32-merged", "bf16", "int8"],
+    p.add_argument("--precision", choices=["fp32", "fp32-merged", "bf16", "int8", "int8-weights"],
                    default=(env("MRG_PRECISION") or "fp32-merged").lower(),
                    help="inference form of the report language model (env MRG_PRECISION; "
                         "default fp32-merged: LoRA folded into the weights, the same drafts on "

@@ -276,6 +276,7 @@ def train_model(model, items: list[tuple], cfg: FinetuneConfig, desc: str = "fin
     from mrg_core.preprocess import augment_batch
     from mrg_core.training import LossModule, collate
 
+    model.learn_vocabulary([it[1] for it in items])  # a restricted output layer grows
     torch.manual_seed(cfg.seed)  # dropout
     gen = torch.Generator().manual_seed(cfg.seed)  # order + augmentation
     params = [p for p in model.parameters() if p.requires_grad]

@@ -96,6 +96,9 @@ class TrainConfig:
     # Share of training draws that see the study re-encoded as JPEG (quality 70-95, fixed per
     # study): compression artefacts on every source, so the file format is no shortcut.
     jpeg_augment: float = 0.0
+    # Save the training reports' token ids as the model's head_vocab: the fast decoder then
+    # scores only those rows of a large LLM's output layer (models/fast_llama.py).
+    restrict_head: bool = False
     amp: bool = True  # mixed precision on CUDA (bf16 when supported, else fp16); CPU: fp32
     # bf16 autocast on the CPU too: ~2x faster steps through a frozen 135M LLM on CPUs with
     # AVX512-BF16/AMX (measured 4.5 s -> 2.2 s, batch 8 x 150 tokens, 2 cores)
@@ -530,6 +533,9 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
     tokenizer, lm = load_lm(lm_dir)
     model_cfg.lm.path = None  # weights travel inside the saved model folder, not by this path
     model = ReportModel.build(model_cfg, tokenizer, lm=lm)
+    if cfg.restrict_head:
+        model.config.head_vocab = model.report_vocabulary(
+            [ex.report for ex in train_ex if ex.has_report])
 
     # (c) report model ----------------------------------------------------------------------
     cache = ImageCache(model_cfg.preprocess)

@@ -17,7 +17,7 @@ KINDS = [("medvlm", "gpt2", "lora"), ("medvlm", "gpt2", "prefix"), ("prompt", "g
          ("medvlm", "llama", "lora")]
 # Random tiny LMs give near-uniform next-token distributions: their log-probabilities are
 # compared relative to their spread. The trained default model is compared on probabilities.
-REL_TOL = {"fp32-merged": 0.01, "bf16": 0.1, "int8": 0.15}  # max |Δ log p| / std(log p):
+REL_TOL = {"fp32-merged": 0.01, "bf16": 0.1, "int8": 0.15, "int8-weights": 0.15}  # max |Δ log p| / std(log p):
 # measured ~1e-6 / 0.02 / 0.06
 PROB_TOL = 0.02  # default model, any report position: measured ≤ 0.002
 
@@ -52,7 +52,7 @@ def test_conv1d_becomes_an_equal_linear():
     assert not any(isinstance(m, Conv1D) for m in holder.modules())
 
 
-@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32-merged"])
+@pytest.mark.parametrize("precision", ["int8", "int8-weights", "bf16", "fp32-merged"])
 @pytest.mark.parametrize("method,family,adapter", KINDS)
 def test_precision_keeps_the_model_close(study, precision, method, family, adapter):
     ref = tiny_model(method=method, family=family, adapter=adapter, seed=1)
@@ -72,6 +72,12 @@ def test_precision_keeps_the_model_close(study, precision, method, family, adapt
         quantized = [m for m in low.base_lm.modules() if type(m).__name__ == "Linear"
                      and "quantized" in type(m).__module__]
         assert quantized and not any(isinstance(m, Conv1D) for m in low.base_lm.modules())
+        assert weight_bytes(low.base_lm) < weight_bytes(ref.base_lm) / 2
+    elif precision == "int8-weights":
+        from mrg_core.models.quantize import Int8WeightLinear
+
+        assert any(isinstance(m, Int8WeightLinear) for m in low.base_lm.modules())
+        assert not any(type(m) is nn.Linear for m in low.base_lm.base_model.modules())
         assert weight_bytes(low.base_lm) < weight_bytes(ref.base_lm) / 2
     elif precision == "bf16":
         assert {p.dtype for p in low.lm.parameters()} == {torch.bfloat16}
@@ -95,7 +101,7 @@ def default_fp32():
     return sample, ids, report_probs(ref, sample, ids), ref.predict(sample)
 
 
-@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32-merged"])
+@pytest.mark.parametrize("precision", ["int8", "int8-weights", "bf16", "fp32-merged"])
 def test_default_model_probabilities_stay_close(default_fp32, precision):
     """The trained default model: every next-token distribution along its fp32 draft of a
     sample study stays within PROB_TOL, and the classifier output is unchanged."""

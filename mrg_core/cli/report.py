@@ -36,7 +36,7 @@ from mrg_core.paths import DEFAULT_MODEL_DIR
 
 # models.quantize.PRECISIONS, spelled here so that --help needs no torch import (a test checks
 # that the two agree)
-PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8")
+PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8", "int8-weights")
 
 
 def main(argv: list[str]) -> int:

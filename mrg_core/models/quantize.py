@@ -15,6 +15,11 @@ bridge stay fp32, so the probability and the Grad-CAM map are exactly those of f
   quantisation (int8 weights per output channel, activations quantised per call) of every
   Linear layer in the transformer blocks. The tied embedding / output layer stays fp32.
   CPU only.
+- "int8-weights": as "bf16", then every Linear layer in the transformer blocks keeps its
+  weights as int8 per output channel (symmetric, scale max|w| / 127) and multiplies bfloat16
+  activations with torch's weight-only kernel (_weight_int8pack_mm): a quarter of fp32's bytes
+  per token like "int8", without quantising the activations (SmolLM2's outlier features make
+  that change drafts). The output layer stays bf16 (restrict it with head_vocab). CPU only.
 
 The result is for drafting only: do not train, fine-tune or save a model changed here (the
 engine fine-tunes from the model folder on disk, never from the live model). Quality and speed
@@ -27,7 +32,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8")
+PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8", "int8-weights")
 
 
 def check_precision(precision: str | None) -> str:
@@ -52,16 +57,19 @@ def apply_precision(model, precision: str | None = "fp32"):
         raise ValueError(f"this model is already {current}: load it again for {p}")
     if p == "fp32":
         return model
-    if p == "int8" and model.device.type != "cpu":
-        raise ValueError("int8 dynamic quantisation runs on the CPU only; use bf16 on a GPU")
+    if p.startswith("int8") and model.device.type != "cpu":
+        raise ValueError("int8 runs on the CPU only; use bf16 on a GPU")
     model.eval()
     merge_lora(model)
     lm = model.base_lm
     if p == "fp32-merged":
         pass
-    elif p == "bf16":
+    elif p in ("bf16", "int8-weights"):
         model.lm.to(torch.bfloat16)
         _cast_embeds_on_entry(lm, torch.bfloat16)
+        if p == "int8-weights":
+            replace_conv1d(lm)
+            quantize_linear_int8_weights(lm.base_model)
     else:
         replace_conv1d(lm)
         quantize_linear_int8(lm.base_model)  # the blocks; lm_head (tied to the embedding) stays
@@ -120,6 +128,38 @@ def quantize_linear_int8(module: nn.Module) -> nn.Module:
                                 dtype=torch.qint8, inplace=True)
 
 
+class Int8WeightLinear(nn.Module):
+    """nn.Linear with int8 weights (one scale per output channel) and bfloat16 activations."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if lin.bias is None
+                             else lin.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linear_int8_weights(module: nn.Module) -> int:
+    """Replace every nn.Linear under `module` by an Int8WeightLinear; returns how many."""
+    todo = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
+    for name, lin in todo:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, Int8WeightLinear(lin))
+    return len(todo)
+
+
 def _cast_embeds_on_entry(lm: nn.Module, dtype: torch.dtype) -> None:
     """The prefix (visual tokens from the fp32 bridge) enters the LM as inputs_embeds: cast it
     where the transformer takes it (peft calls the LM's forward directly, its inner model by
@@ -142,6 +182,8 @@ def weight_bytes(module: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     for m in module.modules():
+        if isinstance(m, Int8WeightLinear):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
         packed = getattr(m, "_packed_params", None)
         if packed is not None and callable(getattr(m, "weight", None)):
             w, b = m._weight_bias()

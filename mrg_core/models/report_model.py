@@ -28,6 +28,7 @@ from mrg_core.models.adapters import apply_adapter, freeze
 from mrg_core.models.config import ReportModelConfig
 from mrg_core.models.encoder import EncoderOutput, VisualEncoder
 from mrg_core.models.fast_decode import FastGPT2Decoder, supports_fast_step
+from mrg_core.models.fast_llama import FastLlamaDecoder, supports_fast_llama
 from mrg_core.models.generation import (GenerationSettings, GuidedDecoder, KVDecoder, beam_search,
                                         resolve_settings, sample_tokens)
 from mrg_core.models.language_model import build_lm, lm_hidden_size, lm_max_positions
@@ -301,6 +302,22 @@ class ReportModel(nn.Module):
                                )["input_ids"] if words else []
         return self.instruction_ids + phrase + found + [self.tokenizer.bos_token_id]
 
+    def report_vocabulary(self, reports: list[str]) -> list[int]:
+        """The token ids these reports train the decoder to emit (as tokenize_reports cuts
+        them), and the end of text."""
+        tok = self.tokenizer
+        ids = {tok.eos_token_id}
+        for r in tok([clean_report(x) for x in reports], add_special_tokens=False)["input_ids"]:
+            ids.update(r[: self.config.max_report_tokens])
+        return sorted(ids)
+
+    def learn_vocabulary(self, reports: list[str]) -> None:
+        """A model with a restricted output layer (config.head_vocab) may write these reports'
+        words from now on (fine-tuning on corrections adds the radiologist's words)."""
+        if self.config.head_vocab is not None:
+            self.config.head_vocab = sorted(set(self.config.head_vocab)
+                                            | set(self.report_vocabulary(reports)))
+
     def tokenize_reports(self, reports: list[str], heads: list[Head] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[instruction][label phrase][findings][BOS] report [EOS], right-padded:
@@ -466,6 +483,17 @@ class ReportModel(nn.Module):
             if self.label_phrase_ids else None
         return label, findings
 
+    def _decoder(self):
+        """The lean decoder where it is exact (a merged GPT-2 or Llama LM: models/fast_decode,
+        models/fast_llama), else transformers' forward with its cache. Made per draft: it
+        holds views of the LM's current weights (cheap to take)."""
+        if self.fast_decode and supports_fast_step(self.lm):
+            return FastGPT2Decoder(self.lm)
+        if self.fast_decode and supports_fast_llama(self.lm):
+            return FastLlamaDecoder(self.lm, self.config.head_vocab,
+                                    room=self.config.max_report_tokens + 8)
+        return KVDecoder(self.lm, self.base_lm)
+
     def _report_tokens(self, study, settings: GenerationSettings,
                        decision: int | None = None) -> Iterator[int]:
         enc = self.encode(study)
@@ -479,8 +507,7 @@ class ReportModel(nn.Module):
         embeds = prompt(label)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
-        dec = (FastGPT2Decoder(self.lm) if self.fast_decode and supports_fast_step(self.lm)
-               else KVDecoder(self.lm, self.base_lm))
+        dec = self._decoder()
         settings = resolve_settings(settings, self.config)
         guidance = settings.label_guidance
         if label is not None and guidance and len(self.label_phrase_ids) == 2:

@@ -1,0 +1,132 @@
+"""The lean Llama decoder (mrg_core/models/fast_llama.py) against transformers: the same logits
+at every step (grouped-query attention, RoPE, RMSNorm), the same drafts through ReportModel,
+and a restricted output layer that changes nothing while the best token is inside it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrg_core.models.fast_llama import MASKED, FastLlamaDecoder, supports_fast_llama
+
+
+def _llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=256, tie_word_embeddings=True,
+                      rope_theta=10000.0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_logits_match_transformers_at_every_step():
+    """Prefix of 7 embeddings, then 6 tokens for a batch of two, with room for only 3 new
+    tokens (the cache grows): the logits agree with transformers' to float32 rounding."""
+    lm = _llama()
+    assert supports_fast_llama(lm)
+    dec = FastLlamaDecoder(lm, room=3)
+    embeds = torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        logits, cache = dec.prefill(embeds)
+        ref = lm(inputs_embeds=embeds, use_cache=True)
+        assert torch.allclose(logits, ref.logits[:, -1], atol=1e-5)
+        past, tok = ref.past_key_values, torch.tensor([5, 9])
+        for _ in range(6):
+            logits, cache = dec.step(tok, cache)
+            ref = lm(input_ids=tok[:, None], past_key_values=past, use_cache=True)
+            past = ref.past_key_values
+            assert torch.allclose(logits, ref.logits[:, -1], atol=1e-5)
+            tok = logits.argmax(-1)
+    assert cache.length == 13
+
+
+def test_restricted_head_scores_only_its_rows():
+    lm = _llama()
+    keep = [3, 17, 42, 299]
+    embeds = torch.randn(1, 5, 64)
+    full, _ = FastLlamaDecoder(lm).prefill(embeds)
+    part, _ = FastLlamaDecoder(lm, keep).prefill(embeds)
+    assert torch.allclose(part[:, keep], full[:, keep])
+    others = torch.ones(300, dtype=torch.bool)
+    others[keep] = False
+    assert (part[:, others] == MASKED).all()
+
+
+def test_peft_wrapped_and_gpt2_models_take_other_paths():
+    from mrg_core.models.factory import tiny_model
+
+    m = tiny_model("medvlm", family="llama")  # LoRA not merged: a peft wrapper
+    assert not supports_fast_llama(m.lm) and supports_fast_llama(m.base_lm)
+    assert not supports_fast_llama(tiny_model("medvlm", family="gpt2").base_lm)
+
+
+def _trained_lora(model, seed=3):
+    """LoRA starts as a no-op (B = 0): give it weights so merging really changes the LM."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_merged_llama_drafts_like_the_transformers_path(guidance):
+    """A MedVLM on a (tiny) Llama with trained LoRA: the fp32 draft (peft, transformers'
+    cache) and the fp32-merged draft (the lean decoder) are the same tokens, with and without
+    label guidance (a batch of two through the cache)."""
+    from mrg_core.models import GenerationSettings
+    from mrg_core.models.factory import tiny_model
+    from mrg_core.models.quantize import apply_precision
+    from mrg_core.samples import make_ct_phantom
+    from mrg_core.study import study_from_arrays
+
+    study = study_from_arrays([make_ct_phantom(seed=4, covid=True)])
+    drafts = []
+    for precision in ("fp32", "fp32-merged"):
+        m = _trained_lora(tiny_model("medvlm", family="llama", seed=1))
+        m.config.label_prompt, m.config.label_guidance = True, guidance
+        m = apply_precision(m, precision)
+        assert isinstance(m._decoder(), FastLlamaDecoder) == (precision == "fp32-merged")
+        drafts.append(list(m._report_tokens(study, GenerationSettings(
+            max_new_tokens=30, repetition_penalty=1.0, no_repeat_ngram_size=0))))
+    assert len(drafts[0]) >= 10 and drafts[0] == drafts[1]
+
+
+def test_head_vocab_keeps_drafts_whose_tokens_it_holds():
+    """Restricting the output layer to a set that holds every token of the full draft leaves
+    the draft unchanged; leaving one of them out changes it, and every token stays inside."""
+    from mrg_core.models import GenerationSettings
+    from mrg_core.models.factory import tiny_model
+    from mrg_core.models.quantize import apply_precision
+    from mrg_core.samples import make_ct_phantom
+    from mrg_core.study import study_from_arrays
+
+    study = study_from_arrays([make_ct_phantom(seed=5, covid=False)])
+    s = GenerationSettings(max_new_tokens=25, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    m = apply_precision(_trained_lora(tiny_model("medvlm", family="llama", seed=2)),
+                        "fp32-merged")
+    full = list(m._report_tokens(study, s))
+    eos = m.tokenizer.eos_token_id
+    m.config.head_vocab = sorted(set(full) | {eos, 7, 8})
+    assert list(m._report_tokens(study, s)) == full
+    m.config.head_vocab = sorted((set(full) - {full[0]}) | {eos})
+    fewer = list(m._report_tokens(study, s))
+    assert fewer != full and set(fewer) <= set(m.config.head_vocab)
+
+
+def test_learn_vocabulary_grows_only_a_restricted_head():
+    from mrg_core.models.factory import tiny_model
+
+    m = tiny_model("medvlm", family="llama")
+    m.learn_vocabulary(["patchy ground glass shadow ."])
+    assert m.config.head_vocab is None  # the whole vocabulary stays the whole vocabulary
+    m.config.head_vocab = m.report_vocabulary(["the thorax was symmetrical ."])
+    before = set(m.config.head_vocab)
+    assert m.tokenizer.eos_token_id in before
+    m.learn_vocabulary(["patchy ground glass shadow ."])
+    grown = set(m.config.head_vocab)
+    assert before < grown
+    assert set(m.tokenizer("patchy ground glass shadow .", add_special_tokens=False)
+               ["input_ids"]) <= grown
