@@ -65,8 +65,16 @@ def make_study_files(folder: Path, n: int) -> list[Path]:
 
 def lm_weight_bytes(model: ReportModel) -> int:
     """Bytes of LM weights read per decoded token (tied embeddings counted once; int8 layers
-    at one byte per weight)."""
-    return weight_bytes(model.base_lm)
+    at one byte per weight). With a restricted output layer (config.head_vocab, used by the lean
+    Llama decoder) only its rows are read: the rest of the output matrix is left out."""
+    from mrg_core.models.fast_llama import supports_fast_llama
+
+    total = weight_bytes(model.base_lm)
+    vocab = model.config.head_vocab
+    if vocab and model.fast_decode and supports_fast_llama(model.lm):
+        head = model.base_lm.lm_head.weight
+        total -= (head.shape[0] - len(vocab)) * head.shape[1] * head.element_size()
+    return total
 
 
 def load_model(model_dir: Path, precision: str) -> tuple[ReportModel, float]:

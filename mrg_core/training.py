@@ -678,6 +678,8 @@ def train_text_phase(model, cfg: TrainConfig, accelerator, out: Path) -> dict:
     if model.bridge is not None or not model.label_phrase_ids:
         raise ValueError("report_text needs a model with visual_context false and label_prompt")
     texts = load_iu_labelled()
+    if cfg.restrict_head:
+        model.config.head_vocab = model.report_vocabulary([t.text for t in texts["train"]])
     params = [p for p in model.lm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr.get("lm", 2e-4), weight_decay=cfg.weight_decay)
     by_class = {c: [t for t in texts["train"] if t.label == c] for c in (0, 1)}

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-clinical", action="store_true", help="skip the MiniLM text classifier")
     ap.add_argument("--max-new-tokens", type=int, help="generation length cap")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--precision", default="fp32",
+                    help="the LM's inference form (models/quantize.py: fp32 as trained, "
+                         "fp32-merged, bf16, int8, int8-weights); the probability is fp32's")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if not examples:
         print(f"split {args.split!r} is empty")
         return 2
-    model = ReportModel.from_pretrained(args.model, device=args.device)
+    from mrg_core.models.quantize import apply_precision
+
+    model = apply_precision(ReportModel.from_pretrained(args.model, device=args.device),
+                            args.precision)
     model.eval()
     settings = GenerationSettings()
     if args.max_new_tokens:
@@ -51,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     m = evaluate_model(model, examples, splits["train"], args.out, settings=settings,
                        split=args.split, history=history, meteor=not args.no_meteor,
                        clinical=not args.no_clinical)
+    if args.precision != "fp32":  # say which form wrote the drafts
+        path = Path(args.out) / "metrics.json"
+        path.write_text(json.dumps(json_safe(m | {"precision": args.precision}), indent=2))
     row = m["systems"]["model"]
     print(json.dumps(json_safe({"out": args.out, "BLEU_4": row.get("BLEU_4"),
                                 "METEOR": row.get("METEOR"), "auc": m["classifier"].get("auc"),
