@@ -1,6 +1,7 @@
 """Which rule turns slice probabilities into one study probability (issue 16), chosen on val.
 
     python bench/series_rule.py runs/eval_val_default111/generations.jsonl --model assets/model
+    python bench/series_rule.py runs/oof_epoch6.jsonl --raw --model assets/model  # refit encoders
 
 COV-CTR holds single slices, not series, so series are simulated from val's slice-level
 predictions (the `probability` of `python -m mrg_core evaluate --split val`): a negative series
@@ -49,10 +50,15 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", type=int, default=30)
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--raw", action="store_true",
+                    help="the probabilities are on the raw scale already (e.g. grouped_cv's "
+                         "out-of-fold ones, for a model whose encoder trained on val)")
     a = ap.parse_args(argv)
     cfg = json.loads((a.model / "config.json").read_text())
     rows = [json.loads(line) for line in a.generations.read_text().splitlines() if line.strip()]
-    p = raw_scale(np.array([r["probability"] for r in rows]), cfg.get("calibration"))
+    p = np.array([r["probability"] for r in rows])
+    if not a.raw:
+        p = raw_scale(p, cfg.get("calibration"))
     y = np.array([r["label"] for r in rows])
     pos, neg = p[y == 1], p[y == 0]
     rng = np.random.default_rng(0)

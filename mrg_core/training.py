@@ -885,25 +885,29 @@ def finding_thresholds(model, val_ex: list[Example], cache: ImageCache, min_posi
 
 
 def finding_thresholds_from(model, label_probs: np.ndarray, examples: list[Example],
-                           min_positives: int = 5, beta: float = 1.0, by_decision: bool = True
-                           ) -> tuple[dict[str, float], dict[str, float]]:
+                            min_positives: int = 5, beta: float = 1.0, by_decision: bool = True,
+                            max_rate: float | None = None
+                            ) -> tuple[dict[str, float], dict[str, float]]:
     """finding_thresholds from given probabilities of every label head ([studies, labels], in
     config.labels order): an encoder pass over val, or grouped_cv's out-of-fold ones."""
     y = np.array([study_targets(ex, model.config.labels) for ex in examples])
     columns = {n: j for j, n in enumerate(model.config.labels) if n in model.finding_names}
-    shared = fbeta_thresholds(label_probs, y, columns, beta, min_positives)
+    shared = fbeta_thresholds(label_probs, y, columns, beta, min_positives, max_rate)
     if not by_decision:
         return shared, {}
     negative = label_probs[:, model._target_index] < model.config.threshold
     return shared, fbeta_thresholds(label_probs[negative], y[negative], columns, beta,
-                                    min_positives)
+                                    min_positives, max_rate)
 
 
 def fbeta_thresholds(probs: np.ndarray, y: np.ndarray, columns: dict[str, int],
-                     beta: float = 1.0, min_positives: int = 5) -> dict[str, float]:
+                     beta: float = 1.0, min_positives: int = 5, max_rate: float | None = None
+                     ) -> dict[str, float]:
     """Per named column, the threshold with the best F-beta of probs against the 0/1 targets y
     (beta < 1 weighs precision more); 0.5 where there are fewer than min_positives cases (an
-    optimum over two or three cases picks a threshold that states the finding everywhere)."""
+    optimum over two or three cases picks a threshold that states the finding everywhere).
+    max_rate: never state a finding in more than max_rate x its share of the studies (a weak
+    head's F-optimum can be "say it almost always": cavity, 5 % of reports, stated in half)."""
     from sklearn.metrics import precision_recall_curve
 
     out, b2 = {}, beta * beta
@@ -913,7 +917,13 @@ def fbeta_thresholds(probs: np.ndarray, y: np.ndarray, columns: dict[str, int],
             continue
         prec, rec, thr = precision_recall_curve(y[:, j].astype(int), probs[:, j])
         fb = (1 + b2) * prec[:-1] * rec[:-1] / np.clip(b2 * prec[:-1] + rec[:-1], 1e-9, None)
-        out[name] = float(min(max(thr[int(np.argmax(fb))], 1e-4), 1 - 1e-4))
+        t = float(thr[int(np.argmax(fb))])
+        if max_rate is not None:
+            allowed = int(np.floor(max_rate * y[:, j].sum()))  # studies it may be stated in
+            ranked = np.sort(probs[:, j])[::-1]
+            if allowed < len(ranked) and (probs[:, j] >= t).sum() > allowed:
+                t = float(np.nextafter(ranked[allowed], 1.0))  # above the first one cut
+        out[name] = float(min(max(t, 1e-4), 1 - 1e-4))
     return out
 
 

@@ -278,3 +278,25 @@ def test_fbeta_thresholds_weigh_precision_by_beta():
     strict = fbeta_thresholds(probs, targets, cols, beta=0.5, min_positives=2)
     assert f1["finding"] == pytest.approx(0.2) and strict["finding"] == pytest.approx(0.8)
     assert f1["rare"] == strict["rare"] == 0.5  # one positive only
+
+
+def test_fbeta_thresholds_state_no_finding_more_often_than_it_occurs():
+    """A weak head whose F1 optimum states the finding in 9 studies of 10: max_rate 1 keeps it to
+    as many studies as have it (the most probable ones); a head within the cap is unchanged."""
+    import numpy as np
+
+    from mrg_core.training import fbeta_thresholds
+
+    # 3 positives of 10, scored no better than the negatives: F1 is best stating it in 9
+    p = np.array([0.30, 0.20, 0.10, 0.35, 0.33, 0.25, 0.22, 0.15, 0.12, 0.05])
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    cols = {"weak": 0}
+    free = fbeta_thresholds(p[:, None], y[:, None], cols, min_positives=2)["weak"]
+    assert (p >= free).sum() == 9
+    capped = fbeta_thresholds(p[:, None], y[:, None], cols, min_positives=2, max_rate=1.0)
+    assert (p >= capped["weak"]).sum() == 3  # 0.35, 0.33, 0.30
+    assert 0.25 < capped["weak"] <= 0.30
+    # a good head already states it at most that often: the cap changes nothing
+    good = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.3, 0.1, 0.2, 0.1, 0.05])
+    assert fbeta_thresholds(good[:, None], y[:, None], cols, min_positives=2, max_rate=1.0) == \
+        fbeta_thresholds(good[:, None], y[:, None], cols, min_positives=2)
