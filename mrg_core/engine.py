@@ -46,7 +46,8 @@ class EngineSettings:
     # trained on) and extra_model_dirs is ignored; True: studies are routed, unreadable ones
     # refused (Engine: extra_models)
     route: bool = True
-    precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8 (models/quantize)
+    precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8, int8-weights
+    # (models/quantize; the app and the report CLI default to int8-weights)
     # torch threads while a draft decodes: None = unchanged, "auto" = one core fewer than the
     # machine has (the web server keeps a core), a number = that many
     decode_threads: int | str | None = None
@@ -321,9 +322,14 @@ class Engine:
         self.precision = check_precision(self.precision)
         if model is None or self.precision == "fp32":
             return model
+        precision = self.precision
+        if precision.startswith("int8") and model.device.type != "cpu":
+            log.warning("%s is a CPU form: the model on %s decodes in bf16", precision,
+                        model.device.type)
+            precision = "bf16"
         t0 = time.perf_counter()
-        apply_precision(model, self.precision)
-        log.info("language model set to %s in %.2f s", self.precision, time.perf_counter() - t0)
+        apply_precision(model, precision)
+        log.info("language model set to %s in %.2f s", precision, time.perf_counter() - t0)
         return model
 
     def warm_up(self) -> float:

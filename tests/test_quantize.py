@@ -19,7 +19,11 @@ KINDS = [("medvlm", "gpt2", "lora"), ("medvlm", "gpt2", "prefix"), ("prompt", "g
 # compared relative to their spread. The trained default model is compared on probabilities.
 REL_TOL = {"fp32-merged": 0.01, "bf16": 0.1, "int8": 0.15, "int8-weights": 0.15}  # max |Δ log p| / std(log p):
 # measured ~1e-6 / 0.02 / 0.06
-PROB_TOL = 0.02  # default model, any report position: measured ≤ 0.002
+# The shipped default model (SmolLM2-135M with LoRA), teacher-forced along its fp32 draft: the
+# largest change of any next-token probability at any report position. Measured 2026-12-01:
+# fp32-merged < 0.02, bf16 0.026, int8-weights 0.095; dynamic int8 0.999 (quantised
+# activations break SmolLM2's outlier features: not offered for it, README "Speed").
+PROB_TOL = {"fp32-merged": 0.02, "bf16": 0.05, "int8-weights": 0.15}
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +105,16 @@ def default_fp32():
     return sample, ids, report_probs(ref, sample, ids), ref.predict(sample)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int8-weights", "bf16", "fp32-merged"])
+@pytest.mark.parametrize("precision", sorted(PROB_TOL))
 def test_default_model_probabilities_stay_close(default_fp32, precision):
     """The trained default model: every next-token distribution along its fp32 draft of a
-    sample study stays within PROB_TOL, and the classifier output is unchanged."""
+    sample study stays within PROB_TOL[precision], and the classifier output is unchanged."""
     from mrg_core.models import ReportModel
     from mrg_core.paths import DEFAULT_MODEL_DIR
 
     sample, ids, p_ref, pred = default_fp32
     low = apply_precision(ReportModel.from_pretrained(DEFAULT_MODEL_DIR), precision)
-    assert (report_probs(low, sample, ids) - p_ref).abs().max() < PROB_TOL
+    assert (report_probs(low, sample, ids) - p_ref).abs().max() < PROB_TOL[precision]
     assert low.predict(sample) == pred
 
 
@@ -151,3 +155,26 @@ def test_torch_threads_restores():
     with torch_threads(None):
         assert torch.get_num_threads() == before
     assert torch.get_num_threads() == before
+
+
+def test_int8_weight_linear_matches_its_dequantised_weights_and_has_a_gradient():
+    """The weight-only kernel computes x (q · scale)ᵀ; with a gradient asked for (sentence
+    grounding through the LM) the same product runs as a plain matmul that autograd follows."""
+    from mrg_core.models.quantize import Int8WeightLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96)
+    q = Int8WeightLinear(lin)
+    x = torch.randn(3, 5, 64)
+    deq = q.weight_int8.float() * q.scales.float()[:, None]
+    # half a step of 1/127 of the row's largest weight, plus the bf16 rounding of the scale
+    assert (deq - lin.weight).abs().max() <= lin.weight.abs().max() * (0.5 / 127 + 2 ** -8)
+    with torch.no_grad():
+        fast = q(x)
+    assert fast.shape == (3, 5, 96) and fast.dtype == torch.bfloat16
+    xg = x.clone().requires_grad_(True)
+    slow = q(xg)
+    torch.testing.assert_close(slow.float(), fast.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(fast.float(), x @ deq.t() + lin.bias, atol=0.1, rtol=0.02)
+    slow.float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

@@ -1,5 +1,5 @@
 """python -m mrg_core report FILE... [--model DIR] [--extra-model DIR]... [--only] [--jsonl]
-                               [--threads auto|N] [--precision fp32|fp32-merged|bf16|int8]
+                               [--threads auto|N] [--precision fp32|fp32-merged|bf16|int8|int8-weights]
 
 Studies are routed as in the app: each goes to the model whose card matches what it looks like
 (DICOM tags, else the pixels), and a study no model reads is refused (error
@@ -20,7 +20,7 @@ JSON).
 Threads and precision follow the app (app.py --decode-threads / --precision): by default one
 core fewer than the machine has (1 on a 2-core machine: on a loaded machine torch's default of
 every core made one draft take 14-44 s against 0.7 s on one thread) and the LoRA folded into
-the weights (fp32-merged: the same drafts, faster). Environment: MRG_DECODE_THREADS,
+the weights as int8 with bf16 activations (int8-weights; README, Speed). Environment: MRG_DECODE_THREADS,
 MRG_PRECISION.
 """
 from __future__ import annotations
@@ -70,9 +70,9 @@ def main(argv: list[str]) -> int:
                     help="torch CPU threads (env MRG_DECODE_THREADS; default auto: one core "
                          "fewer than the machine has, at least 1, as in the app)")
     ap.add_argument("--precision", choices=PRECISIONS, type=str.lower,
-                    default=(os.environ.get("MRG_PRECISION") or "fp32-merged").lower(),
+                    default=(os.environ.get("MRG_PRECISION") or "int8-weights").lower(),
                     help="inference form of the report language model (env MRG_PRECISION; "
-                         "default fp32-merged, as in the app; README, Speed)")
+                         "default int8-weights, as in the app; README, Speed)")
     args = ap.parse_args(argv)
 
     import torch
