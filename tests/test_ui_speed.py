@@ -184,7 +184,7 @@ def test_app_precision_and_thread_flags(monkeypatch):
     monkeypatch.delenv("MRG_PRECISION", raising=False)
     monkeypatch.delenv("MRG_DECODE_THREADS", raising=False)
     a = app.parse_args([])
-    assert a.precision == "fp32-merged" and a.decode_threads == "auto"
+    assert a.precision == "int8-weights" and a.decode_threads == "auto"
     monkeypatch.setenv("MRG_PRECISION", "INT8")
     monkeypatch.setenv("MRG_DECODE_THREADS", "1")
     a = app.parse_args([])
