@@ -189,9 +189,10 @@ def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
                                    for j, ex in enumerate(examples)}}
 
 
-FINDING_BETA = 0.5  # out-of-fold finding thresholds: precision weighs double (a wrong
-FINDING_MAX_RATE = 1.0  # finding in a draft costs more than a missing one), and no finding is
-# stated more often than it occurs in the reports
+# Out-of-fold finding thresholds: precision weighs double (a wrong finding in a draft costs
+# more than a missing one), and no finding is stated more often than it occurs in the reports.
+FINDING_BETA = 0.5
+FINDING_MAX_RATE = 1.0
 
 
 def apply_operating_point(folder: str | Path, cv: dict, epoch: int, pooled: list[Example],

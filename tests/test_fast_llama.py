@@ -130,3 +130,19 @@ def test_learn_vocabulary_grows_only_a_restricted_head():
     assert before < grown
     assert set(m.tokenizer("patchy ground glass shadow .", add_special_tokens=False)
                ["input_ids"]) <= grown
+
+
+def test_fine_tuning_lets_a_restricted_head_write_the_corrections_words():
+    """A radiologist's words outside the training reports' vocabulary must become writable
+    after fine-tuning on their corrections (finetune.train_model grows head_vocab)."""
+    from mrg_core.finetune import FinetuneConfig, train_model
+    from mrg_core.models.factory import tiny_model
+
+    m = tiny_model("medvlm", family="llama")
+    m.config.head_vocab = m.report_vocabulary(["the thorax was symmetrical ."])
+    text = "patchy ground glass shadow in the lower lobe ."
+    new = set(m.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert not new <= set(m.config.head_vocab)
+    items = [(torch.rand(1, 1, 64, 64), text, 1.0)]
+    train_model(m, items, FinetuneConfig(epochs=1, batch_size=1, augment=False))
+    assert new <= set(m.config.head_vocab)
