@@ -66,6 +66,16 @@ def test_coalesced_updates_carry_the_whole_draft(engine, session, monkeypatch):
     assert session.draft_timings["pieces"] == len(pieces)
 
 
+def test_the_final_update_carries_the_whole_draft_even_when_all_was_sent(engine, session,
+                                                                          monkeypatch):
+    """Every piece shown as it came (no coalescing): the last message still holds the whole
+    text, since an API client (gradio_client's predict) sees only that one."""
+    full = "".join(slowed(engine, monkeypatch, session.study))
+    ups = list(h.stream_draft(engine, session, "", update_every_s=0.0))
+    assert ups[-2].editor == full  # already on the page
+    assert ups[-1].done and ups[-1].editor == full
+
+
 def test_coalesced_draft_beside_the_users_text(engine, session, monkeypatch):
     full = "".join(slowed(engine, monkeypatch, session.study))
     ups = list(h.stream_draft(engine, session, "Dictated report.", update_every_s=10))

@@ -573,12 +573,13 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
                                        "Generate again, or write the report by hand.",
                            done=True, editor_locked=False)
         return
+    # The final update always carries the whole text (pieces not shown yet included): an API
+    # client (gradio_client's predict) sees only this last message.
     editor = latest = None
-    if text != sent:  # pieces not shown yet travel with the final update
-        if into_editor:
-            session.editor_shadow = editor = text
-        else:
-            session.latest = latest = text
+    if into_editor:
+        session.editor_shadow = editor = text
+    else:
+        session.latest = latest = text
     yield StreamUpdate(editor, latest, f"Draft {state} {where}: {len(text.split())} words in "
                                        f"{session.draft_timings['generate_s']:.1f} s. Review "
                                        "and edit it, then Save.", done=True, editor_locked=False)
