@@ -67,13 +67,13 @@ def lm_weight_bytes(model: ReportModel) -> int:
     """Bytes of LM weights read per decoded token (tied embeddings counted once; int8 layers
     at one byte per weight). With a restricted output layer (config.head_vocab, used by the lean
     Llama decoder) only its rows are read: the rest of the output matrix is left out."""
-    from mrg_core.models.fast_llama import supports_fast_llama
+    from mrg_core.models.fast_llama import FastLlamaDecoder
 
     total = weight_bytes(model.base_lm)
-    vocab = model.config.head_vocab
-    if vocab and model.fast_decode and supports_fast_llama(model.lm):
+    dec = model._decoder()  # the decoder a draft uses
+    if isinstance(dec, FastLlamaDecoder) and dec.head_ids is not None:
         head = model.base_lm.lm_head.weight
-        total -= (head.shape[0] - len(vocab)) * head.shape[1] * head.element_size()
+        total -= head.numel() * head.element_size() - dec.head_w.numel() * dec.head_w.element_size()
     return total
 
 

@@ -70,7 +70,7 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
 
     from .models import ReportModel, ReportModelConfig
     from .text import train_tokenizer
-    from .training import (EpochSampler, ExampleDataset, collate, label_balance,
+    from .training import (EpochSampler, ExampleDataset, _target_index, collate, label_balance,
                            make_accelerator, warmup_encoder)
 
     set_seed(cfg.seed)
@@ -91,17 +91,10 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
                                                sampler=sampler, collate_fn=collate)
     held_loader = torch.utils.data.DataLoader(ExampleDataset(held, cache, mcfg.labels),
                                               batch_size=32, collate_fn=collate) if held else None
-    rows: list[np.ndarray] = []
     label_rows: list[np.ndarray] = []
-
-    @torch.no_grad()
-    def seen(_epoch: int, p) -> None:
-        rows.append(np.asarray(p, dtype=float))
-        label_rows.append(torch.cat([torch.sigmoid(model.encoder(pix.to(device)).logits.float())
-                                     for pix, _r, _l in held_loader]).cpu().numpy())
-
     t = time.time()
-    warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler, on_epoch=seen)
+    warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler,
+                   on_epoch=lambda _epoch, every: label_rows.append(np.asarray(every, float)))
     if keep is not None:
         from safetensors.torch import save_file
 
@@ -109,9 +102,10 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
         save_file({f"encoder.{k}": v.detach().contiguous().cpu()
                    for k, v in model.encoder.state_dict().items()},
                   str(Path(keep) / "model.safetensors"))
-    if not rows:
+    if not label_rows:
         return np.empty((0, 0)), np.empty((0, 0, 0)), time.time() - t
-    return np.stack(rows), np.stack(label_rows), time.time() - t
+    every = np.stack(label_rows)
+    return every[:, :, _target_index(model)], every, time.time() - t
 
 
 def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],

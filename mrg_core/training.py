@@ -751,8 +751,8 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
     the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
     dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features.
-    on_epoch(epoch, val_probabilities) sees every epoch's val probabilities (grouped_cv keeps
-    them as out-of-fold predictions). val_loader None: no evaluation, the last epoch is kept (a
+    on_epoch(epoch, val_probabilities) sees every epoch's val probabilities of every head,
+    [n, labels] (grouped_cv keeps them as out-of-fold predictions). val_loader None: no evaluation, the last epoch is kept (a
     refit for an epoch count chosen elsewhere)."""
     import copy
 
@@ -787,10 +787,11 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
                "train_cls_loss": loss_sum / max(n, 1)}
         if val_loader is not None:
             enc.eval()
-            p, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
-                                         accelerator.device)
+            every, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
+                                             accelerator.device, every_label=True)
+            p = every[:, t]
             if on_epoch is not None:
-                on_epoch(epoch + 1, p)
+                on_epoch(epoch + 1, every)
             keep = ~np.isnan(y)
             row["val_auc"] = auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
             if auc > best:
@@ -805,13 +806,15 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
 
 
 @torch.no_grad()
-def encoder_probabilities(encoder, batches, target: int, device) -> tuple[np.ndarray, np.ndarray]:
+def encoder_probabilities(encoder, batches, target: int, device, every_label: bool = False
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Classifier probabilities and labels for (pixels, labels) batches; the encoder only, no
-    LM. NaN labels (unknown) come back as NaN for the caller to drop."""
+    LM. NaN labels (unknown) come back as NaN for the caller to drop. every_label: the
+    probabilities of every head (decision, findings, lobes), [n, labels], not the target's."""
     probs, ys = [], []
     for pix, labels in batches:
-        logits = encoder(pix.to(device)).logits[:, target].float()
-        probs += torch.sigmoid(logits).tolist()
+        logits = encoder(pix.to(device)).logits.float()
+        probs += torch.sigmoid(logits if every_label else logits[:, target]).tolist()
         y = labels.view(len(labels), -1)
         ys += y[:, target if y.shape[1] > 1 else 0].tolist()
     return np.array(probs), np.array(ys)

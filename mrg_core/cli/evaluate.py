@@ -57,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     m = evaluate_model(model, examples, splits["train"], args.out, settings=settings,
                        split=args.split, history=history, meteor=not args.no_meteor,
                        clinical=not args.no_clinical)
-    if args.precision != "fp32":  # say which form wrote the drafts
-        path = Path(args.out) / "metrics.json"
-        path.write_text(json.dumps(json_safe(m | {"precision": args.precision}), indent=2))
     row = m["systems"]["model"]
     print(json.dumps(json_safe({"out": args.out, "BLEU_4": row.get("BLEU_4"),
                                 "METEOR": row.get("METEOR"), "auc": m["classifier"].get("auc"),

@@ -130,6 +130,9 @@ def evaluate_model(model, examples: list[Example], train_examples: list[Example]
     info = getattr(model, "info", None)
     metrics["model"] = info if isinstance(info, dict) else \
         {"name": model.config.name, "version": model.config.version}
+    from mrg_core.models.quantize import model_precision
+
+    metrics["precision"] = model_precision(model)  # the LM's form that wrote the drafts
 
     # ---- files -----------------------------------------------------------------------------
     plots = {"roc": plot_roc(y, p, out_dir / "roc.png").name,
