@@ -150,3 +150,45 @@ def test_series_page_bench_uploads_and_scrolls_in_chromium(model_dir, tmp_path):
         s = res[part]
         assert s["presses"] == 5 and 0 < s["median_ms"] <= s["p90_ms"] <= s["max_ms"]
     assert res["page_errors"] == []
+
+
+def test_lm_weight_bytes_count_only_the_output_rows_a_draft_reads():
+    """With head_vocab the lean Llama decoder reads only those rows of the output layer; the
+    bandwidth figure must count those, and the whole layer otherwise (or without the lean path)."""
+    from bench.run import lm_weight_bytes
+    from mrg_core.models.factory import tiny_model
+    from mrg_core.models.quantize import apply_precision
+
+    m = apply_precision(tiny_model("medvlm", family="llama"), "fp32-merged")
+    whole = lm_weight_bytes(m)
+    m.config.head_vocab = [0, 1, 2]
+    head = m.base_lm.lm_head.weight
+    assert whole - lm_weight_bytes(m) == (head.shape[0] - 3) * head.shape[1] * 4
+    m.fast_decode = False  # transformers' forward scores the whole vocabulary
+    assert lm_weight_bytes(m) == whole
+
+
+def test_series_rule_takes_raw_probabilities_as_they_are(tmp_path):
+    """--raw: out-of-fold probabilities are on the classifier's raw scale already, so the
+    model's calibration is not undone on them (it would move every study threshold)."""
+    import numpy as np
+
+    from bench import series_rule
+
+    rng = np.random.default_rng(0)
+    rows = [{"probability": float(p), "label": int(p > 0.5)} for p in rng.uniform(0, 1, 60)]
+    gen = tmp_path / "g.jsonl"
+    gen.write_text("\n".join(json.dumps(r) for r in rows))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"threshold": 0.5,
+                                                   "calibration": [2.0, -1.0]}))
+    out = {}
+    for flag in ([], ["--raw"]):
+        path = tmp_path / f"r{len(flag)}.json"
+        assert series_rule.main([str(gen), "--model", str(model), "--reps", "50",
+                                 "--json", str(path), *flag]) == 0
+        out[bool(flag)] = json.loads(path.read_text())["study_threshold"]["max"]
+    raw = np.array([r["probability"] for r in rows])
+    assert min(abs(raw - out[True])) < 1e-9  # the max of a series: one slice's own value
+    assert out[True] != pytest.approx(out[False])

@@ -132,8 +132,11 @@ def test_text_phase_teaches_each_class_its_own_report(tmp_path, monkeypatch):
     frozen = {k: v.clone() for k, v in m.base_lm.state_dict().items() if "lora" not in k}
     enc = {k: v.clone() for k, v in m.encoder.state_dict().items()}
     cfg = TrainConfig(epochs=12, batch_size=8, lr={"lm": 1e-2}, report_text="iu_reports",
-                      warmup_ratio=0.0, out_dir=str(tmp_path / "run"))
+                      warmup_ratio=0.0, out_dir=str(tmp_path / "run"), restrict_head=True)
     out = train_text_phase(m, cfg, make_accelerator(cfg, "cpu"), tmp_path / "run")
+    # the output layer keeps the tokens of the report text it learned from
+    assert m.config.head_vocab == m.report_vocabulary([t.text for t in
+                                                       load_iu_labelled()["train"]])
     assert out["texts"]["train"] + out["texts"]["val"] == 40  # the cardiomegaly report is out
     losses = [r["val_text_loss"] for r in out["epochs"]]
     assert losses[-1] < losses[0] - 0.3  # a frozen random tiny LM learns slowly through LoRA

@@ -180,3 +180,67 @@ def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
     del cv["out_of_fold_labels"]
     assert apply_operating_point(tmp_path / "model", cv, 1, pooled,
                                  splits["val"])["finding_thresholds_from"] == "val"
+
+
+def test_out_of_fold_finding_thresholds_weigh_precision(tmp_path):
+    """F0.5, not F1: with half the ground-glass slices at 0.7, the other half at 0.4 among five
+    false alarms at 0.5, F1 would state it down to 0.4 (capped just above 0.5); F0.5 keeps 0.7."""
+    from mrg_core.data.covctr import load_covctr
+    from mrg_core.data.synthetic import write_synthetic_covctr
+    from mrg_core.grouped_cv import apply_operating_point
+    from mrg_core.models import ReportModel, tiny_config
+    from mrg_core.models.factory import SAMPLE_REPORTS
+    from mrg_core.text import train_tokenizer
+
+    splits = load_covctr(write_synthetic_covctr(tmp_path / "covctr",
+                                                n={"train": 24, "val": 8, "test": 2}, size=32))
+    pooled = splits["train"] + splits["val"]
+    cfg = tiny_config()
+    cfg.labels = ["pneumonia", "ground_glass"]
+    cfg.finding_prompt = True
+    cfg.finding_phrases = {"ground_glass": "ground glass shadow"}
+    tok = train_tokenizer(SAMPLE_REPORTS + ["ground glass shadow ."], min_frequency=1)
+    ReportModel.build(cfg, tok).save_pretrained(tmp_path / "model")
+    positives = [ex.id for ex in pooled if ex.label == 1 and ex.has_report]
+    negatives = [ex.id for ex in pooled if ex.label == 0 and ex.has_report]
+    assert len(positives) >= 8 and len(negatives) >= 5
+    glass = {i: (0.7 if k % 2 == 0 else 0.4) for k, i in enumerate(positives)}
+    glass |= {i: (0.5 if k < 5 else 0.1) for k, i in enumerate(negatives)}
+    cv = {"epochs": [{"epoch": 1, "threshold": 0.5, "all": {}}],
+          "out_of_fold": {ex.id: [0.8 if ex.label else 0.2] for ex in pooled},
+          "out_of_fold_labels": {ex.id: [[0.8 if ex.label else 0.2, glass.get(ex.id, 0.1)]]
+                                 for ex in pooled}}
+    apply_operating_point(tmp_path / "model", cv, 1, pooled, splits["val"])
+    saved = ReportModel.from_pretrained(tmp_path / "model").config
+    assert saved.label_thresholds["ground_glass"] == pytest.approx(0.7)
+
+
+def test_fold_probabilities_are_the_held_out_slices_own(tmp_path):
+    """One warm-up epoch on a fold: the probabilities returned for the held-out slices (the
+    decision's and every head's) are what the trained encoder, saved and loaded again, gives
+    those slices."""
+    from mrg_core.data.covctr import load_covctr
+    from mrg_core.data.synthetic import write_synthetic_covctr
+    from mrg_core.grouped_cv import _caches, fold_probabilities
+    from mrg_core.models.factory import tiny_model
+    from mrg_core.training import TrainConfig, init_encoder
+
+    data = write_synthetic_covctr(tmp_path / "covctr", n={"train": 12, "val": 6, "test": 2},
+                                  size=32)
+    raw = json.loads(CONFIG.read_text())
+    raw["data"]["root"] = str(data)
+    raw["encoder_warmup_epochs"] = 1
+    cfg = TrainConfig.from_dict(raw)
+    splits = load_covctr(data)
+    train, held = splits["train"], splits["val"]
+    cache, jpeg = _caches(cfg, train + held)
+    probs, every, _ = fold_probabilities(cfg, train, held, cache, jpeg, keep=tmp_path / "enc")
+    assert probs.shape == (1, len(held)) and every.shape[:2] == (1, len(held))
+    model = tiny_model()
+    init_encoder(model, tmp_path / "enc")
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([cache.get(ex) for ex in held])
+        again = torch.sigmoid(model.encoder(x).logits.float()).numpy()
+    np.testing.assert_allclose(every[0], again, atol=1e-5)
+    np.testing.assert_allclose(probs[0], again[:, 0], atol=1e-5)

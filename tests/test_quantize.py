@@ -178,3 +178,19 @@ def test_int8_weight_linear_matches_its_dequantised_weights_and_has_a_gradient()
     torch.testing.assert_close(fast.float(), x @ deq.t() + lin.bias, atol=0.1, rtol=0.02)
     slow.float().sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_engine_decodes_in_bf16_where_int8_cannot_run(monkeypatch):
+    """int8 forms are CPU kernels: a model on an accelerator gets bf16 instead of an error
+    (the app's default precision is int8-weights, and it must start on a GPU machine too)."""
+    import mrg_core.models.quantize as quantize
+    from mrg_core.models import ReportModel
+
+    asked = []
+    monkeypatch.setattr(quantize, "apply_precision", lambda m, p: asked.append(p) or m)
+    model = tiny_model(method="medvlm", seed=0)
+    Engine(model, None, precision="int8-weights")
+    monkeypatch.setattr(ReportModel, "device", property(lambda self: torch.device("cuda")))
+    Engine(model, None, precision="int8-weights")
+    Engine(model, None, precision="fp32-merged")
+    assert asked == ["int8-weights", "bf16", "fp32-merged"]

@@ -93,6 +93,13 @@ def test_evaluate_cli_writes_metrics_and_plots(run, tmp_path, monkeypatch):
     assert "## Draft quality" in md and "| class_template |" in md.split("## Draft quality")[1]
     for name in ("roc.png", "reliability.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000
+    # the LM's inference form that wrote the drafts is recorded
+    assert m["precision"] == "fp32"
+    assert main(["--model", str(run["out"] / "best"), "--split", "test", "--out",
+                 str(tmp_path / "merged"), "--data", str(run["data"]), "--max-new-tokens", "8",
+                 "--no-meteor", "--no-clinical", "--precision", "fp32-merged"]) == 0
+    assert json.loads((tmp_path / "merged" / "metrics.json").read_text())["precision"] == \
+        "fp32-merged"
 
 
 def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
@@ -120,6 +127,7 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
         "LLL": "lower lobe of the left lung"}
     cfg.jpeg_augment = 0.5
     cfg.model["encoder"]["members"] = 2  # a deep-ensemble classifier through every phase
+    cfg.restrict_head = True  # the saved model scores only the train reports' tokens
     hist = train(cfg, device="cpu")
     assert len(hist["encoder_warmup"]) == 2 and any(r.get("best") for r in hist["encoder_warmup"])
     assert 0.0 < hist["threshold"]["threshold"] < 1.0
@@ -127,6 +135,11 @@ def test_default_recipe_warmup_frozen_encoder_and_val_threshold(run, tmp_path):
     assert best.config.threshold == hist["threshold"]["threshold"]
     assert best.config.calibration == hist["threshold"]["calibration"]  # Platt fit, saved
     assert best.encoder.n_members == 2
+    from mrg_core.data import load_splits
+
+    train_reports = [ex.report for ex in load_splits(cfg.data.spec())["train"] if ex.has_report]
+    assert best.config.head_vocab == best.report_vocabulary(train_reports)
+    assert best.tokenizer.eos_token_id in best.config.head_vocab
     # frozen encoder: the report phase left its classifier output unchanged between epochs
     # (the finding head alone keeps learning, so compare the pneumonia output's AUC)
     assert hist["epochs"][0]["val_auc"] == pytest.approx(hist["epochs"][1]["val_auc"])
@@ -300,3 +313,42 @@ def test_fbeta_thresholds_state_no_finding_more_often_than_it_occurs():
     good = np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.3, 0.1, 0.2, 0.1, 0.05])
     assert fbeta_thresholds(good[:, None], y[:, None], cols, min_positives=2, max_rate=1.0) == \
         fbeta_thresholds(good[:, None], y[:, None], cols, min_positives=2)
+
+
+def test_warmup_scores_epochs_by_the_decision_head(tmp_path):
+    """With finding heads beside the decision, warm-up's val AUC (which picks the epoch kept)
+    is the decision head's, and on_epoch sees every head's probabilities."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from mrg_core.data.covctr import load_covctr
+    from mrg_core.data.synthetic import write_synthetic_covctr
+    from mrg_core.models import ReportModel, tiny_config
+    from mrg_core.models.factory import SAMPLE_REPORTS
+    from mrg_core.text import train_tokenizer
+    from mrg_core.training import (ExampleDataset, ImageCache, TrainConfig, collate,
+                                   make_accelerator, warmup_encoder)
+
+    splits = load_covctr(write_synthetic_covctr(tmp_path / "covctr",
+                                                n={"train": 12, "val": 8, "test": 2}, size=32))
+    mcfg = tiny_config()
+    mcfg.labels = ["pneumonia", "ground_glass", "RLL"]  # the decision is not the last column
+    mcfg.finding_prompt = True
+    mcfg.finding_phrases = {"ground_glass": "ground glass shadow", "RLL": "lower lobe"}
+    torch.manual_seed(0)
+    model = ReportModel.build(mcfg, train_tokenizer(SAMPLE_REPORTS, min_frequency=1))
+    # lr 0: the heads stay random, so their AUCs differ and the test can tell them apart
+    cfg = TrainConfig(encoder_warmup_epochs=2, batch_size=4, augment=False,
+                      encoder_warmup_lr=0.0)
+    cache = ImageCache(mcfg.preprocess)
+    load = lambda exs: torch.utils.data.DataLoader(  # noqa: E731
+        ExampleDataset(exs, cache, mcfg.labels), batch_size=4, collate_fn=collate)
+    seen = []
+    rows = warmup_encoder(model, load(splits["train"]), load(splits["val"]), cfg,
+                          make_accelerator(cfg, "cpu"), on_epoch=lambda e, p: seen.append(p))
+    y = np.array([ex.label for ex in splits["val"]])
+    assert [p.shape for p in seen] == [(len(y), 3)] * 2
+    for row, p in zip(rows, seen):
+        assert row["val_auc"] == pytest.approx(roc_auc_score(y, p[:, 0]))
+        assert roc_auc_score(y, p[:, 0]) != pytest.approx(roc_auc_score(y, p[:, 2]))
