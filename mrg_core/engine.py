@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mrg_core.io import LoadLimits, load_studies, load_study
+from mrg_core.models.quantize import model_precision
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
 from mrg_core.storage import DraftRecord, SaveResult, Store
 from mrg_core.storage.space import default_database_url, ephemeral_store_warning
@@ -560,8 +561,9 @@ class Engine:
         info = (analysis.model if analysis is not None and analysis.model else
                 self.model_info) or {"name": "none", "version": "none"}
         kept = {} if settings is None else dict(vars(settings))
-        if self.model is not None and self.precision != "fp32":
-            kept["precision"] = self.precision  # a draft made by a changed LM says so
+        if self.model is not None and model_precision(self.model) != "fp32":
+            # a draft made by a changed LM says so: the form it ran in (bf16 for int8 on a GPU)
+            kept["precision"] = model_precision(self.model)
         return DraftRecord(
             model_name=str(info.get("name")), model_version=str(info.get("version")),
             text=text,

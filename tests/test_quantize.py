@@ -194,3 +194,8 @@ def test_engine_decodes_in_bf16_where_int8_cannot_run(monkeypatch):
     Engine(model, None, precision="int8-weights")
     Engine(model, None, precision="fp32-merged")
     assert asked == ["int8-weights", "bf16", "fp32-merged"]
+    # for real: the draft record names the form the LM runs in, not the one asked for
+    monkeypatch.undo()
+    monkeypatch.setattr(ReportModel, "device", property(lambda self: torch.device("cuda")))
+    engine = Engine(tiny_model(method="medvlm", seed=0), None, precision="int8-weights")
+    assert engine.draft_record("x", None, GenerationSettings()).settings["precision"] == "bf16"
