@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrg_core.finding_chips import finding_chips
 from mrg_core.io import LoadLimits, load_studies, load_study
 from mrg_core.models.quantize import model_precision
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
@@ -85,6 +86,8 @@ class Analysis:
     domain_warning: str | None
     seconds: float
     findings: tuple[str, ...] = ()  # in words, what the draft states (finding_prompt models)
+    # every finding the draft can state, with its probability, for the reader to flip
+    chips: tuple = ()  # finding_chips.FindingChip
     # Studies of several slices/views: each view's probability (shown scale), the rule that
     # combined them, and the key views (most probable first); Grad-CAM is computed for the
     # first key view at once and for any other view on demand (Engine.view_heatmap).
@@ -438,7 +441,8 @@ class Engine:
             label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
             domain_warning=domain_warning(dict(model.info), study, seen),
             seconds=time.perf_counter() - t0,
-            findings=tuple(model.config.finding_phrases[n] for n in pred.findings))
+            findings=tuple(model.config.finding_phrases[n] for n in pred.findings),
+            chips=finding_chips(model, pred.labels, pred.findings))
 
     def _analyze_views(self, model, study: Study, t0: float, seen) -> Analysis:
         """A series or a multi-view study: every view classified on its own, combined by the
@@ -465,6 +469,7 @@ class Engine:
             domain_warning=domain_warning(dict(model.info), study, seen),
             seconds=time.perf_counter() - t0,
             findings=tuple(cfg.finding_phrases[n] for n in findings),
+            chips=finding_chips(model, pred.labels, findings),
             view_probabilities=tuple(model.calibrated(float(x)) for x in raw),
             aggregation=cfg.study_aggregation, key_views=keys)
 
@@ -492,21 +497,26 @@ class Engine:
         label, index = hit
         return index, _sub_study(study, index), label
 
-    def ground(self, study: Study, text: str):
+    def ground(self, study: Study, text: str, findings=None, decision: int | None = None):
         """Where each statement of `text` (the draft, or the radiologist's edit of it) comes
         from in the image the draft is written from: (view index, [GroundedStatement]). A
         series or multi-view study is grounded on its key view, with the study's decision, as
-        its draft is written. Raises grounding.NoGrounding when the routed model's text does
-        not see the image."""
+        its draft is written (`findings`, `decision`: the reader's chips, as stream_report).
+        Raises grounding.NoGrounding when the routed model's text does not see the image."""
         from mrg_core.grounding import ground_sentences
 
         model = self.route(study)[0]
-        index, drafted, decision = self._drafted(study)
+        index, drafted, study_decision = self._drafted(study)
+        decision = study_decision if decision is None else decision
         with self._model_lock, torch_threads(self.decode_threads):
-            return index, ground_sentences(model, drafted, text, decision=decision)
+            return index, ground_sentences(model, drafted, text, decision=decision,
+                                           findings=findings)
 
-    def stream_report(self, study: Study, settings=None) -> Iterator[str]:
+    def stream_report(self, study: Study, settings=None, findings=None,
+                      decision: int | None = None) -> Iterator[str]:
         """Yield text pieces as they are decoded; concatenated they are the draft.
+        `findings` (finding label names) and `decision` (0/1): the reader's finding chips and
+        decision in place of the model's, which the draft then states.
 
         The decode runs in its own thread and holds the model lock only while it computes:
         a slow consumer (a web page receiving updates) never keeps other users' drafts
@@ -515,7 +525,10 @@ class Engine:
 
         model = self.route(study)[0]
         settings = settings or GenerationSettings()
-        drafted, decision = self.drafted_study(study)
+        drafted, study_decision = self.drafted_study(study)
+        decision = study_decision if decision is None else int(decision)
+        if findings is not None:
+            findings = model.chosen_findings(findings)  # refused here, not in the thread
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
 
@@ -526,6 +539,8 @@ class Engine:
             # keeps its own KV cache inside its generator, so several drafts interleave safely.
             # a series: its key view, with the series' decision
             extra = {} if decision is None else {"decision": decision}
+            if findings is not None:
+                extra["findings"] = findings
             it = model.stream_report(drafted, settings, **extra)
             piece = None
             try:
@@ -556,14 +571,17 @@ class Engine:
             stop.set()
 
     def draft_record(self, text: str, analysis: Analysis | None, settings=None,
-                     timings: dict | None = None) -> DraftRecord:
-        """What the store keeps about a draft: who made it, how, and what it said."""
+                     timings: dict | None = None, findings: dict | None = None) -> DraftRecord:
+        """What the store keeps about a draft: who made it, how, and what it said;
+        `findings`: the reader's chips it was written from ({"stated", "flipped"})."""
         info = (analysis.model if analysis is not None and analysis.model else
                 self.model_info) or {"name": "none", "version": "none"}
         kept = {} if settings is None else dict(vars(settings))
         if self.model is not None and model_precision(self.model) != "fp32":
             # a draft made by a changed LM says so: the form it ran in (bf16 for int8 on a GPU)
             kept["precision"] = model_precision(self.model)
+        if findings is not None:
+            kept["findings"] = dict(findings)
         return DraftRecord(
             model_name=str(info.get("name")), model_version=str(info.get("version")),
             text=text,
@@ -573,9 +591,13 @@ class Engine:
 
     # ----- corrections -----------------------------------------------------------------------
     def save(self, study: Study, draft: DraftRecord, final_text: str, reviewer: str,
-             label: int | None = None) -> SaveResult:
-        """One transaction; raises storage.InvalidCorrection or storage.StoreUnavailable."""
-        return self.store.save_review(study, draft, final_text, reviewer, label=label)
+             label: int | None = None, findings: dict[str, int] | None = None,
+             finding_flips: list[str] | None = None) -> SaveResult:
+        """One transaction; raises storage.InvalidCorrection or storage.StoreUnavailable.
+        `findings`: the reader's finding chips ({name: 0/1}), `finding_flips` the ones they
+        changed from the model's prediction."""
+        return self.store.save_review(study, draft, final_text, reviewer, label=label,
+                                      findings=findings, finding_flips=finding_flips)
 
     def history(self, study: Study):
         return self.store.history(study.content_hash)

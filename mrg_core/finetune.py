@@ -160,12 +160,30 @@ def as_drafted(model, ex: CorrectionExample) -> CorrectionExample:
     return replace(ex, images=[ex.images[key]])
 
 
-def training_items(examples: list[CorrectionExample], preprocess_cfg) -> list[tuple]:
-    """(FloatTensor[V,1,S,S], final text, label or NaN): the tuples training.collate batches."""
+def training_items(examples: list[CorrectionExample], model) -> list[tuple]:
+    """(FloatTensor[V,1,S,S], final text, label or NaN): the tuples training.collate batches.
+    When a reader's finding chips are among the examples, every label is a row over the
+    model's labels (target_label_row), so the finding heads and the findings the text states
+    learn the reader's chips too."""
     from mrg_core.preprocess import study_to_tensor
 
-    return [(study_to_tensor(study_of(ex), preprocess_cfg), ex.final_text,
+    labels = model.config.labels
+    rows = len(labels) > 1 and any(ex.findings for ex in examples)
+    return [(study_to_tensor(study_of(ex), model.config.preprocess), ex.final_text,
+             target_label_row(ex, labels, model._target_index) if rows else
              float("nan") if ex.label is None else float(ex.label)) for ex in examples]
+
+
+def target_label_row(ex: CorrectionExample, labels: list[str], target: int) -> list[float]:
+    """One correction's targets over the model's labels: its decision label at `target`, the
+    reader's finding chips where given, NaN (unknown) elsewhere."""
+    row = [float("nan")] * len(labels)
+    if ex.label is not None:
+        row[target] = float(ex.label)
+    for name, value in (ex.findings or {}).items():
+        if name in labels and labels.index(name) != target:
+            row[labels.index(name)] = float(value)
+    return row
 
 
 # ----------------------------------------------------------------------------- model surgery
@@ -456,7 +474,7 @@ def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | Non
               "weights_sha256": weights_sha256(base_model)}
     settings = GenerationSettings(max_new_tokens=cfg.max_new_tokens)
     items_of = {ex.correction_id: it for ex, it in
-                zip(kept, training_items(kept, base_model.config.preprocess))}
+                zip(kept, training_items(kept, base_model))}
 
     # ---- held-out evaluation -------------------------------------------------------------
     if cfg.holdout == "time":

@@ -95,9 +95,10 @@ def _statement_ids(model, draft: str, spans) -> tuple[list[int], list[int]]:
 
 
 def ground_sentences(model, study, draft: str, decision: int | None = None,
-                     lungs: bool = True) -> list[GroundedStatement]:
+                     lungs: bool = True, findings=None) -> list[GroundedStatement]:
     """One GroundedStatement per statement of `draft` for `study` (all views). `decision`
-    replaces the study's own label in the head words, as in stream_report. lungs: also the
+    and `findings` replace the study's own label and findings in the head words, as in
+    stream_report. lungs: also the
     share of each map inside the lung fields (needs scipy: requirements-eval.txt; None
     without it)."""
     from captum.attr import LayerAttribution, LayerGradientXActivation
@@ -111,7 +112,7 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
     if not spans:
         raise NoGrounding("the draft has no statement to ground")
     ids, owner = _statement_ids(model, draft, spans)
-    head = model.head_ids(*model.stated(model.predict(study), decision))  # as drafted
+    head = model.head_ids(*model.stated(model.predict(study), decision, findings))  # as drafted
     seq = torch.tensor([head + ids], device=model.device)
     owner_t = torch.tensor(owner, device=model.device)
     n = len(spans)

@@ -106,3 +106,36 @@ def test_report_cli_precisions_are_the_apps():
         assert app.parse_args(["--precision", p]).precision == p
     with pytest.raises(SystemExit):
         app.parse_args(["--precision", "fp16"])
+
+
+def test_report_cli_finding_chips_with_the_shipped_model():
+    """--finding NAME=yes|no, as the page's chips: the JSON lists every chip with its
+    probability, what the model predicted and what was stated; the draft states the tick.
+    A finding the model cannot state is refused with a readable message."""
+    from mrg_core.evaluation.clinical import extract_findings
+    from mrg_core.paths import DEFAULT_MODEL_DIR
+
+    ct = str(SAMPLES_DIR / "ct_phantom_covid.dcm")
+    run = [sys.executable, "-m", "mrg_core", "report", ct, "--only", "--jsonl",
+           "--model", str(DEFAULT_MODEL_DIR)]
+    out = subprocess.run(run + ["--finding", "ground_glass=yes"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout.splitlines()[-1])
+    chips = {c["name"]: c for c in row["finding_chips"]}
+    assert set(chips) == {"patchy_shadow", "ground_glass", "consolidation", "fibrosis_stripe",
+                          "nodule", "air_bronchogram", "cavity", "bilateral", "RUL", "RML",
+                          "RLL", "LUL", "LLL"}
+    assert not chips["ground_glass"]["predicted"] and chips["ground_glass"]["stated"]
+    assert all(c["stated"] == c["predicted"] for n, c in chips.items() if n != "ground_glass")
+    assert 0 <= chips["ground_glass"]["probability"] < 0.5
+    assert "ground_glass" in extract_findings(row["report"]), row["report"]
+    bad = subprocess.run(run + ["--finding", "effusion=yes"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    err = json.loads(bad.stdout.splitlines()[-1])
+    assert err["error"] == "unknown_finding" and "effusion" in err["message"]
+    assert "ground_glass" in err["message"]  # says which it can state
+    typo = subprocess.run(run + ["--finding", "ground_glass"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert typo.returncode == 2 and "NAME=yes" in typo.stderr

@@ -293,7 +293,7 @@ def test_a_series_correction_is_fine_tuned_on_the_slice_it_was_drafted_from(engi
         class Seen(Exception):
             pass
 
-        def spy(examples, cfg):  # what fine-tuning trains on; stop there
+        def spy(examples, model):  # what fine-tuning trains on; stop there
             seen.extend(examples)
             raise Seen
 

@@ -150,6 +150,40 @@ def test_a_database_file_from_before_the_kind_column_still_opens(db_path):
             (None,), (None,), ("accepted",)]  # append-only: old rows are not rewritten
 
 
+def test_a_database_file_from_before_the_finding_chips_still_opens(db_path, tmp_path):
+    """Files written before `corrections.findings` / `finding_flips`: opened, the columns added
+    in place (old rows NULL), and new rows keep the reader's chips, in history, fine-tuning
+    and the export."""
+    study = make_study(4)
+    with Store(f"sqlite:///{db_path}") as s:
+        old = s.save_review(study, make_draft("Clear lungs."), "Left effusion.", "r")
+    with sqlite3.connect(db_path) as con:  # the schema as the previous release made it
+        con.execute("ALTER TABLE corrections DROP COLUMN findings")
+        con.execute("ALTER TABLE corrections DROP COLUMN finding_flips")
+    with Store(f"sqlite:///{db_path}") as s:
+        chips = {"ground_glass": 1, "cavity": 0}
+        new = s.save_review(study, make_draft("Clear lungs."), "Ground glass.", "r",
+                            findings=chips, finding_flips=["ground_glass"])
+        hist = {e.correction_id: (e.findings, e.finding_flips)
+                for e in s.history(study.content_hash)}
+        assert hist == {old.correction_id: (None, []),
+                        new.correction_id: (chips, ["ground_glass"])}
+        assert [e.findings for e in s.iter_corrections()] == [None, chips]
+        s.export_pairs(tmp_path / "pairs")
+        with pytest.raises(InvalidCorrection):  # a flip must be one of the chips
+            s.save_review(study, make_draft(), "x", "r", findings=chips, finding_flips=["x"])
+        with pytest.raises(InvalidCorrection):
+            s.save_review(study, make_draft(), "x", "r", findings={"cavity": 2})
+    with sqlite3.connect(db_path) as con:
+        rows = con.execute("SELECT findings, finding_flips FROM corrections ORDER BY id").fetchall()
+    assert rows[0] == (None, None) and json.loads(rows[1][0]) == chips
+    from mrg_core.data.corrections import load_corrections
+
+    meta = [e.meta for e in load_corrections(tmp_path / "pairs")]
+    assert [m["findings"] for m in meta] == [None, chips]
+    assert meta[1]["finding_flips"] == ["ground_glass"]
+
+
 def test_failed_transaction_leaves_nothing(store, db_path):
     """A failure at the last INSERT (a real SQLite trigger refuses it) rolls back the study, its
     views and the draft written earlier in the same transaction."""
@@ -242,7 +276,8 @@ def test_export_pairs(store, tmp_path):
     assert [r["label"] for r in rows] == [1, 1, 0]
     for r in rows:
         assert set(r) == {"id", "image_path", "report", "label", "kind", "draft",
-                          "probability", "model_version", "created_at"}
+                          "probability", "model_version", "created_at", "findings",
+                          "finding_flips"}
         for rel in r["image_path"]:
             with Image.open(out / rel) as im:
                 im.load()

@@ -21,6 +21,7 @@ import numpy as np
 
 from mrg_core import report_export, report_sr
 from mrg_core.domain import WORDS
+from mrg_core.edits import keep_user_edits
 from mrg_core.engine import Engine, ModelNotLoaded, NoModelForStudy
 from mrg_core.io import StudyLoadError
 from mrg_core.paths import SAMPLES_DIR
@@ -305,6 +306,59 @@ def probability_text(probability: float, threshold: float,
     return text
 
 
+# ----------------------------------------------------------------------------- finding chips
+
+REDRAFT_NEEDS_CHIPS = "This model states no findings in words: there are no chips to redraft with."
+
+
+@dataclass
+class ChipsView:
+    choices: list  # (label shown, finding name)
+    ticked: list  # finding names ticked
+    visible: bool
+
+
+def chips_view(session: Session) -> ChipsView:
+    """The analysis' finding chips: every finding the draft can state with its probability,
+    the predicted ones ticked. None for a model without finding words."""
+    chips = getattr(session.analysis, "chips", ()) or ()
+    return ChipsView([(f"{c.phrase} · {c.probability:.0%}", c.name) for c in chips],
+                     [c.name for c in chips if c.predicted], bool(chips))
+
+
+def _chip_state(session: Session, ticked) -> tuple[dict | None, list]:
+    """(the reader's chips {name: 0/1}, the names they flipped), or (None, []) without chips."""
+    from mrg_core.finding_chips import chip_state, flipped
+
+    chips = getattr(session.analysis, "chips", ()) or ()
+    if not chips or ticked is None:
+        return None, []
+    state = chip_state(chips, ticked)
+    return state, flipped(chips, state)
+
+
+def redraft_with_findings(engine: Engine, session: Session, editor_text: str, ticked,
+                          update_every_s: float = 0.0) -> Iterator[StreamUpdate]:
+    """Write the draft again stating the ticked findings (the decoder is conditioned on
+    them), with the radiologist's own edits of the previous draft carried over
+    (mrg_core.edits.keep_user_edits)."""
+    if session.study is None or session.analysis is None:
+        yield StreamUpdate(None, None, "Load a study and wait for its analysis first.",
+                           done=True)
+        return
+    try:
+        state, flips = _chip_state(session, ticked)
+    except ValueError as exc:
+        yield StreamUpdate(None, None, f"**No draft:** {_md(str(exc))}", done=True)
+        return
+    if state is None:
+        yield StreamUpdate(None, None, REDRAFT_NEEDS_CHIPS, done=True)
+        return
+    chosen = tuple(n for n, v in state.items() if v)
+    yield from stream_draft(engine, session, editor_text, update_every_s=update_every_s,
+                            findings=chosen, flips=flips)
+
+
 # ----------------------------------------------------------------------------- viewer
 
 def render_view(engine: Engine, session: Session, index: int = 0, preset: str = "default",
@@ -484,13 +538,18 @@ def request_stop(session: Session) -> None:
 
 
 def stream_draft(engine: Engine, session: Session, editor_text: str = "",
-                 settings=None, update_every_s: float = 0.0) -> Iterator[StreamUpdate]:
+                 settings=None, update_every_s: float = 0.0, findings=None,
+                 flips=()) -> Iterator[StreamUpdate]:
     """Stream a draft without ever overwriting the user's words.
 
     If the editor is empty or holds only model text, the draft streams into it and the editor
     is read-only meanwhile (so no keystroke can race a streamed piece). If the editor holds the
     user's own text, the draft streams into the read-only "Latest draft" box instead. Should an
     edit still arrive during a stream (note_edit), the stream leaves the editor at once.
+
+    `findings` (finding names: the reader's chips, `flips` those they changed) conditions the
+    draft on them; it then streams into the editor with the user's own edits of the previous
+    draft kept in place (redraft_with_findings).
 
     `update_every_s` coalesces pieces: the first piece is shown at once, later ones at most
     every `update_every_s` seconds, and the last update always carries the whole text (0 = one
@@ -509,18 +568,35 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
         return
     into_editor = not (editor_text or "").strip() or _norm(editor_text) == _norm(
         session.editor_shadow)
+    previous, users = session.draft, editor_text or ""
+
+    def shown(draft: str) -> str:
+        """What the editor shows: the draft, with the user's edits kept on a chip redraft."""
+        if findings is None or into_editor_at_start:
+            return draft
+        return keep_user_edits(previous, users, draft)
+
+    into_editor_at_start = into_editor
+    if findings is not None:
+        into_editor = True  # the user's edits are merged in, never overwritten
     session.stream_count += 1
     me = session.stream_count
     session.streaming, session.stop_requested, session.user_edited = True, False, False
     session.latest = ""
     text, t0, first, n = "", time.perf_counter(), None, 0
     sent, last_sent, finished = "", 0.0, False  # the text the page was last sent, and when
-    pieces = engine.stream_report(session.study, settings)
+    try:
+        pieces = engine.stream_report(session.study, settings, findings=findings)
+    except ValueError as exc:  # findings this model does not state
+        session.streaming = False
+        yield StreamUpdate(None, None, f"**No draft:** {_md(str(exc))}", done=True)
+        return
     stopped = False
     try:
         if into_editor:
-            session.editor_shadow = ""
-            yield StreamUpdate("", None, LOCKED_NOTICE, editor_locked=True)
+            # a chip redraft over the user's edits shows their text until the first words come
+            session.editor_shadow = "" if into_editor_at_start else users
+            yield StreamUpdate(session.editor_shadow, None, LOCKED_NOTICE, editor_locked=True)
         else:
             yield StreamUpdate(None, "", f"Generating draft… {KEPT_NOTICE}")
         for piece in pieces:
@@ -542,8 +618,8 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
                 continue  # coalesced: shown with a later piece or the final update
             sent, last_sent = text, now
             if into_editor:
-                session.editor_shadow = text
-                yield StreamUpdate(text, None, LOCKED_NOTICE)
+                session.editor_shadow = shown(text)
+                yield StreamUpdate(session.editor_shadow, None, LOCKED_NOTICE)
             else:
                 session.latest = text
                 yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}")
@@ -560,6 +636,8 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
             session.streaming = False
             # Closed mid-stream (the page cancelled it): the draft is what the page was sent.
             session.draft, session.draft_settings = (text if finished else sent), settings
+            session.draft_findings = None if findings is None else {
+                "stated": list(findings), "flipped": list(flips)}
             session.draft_timings = {"generate_s": round(time.perf_counter() - t0, 3),
                                      "first_piece_s": round(first or 0.0, 3), "pieces": n}
     if session.stream_count != me:
@@ -568,6 +646,8 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     log.info("draft %s: %d words in %.1f s", state, len(text.split()),
              session.draft_timings["generate_s"])  # never the text itself
     where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
+    if findings is not None and not into_editor_at_start and into_editor:
+        where = "in the editor, with your own edits kept"
     if stopped and not text.strip():  # nothing was written: no "0 words in 0.1 s"
         yield StreamUpdate(None, None, "Draft stopped before the model wrote anything. "
                                        "Generate again, or write the report by hand.",
@@ -577,7 +657,7 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     # client (gradio_client's predict) sees only this last message.
     editor = latest = None
     if into_editor:
-        session.editor_shadow = editor = text
+        session.editor_shadow = editor = shown(text)
     else:
         session.latest = latest = text
     yield StreamUpdate(editor, latest, f"Draft {state} {where}: {len(text.split())} words in "
@@ -617,11 +697,14 @@ class SaveOutcome:
     message: str  # Markdown
 
 
-def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> SaveOutcome:
+def save(engine: Engine, session: Session, final_text: str, reviewer: str,
+         ticked=None) -> SaveOutcome:
     """Save the editor text as a review of the current draft. Never touches the editor.
 
     A reviewer is required (with sign-in, layout.py passes the login). The draft saved
-    unchanged is recorded as "accepted as drafted", not as a correction."""
+    unchanged is recorded as "accepted as drafted", not as a correction. `ticked`: the
+    finding chips as the page shows them, kept with the correction (and the flips among
+    them) for fine-tuning."""
     if session.study is None:
         return SaveOutcome(False, "**Not saved.** Load a study first.")
     if not (reviewer or "").strip():
@@ -629,10 +712,15 @@ def save(engine: Engine, session: Session, final_text: str, reviewer: str) -> Sa
     if session.streaming and not session.stop_requested:
         return SaveOutcome(False, "**Not saved.** A draft is still being generated; press Stop "
                                   "or wait for it to finish, then Save.")
-    draft = engine.draft_record(session.draft, session.analysis, session.draft_settings,
-                                session.draft_timings)
     try:
-        result = engine.save(session.study, draft, final_text or "", reviewer or "")
+        findings, flips = _chip_state(session, ticked)
+    except ValueError as exc:
+        return SaveOutcome(False, f"**Not saved.** {_md(str(exc))}")
+    draft = engine.draft_record(session.draft, session.analysis, session.draft_settings,
+                                session.draft_timings, findings=session.draft_findings)
+    try:
+        result = engine.save(session.study, draft, final_text or "", reviewer or "",
+                             findings=findings, finding_flips=flips or None)
     except (InvalidCorrection, StoreError) as exc:
         return SaveOutcome(False, f"**Not saved.** {_md(exc.message)}")
     except Exception as exc:
@@ -672,6 +760,10 @@ def history_markdown(engine: Engine, session: Session, max_diffs: int = 5) -> st
     for e in entries[:max_diffs]:
         what = "Accepted as drafted" if e.kind == ACCEPTED else "Correction"
         parts.append(f"**{what} #{e.correction_id}** — model draft → saved report")
+        if e.finding_flips:  # the chips the reviewer changed from the model's prediction
+            parts.append("Findings changed by the reviewer: " + ", ".join(
+                f"{_md(n)} → {'present' if (e.findings or {}).get(n) else 'absent'}"
+                for n in e.finding_flips))
         parts.append(_fenced(diff_text(e.draft_text, e.final_text)))
     return "\n\n".join(parts)
 

@@ -133,6 +133,14 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             with gr.Column(scale=5):
                 warning = gr.HTML(visible=False, elem_id="domain-warning")
                 probability = gr.Markdown(elem_id="probability")
+                # The findings the draft states, with their probabilities: untick or tick one
+                # and redraft; the draft follows the chips and the user's edits stay.
+                with gr.Group(visible=False) as chips_box:
+                    chips = gr.CheckboxGroup([], value=[], label="Findings the draft states "
+                                             "(tick or untick, then redraft)",
+                                             elem_id="finding-chips")
+                    redraft_btn = gr.Button("Redraft with these findings", size="sm",
+                                            elem_id="redraft")
                 with gr.Row():
                     gen_btn = gr.Button("Generate draft", variant="primary", elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -207,17 +215,19 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             if not res.ok:  # the previous study and the user's text stay; its exports do not
                 kept = " The previous study is still shown." if s.study is not None else ""
                 return (s, res.message + kept, gr.update(), gr.update(), gr.update(),
-                        gr.update(), gr.update(), gr.update(), *clear_stale(s), gr.update())
+                        gr.update(), gr.update(), gr.update(), *clear_stale(s), gr.update(),
+                        gr.update(), gr.update())
             menu = (gr.update(visible=True, choices=res.series_choices, value=res.series_index)
                     if len(res.series_choices) > 1 else
                     gr.update(visible=False, choices=[], value=None))
             return (s, res.message,
                     gr.update(visible=res.n_views > 1, maximum=max(res.n_views, 2), value=1),
                     gr.update(visible=res.is_ct), gr.update(value=""),  # editor: new study
-                    gr.update(visible=False), "", "Analysing…", *clear_stale(s), menu)
+                    gr.update(visible=False), "", "Analysing…", *clear_stale(s), menu,
+                    gr.update(visible=False), gr.update(choices=[], value=[]))  # chips
 
         load_outputs = [session, load_msg, view_idx, ct_box, editor, latest_box, notice,
-                        probability, *stale_outputs, series]
+                        probability, *stale_outputs, series, chips_box, chips]
 
         def analyze(s, idx, *look):
             """The analysis, then the view with its heat map: a fresh analysis of a series
@@ -226,13 +236,16 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             a = h.analyze(engine, s)
             at = gr.update() if a.open_view is None else gr.update(value=a.open_view + 1)
             shown = idx if a.open_view is None else a.open_view + 1
+            c = h.chips_view(s)
             return (gr.update(visible=bool(a.warning), value=h.warning_html(a.warning)),
-                    a.probability, at, *render(s, shown, *look))
+                    a.probability, at, *render(s, shown, *look),
+                    gr.update(visible=c.visible), gr.update(choices=c.choices, value=c.ticked))
 
         def after_load(event, name):
             # Named endpoints let scripts (bench/app_load.py) drive the same path as the page.
             (event.then(render, view_inputs, view_outputs, show_progress="hidden")
-             .then(analyze, view_inputs, [warning, probability, view_idx, *view_outputs],
+             .then(analyze, view_inputs, [warning, probability, view_idx, *view_outputs,
+                                          chips_box, chips],
                    api_name=f"analyze_{name}")
              .then(lambda s: h.history_markdown(engine, s), session, history))
 
@@ -263,9 +276,10 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
 
         # Draft streaming: the editor is read-only while a draft streams into it (server updates
         # would race keystrokes); a draft over the user's own text goes to "Latest draft".
-        def stream(s, text, settings=None):
+        def stream(s, text, settings=None, inner=None):
             stale = clear_stale(s)  # a new draft: the old one's saved/exported notices go
-            inner = h.stream_draft(engine, s, text, settings, update_every_s=h.UPDATE_EVERY_S)
+            inner = inner or h.stream_draft(engine, s, text, settings,
+                                            update_every_s=h.UPDATE_EVERY_S)
             try:
                 for u in inner:
                     ed = {} if u.editor is None else {"value": u.editor}
@@ -282,11 +296,17 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
         def regenerate(s, text):
             yield from stream(s, text, h.regenerate_settings(s))
 
+        def redraft(s, text, ticked):
+            yield from stream(s, text, inner=h.redraft_with_findings(
+                engine, s, text, ticked, update_every_s=h.UPDATE_EVERY_S))
+
         stream_outputs = [editor, latest, latest_box, notice, *stale_outputs]
         gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
                       concurrency_id="model", api_name="generate")
         regen_btn.click(regenerate, [session, editor], stream_outputs, show_progress="hidden",
                         concurrency_id="model")
+        redraft_btn.click(redraft, [session, editor, chips], stream_outputs,
+                          show_progress="hidden", concurrency_id="model", api_name="redraft")
         # Stop is cooperative: the stream ends at its next piece and its last update unlocks
         # the editor. (Gradio's `cancels` could land after a new Generate and cancel that one.)
         stop_btn.click(h.stop_message, session, notice, queue=False)
@@ -302,13 +322,13 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
         use_latest.click(lambda s: (h.take_latest(s), gr.update(visible=False), *clear_stale(s)),
                          session, [editor, latest_box, *stale_outputs], queue=False)
 
-        def save(s, text, who, request: gr.Request):
+        def save(s, text, who, ticked, request: gr.Request):
             if auth:  # the login is the reviewer; a value sent for the locked box is ignored
                 who = getattr(request, "username", None) or ""
-            out = h.save(engine, s, text, who)
+            out = h.save(engine, s, text, who, ticked)
             return out.message, h.history_markdown(engine, s) if out.ok else gr.update()
 
-        save_btn.click(save, [session, editor, reviewer], [save_msg, history],
+        save_btn.click(save, [session, editor, reviewer, chips], [save_msg, history],
                        concurrency_id="db")
 
         def export(s, text, who, request: gr.Request):

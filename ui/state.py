@@ -22,6 +22,8 @@ class Session:
     draft: str = ""
     draft_settings: Any = None
     draft_timings: dict = field(default_factory=dict)
+    # a draft written from the reader's finding chips: {"stated": names, "flipped": names}
+    draft_findings: dict | None = None
     stream_count: int = 0  # drafts started; a stream stops when a newer one starts
 
     # Editor ownership: what the app last wrote into the editor. Any other editor text is the
@@ -48,6 +50,7 @@ class Session:
         saved or exported against another."""
         self.study, self.analysis, self.study_label = study, None, label  # series: kept
         self.draft, self.draft_settings, self.draft_timings = "", None, {}
+        self.draft_findings = None
         self.latest, self.last_save, self.editor_shadow = "", None, ""
         self.saved_text = ""
         self.stream_count += 1  # an unfinished stream of the old study stops

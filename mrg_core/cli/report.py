@@ -62,6 +62,10 @@ def main(argv: list[str]) -> int:
                          "sentence or clause, where its saliency peaks (view, row/column as "
                          "fractions, image region) and the map's share inside the lungs (with "
                          "requirements-eval.txt installed)")
+    ap.add_argument("--finding", action="append", default=[], metavar="NAME=yes|no",
+                    help="state (yes) or leave out (no) one finding in the draft in place of "
+                         "the model's prediction, as the page's finding chips (repeatable; "
+                         "NAME as in the output's finding_chips)")
     ap.add_argument("--max-new-tokens", type=int, default=120)
     ap.add_argument("--num-beams", type=int, default=1)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -74,6 +78,13 @@ def main(argv: list[str]) -> int:
                     help="inference form of the report language model (env MRG_PRECISION; "
                          "default int8-weights, as in the app; README, Speed)")
     args = ap.parse_args(argv)
+    from mrg_core.finding_chips import parse_finding_args
+
+    try:
+        overrides = parse_finding_args(args.finding)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -135,7 +146,14 @@ def main(argv: list[str]) -> int:
                       flush=True)
                 continue
             t3 = time.perf_counter()
-            text = "".join(engine.stream_report(study, settings))
+            stated = _stated_findings(a.chips, overrides)
+            if isinstance(stated, str):
+                record.update(error="unknown_finding", message=stated)
+                status = 2
+                print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
+                      flush=True)
+                continue
+            text = "".join(engine.stream_report(study, settings, findings=stated))
             t4 = time.perf_counter()
             record.update(
                 n_views=len(study.views), modality=study.modality,
@@ -153,6 +171,9 @@ def main(argv: list[str]) -> int:
                 out_of_domain=a.domain_warning is not None, domain_warning=a.domain_warning,
                 domain=a.domain,  # what the study looks like: from DICOM tags or the pixels
                 findings=list(a.findings), report=text,
+                # every finding the draft can state: probability, predicted, and stated here
+                finding_chips=[{**c.to_dict(), "stated": c.predicted if stated is None
+                                else c.name in stated} for c in a.chips],
                 # the model that read it (routed by the domain) and why, in words
                 model={"name": a.model.get("name"), "version": a.model.get("version")},
                 routing=a.routing or None,
@@ -161,7 +182,7 @@ def main(argv: list[str]) -> int:
                 timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
             if args.ground:
-                record["grounding"] = _grounding(engine, study, text)
+                record["grounding"] = _grounding(engine, study, text, stated)
             if args.sr_dir:
                 record["sr"] = _write_sr(args.sr_dir, f"report_{index}_{k}.sr.dcm", text, a,
                                          refs[k - 1])
@@ -170,12 +191,25 @@ def main(argv: list[str]) -> int:
     return status
 
 
-def _grounding(engine, study, text: str) -> dict:
+def _stated_findings(chips, overrides: dict[str, int]):
+    """The finding names the draft states: the predicted chips with `overrides` applied;
+    None without overrides (the model's own); a message (str) for a name that is no chip."""
+    if not overrides:
+        return None
+    names = {c.name for c in chips}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        return (f"--finding {', '.join(unknown)}: not a finding this model states "
+                f"({', '.join(sorted(names)) or 'it states none'})")
+    return tuple(c.name for c in chips if overrides.get(c.name, int(c.predicted)))
+
+
+def _grounding(engine, study, text: str, findings=None) -> dict:
     from mrg_core.grounding import NoGrounding
 
     t = time.perf_counter()
     try:
-        view, statements = engine.ground(study, text)
+        view, statements = engine.ground(study, text, findings)
     except NoGrounding as err:
         return {"error": str(err)}
     return {"view": view, "statements": [g.to_dict() for g in statements],

@@ -2,8 +2,9 @@
 
 Layout: folder/corrections.jsonl, one JSON object a line:
 {"id", "image_path": [paths relative to folder], "report" (the reviewer's final text), "label",
- "kind", "draft", "probability", "model_version", "created_at"}, and the image files under
-folder/images/.
+ "kind", "findings" ({label name: 0/1}: the reader's finding chips, or null), "finding_flips"
+ (the chips they changed), "draft", "probability", "model_version", "created_at"}, and the image
+files under folder/images/.
 
 "kind" is "corrected" (the reviewer edited the draft), "written" (no draft) or "accepted" (the
 draft saved unchanged, "accepted as drafted"; files exported before the field existed have no
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from .example import Example
 
-META_KEYS = ("kind", "draft", "probability", "model_version", "created_at")
+META_KEYS = ("kind", "draft", "probability", "model_version", "created_at", "findings",
+             "finding_flips")
 
 
 def load_corrections(folder: str | Path, include_accepted: bool = False) -> list[Example]:

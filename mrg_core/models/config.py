@@ -139,6 +139,7 @@ class ReportModelConfig:
     # side and lobe words for a model that does not localise, whose training text names them.
     suppress_words: list[str] = field(default_factory=list)
     label_guidance: float = 0.0
+    finding_guidance: float = 0.0
     # Token ids a draft may contain (those of the training reports, the stated phrases and the
     # end of text): the fast decoder scores only these rows of the LLM's output layer
     # (models/fast_llama.py). None: the whole vocabulary.

@@ -35,9 +35,13 @@ class GenerationSettings:
     # decision instead of the most common wording. None = the model's own value
     # (ReportModelConfig.label_guidance, chosen on val); 0 = off.
     label_guidance: float | None = None
+    # The same contrast for a model without decision words when the reader flipped finding
+    # chips: away from the findings the model would have stated (ReportModel._report_tokens).
+    finding_guidance: float | None = None
 
 
-MODEL_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "label_guidance")
+MODEL_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "label_guidance",
+                  "finding_guidance")
 
 
 def resolve_settings(s: GenerationSettings, config) -> GenerationSettings:

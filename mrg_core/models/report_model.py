@@ -15,7 +15,7 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -271,12 +271,14 @@ class ReportModel(nn.Module):
         use = torch.rand(y.shape[0], device=y.device) < self.config.label_prompt_teacher_forcing
         use_f = (torch.rand(y.shape[0], device=y.device) < self.config.finding_teacher_forcing
                  if self.finding_names else use)  # no draw: older recipes replay exactly
+        finding_cols = [self.config.labels.index(n) for n in self.finding_names]
         heads = []
         for i in range(y.shape[0]):
             lab, f = pred[i], pred_f[i]
             if use[i] and not torch.isnan(y[i, t]):
                 lab = int(y[i, t])
-            if use_f[i] and self.finding_names and not torch.isnan(y[i]).any():
+            # every finding known (a reader's chips may leave the other labels unknown)
+            if use_f[i] and self.finding_names and not torch.isnan(y[i, finding_cols]).any():
                 f = tuple(n for n, v in zip(self.config.labels, y[i].tolist())
                           if n in self.finding_names and v >= 0.5)
             heads.append((lab if phrase else None, f))
@@ -472,16 +474,30 @@ class ReportModel(nn.Module):
     def explain(self, study) -> list[np.ndarray]:
         return self.analyze(study)[1]
 
-    def stated(self, pred: Prediction, decision: int | None = None
-               ) -> tuple[int | None, tuple[str, ...]]:
+    def stated(self, pred: Prediction, decision: int | None = None,
+               findings: Iterable[str] | None = None) -> tuple[int | None, tuple[str, ...]]:
         """(label, findings) a draft states before its words (head_ids): the prediction's, or
-        `decision` (a series' own) in place of the label, whose findings then go too."""
-        findings = pred.findings
-        if decision is not None and decision != pred.label:
-            findings = ()  # the study's decision overrides this view's: its findings go too
+        `decision` (a series' own, or the reader's) in place of the label, whose findings then
+        go too; `findings` given (the reader's finding chips) replaces the predicted ones."""
+        if findings is not None:
+            findings = self.chosen_findings(findings)
+        else:
+            findings = pred.findings
+            if decision is not None and decision != pred.label:
+                findings = ()  # the study's decision overrides this view's: its findings go too
         label = (pred.label if decision is None else int(decision)) \
             if self.label_phrase_ids else None
         return label, findings
+
+    def chosen_findings(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Finding labels chosen by a reader, in the order training states them (labels'
+        order); a name the model does not state in words is refused."""
+        names = set(names)
+        unknown = names - set(self.finding_names)
+        if unknown:
+            raise ValueError(f"not a finding this model states: {sorted(unknown)} "
+                             f"(it states {self.finding_names or 'none'})")
+        return tuple(n for n in self.finding_names if n in names)
 
     def _decoder(self):
         """The lean decoder where it is exact (a merged GPT-2 or Llama LM: models/fast_decode,
@@ -494,24 +510,33 @@ class ReportModel(nn.Module):
                                     room=self.config.max_report_tokens + 8)
         return KVDecoder(self.lm, self.base_lm)
 
-    def _report_tokens(self, study, settings: GenerationSettings,
-                       decision: int | None = None) -> Iterator[int]:
+    def _report_tokens(self, study, settings: GenerationSettings, decision: int | None = None,
+                       findings: Iterable[str] | None = None) -> Iterator[int]:
         enc = self.encode(study)
         dev = self.device
-        label, findings = self.stated(self._prediction(enc.logits), decision)
+        pred = self._prediction(enc.logits)
+        label, stated = self.stated(pred, decision, findings)
+        own = self.stated(pred, decision)[1]  # what the model would state by itself
 
-        def prompt(lab):
-            head = torch.tensor([self.head_ids(lab, findings)], device=dev)
+        def prompt(lab, said):
+            head = torch.tensor([self.head_ids(lab, said)], device=dev)
             return torch.cat([enc.prefix, self._embed(head).to(enc.prefix.dtype)], dim=1)
 
-        embeds = prompt(label)
+        embeds = prompt(label, stated)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
         dec = self._decoder()
         settings = resolve_settings(settings, self.config)
         guidance = settings.label_guidance
+        if stated != own and settings.finding_guidance:
+            guidance = settings.finding_guidance  # flipped chips: their own strength
         if label is not None and guidance and len(self.label_phrase_ids) == 2:
-            dec = GuidedDecoder(dec, prompt(1 - label), guidance)
+            # Away from the opposite decision and, when the reader flipped finding chips, from
+            # the findings the model would have stated: the draft follows the flips instead of
+            # the wording the image alone suggests. Unflipped, plain label guidance.
+            dec = GuidedDecoder(dec, prompt(1 - label, own), guidance)
+        elif stated != own and guidance:
+            dec = GuidedDecoder(dec, prompt(label, own), guidance)
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)
@@ -521,10 +546,12 @@ class ReportModel(nn.Module):
 
     @torch.inference_mode()
     def stream_report(self, study, settings: GenerationSettings | None = None, *,
-                      decision: int | None = None) -> Iterator[str]:
+                      decision: int | None = None,
+                      findings: Iterable[str] | None = None) -> Iterator[str]:
         """Yield display text pieces as tokens are decoded (detokenized, sentence case).
         `decision` (0/1) replaces the study's own label in the prompt: a series is drafted from
-        its key slice with the whole series' decision.
+        its key slice with the whole series' decision. `findings` (finding label names, the
+        reader's chips) replaces the predicted findings the prompt states (finding_prompt).
 
         Greedy/sampling streams token by token. Beam search (num_beams > 1) can only know its
         winner at the end: the pieces of the final beam are then yielded one token at a time.
@@ -536,7 +563,7 @@ class ReportModel(nn.Module):
         try:
             ids: list[int] = []
             shown = ""
-            for t in self._report_tokens(study, settings, decision):
+            for t in self._report_tokens(study, settings, decision, findings):
                 ids.append(t)
                 text = detokenize(self.tokenizer.decode(ids, skip_special_tokens=True))
                 if len(text) > len(shown) and text.startswith(shown):

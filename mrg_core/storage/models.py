@@ -90,4 +90,9 @@ class CorrectionRow(Base):
     # "corrected" | "accepted" (draft saved unchanged) | "written" (no draft). NULL only in rows
     # of files made before the column existed (added by Store._ensure_schema); read as derived.
     kind: Mapped[str | None] = mapped_column(String(16))
+    # The reader's finding chips when the page showed them: {label name: 0/1} for every finding
+    # the model states, and the names they flipped from the model's prediction. NULL for a
+    # model without chips, and in rows of files made before the columns existed.
+    findings: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
+    finding_flips: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

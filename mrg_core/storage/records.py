@@ -57,6 +57,8 @@ class HistoryEntry:
     probability: float | None
     label: int | None = None
     kind: str = CORRECTED  # CORRECTED / ACCEPTED / WRITTEN
+    finding_flips: list[str] = field(default_factory=list)  # chips the reader changed
+    findings: dict[str, int] | None = None  # the reader's finding chips, {name: 0/1}
 
 
 @dataclass
@@ -74,3 +76,5 @@ class CorrectionExample:
     created_at: datetime
     kind: str = CORRECTED  # ACCEPTED rows are the model's own text: finetune leaves them out
     model_name: str = ""  # the model that drafted it: fine-tuning uses its own model's only
+    # the reader's finding chips ({name: 0/1}) when they flipped one (Store: _reviewed_findings)
+    findings: dict[str, int] | None = None

@@ -29,6 +29,8 @@ from .records import (ACCEPTED, CorrectionExample, DraftRecord, HistoryEntry, Sa
 
 MAX_TEXT_CHARS = 20_000  # a long CT report is ~5k; more is a paste accident, not a report
 MAX_NAME_CHARS = 200
+# corrections columns newer than the first release, in the order they were added (_migrate)
+ADDED_COLUMNS = ("kind", "findings", "finding_flips")
 REVIEWER_REQUIRED = ("Enter the reviewer's name before saving: every saved report records who "
                      "reviewed it. Your text was not lost.")
 
@@ -44,13 +46,16 @@ class Store:
     # ---------------------------------------------------------------- writes
 
     def save_review(self, study: Study, draft: DraftRecord, final_text: str, reviewer: str,
-                    label: int | None = None) -> SaveResult:
+                    label: int | None = None, findings: dict[str, int] | None = None,
+                    finding_flips: list[str] | None = None) -> SaveResult:
         """Study (get-or-create) + views + draft + correction in ONE transaction.
 
         The row's kind says what the review was (records.review_kind): the draft saved
         unchanged is ACCEPTED ("accepted as drafted"), not a correction. A blank reviewer is
-        refused (InvalidCorrection)."""
+        refused (InvalidCorrection). `findings` ({label name: 0/1}) and `finding_flips` are
+        the reader's finding chips (mrg_core.finding_chips)."""
         final_text, reviewer, label = _check_correction(final_text, reviewer, label)
+        findings, finding_flips = _check_findings(findings, finding_flips)
         _check_draft(draft)
         views = _encode_views(study)
         with self._write() as s:
@@ -60,7 +65,8 @@ class Store:
             s.flush()
             c = CorrectionRow(draft_id=d.id, study_id=study_id, final_text=final_text,
                               reviewer=reviewer, label=label,
-                              kind=review_kind(d.text, final_text), created_at=utcnow())
+                              kind=review_kind(d.text, final_text), findings=findings,
+                              finding_flips=finding_flips, created_at=utcnow())
             s.add(c)
             s.flush()
             result = SaveResult(study_id, d.id, c.id, c.created_at, c.kind)
@@ -78,8 +84,10 @@ class Store:
         return draft_id
 
     def save_correction(self, draft_id: int, final_text: str, reviewer: str,
-                        label: int | None = None) -> int:
+                        label: int | None = None, findings: dict[str, int] | None = None,
+                        finding_flips: list[str] | None = None) -> int:
         final_text, reviewer, label = _check_correction(final_text, reviewer, label)
+        findings, finding_flips = _check_findings(findings, finding_flips)
         with self._write() as s:
             row = s.execute(select(DraftRow.study_id, DraftRow.text)
                             .where(DraftRow.id == draft_id)).first()
@@ -88,7 +96,8 @@ class Store:
                                         "in the database; generate the draft again.")
             c = CorrectionRow(draft_id=draft_id, study_id=row.study_id, final_text=final_text,
                               reviewer=reviewer, label=label,
-                              kind=review_kind(row.text, final_text), created_at=utcnow())
+                              kind=review_kind(row.text, final_text), findings=findings,
+                              finding_flips=finding_flips, created_at=utcnow())
             s.add(c)
             s.flush()
             correction_id = c.id
@@ -105,7 +114,8 @@ class Store:
              .order_by(CorrectionRow.created_at.desc(), CorrectionRow.id.desc()))
         with self._read() as s:
             return [HistoryEntry(c.id, c.created_at, c.reviewer, c.final_text, d.text,
-                                 d.model_version, d.probability, c.label, _kind(c, d))
+                                 d.model_version, d.probability, c.label, _kind(c, d),
+                                 c.finding_flips or [], c.findings)
                     for c, d in s.execute(q).all()]
 
     def get_study_images(self, content_hash: str) -> list[np.ndarray]:
@@ -126,7 +136,8 @@ class Store:
                 images[c.study_id] = [decode_png(p) for p in pngs]
             out.append(CorrectionExample(c.id, h, images[c.study_id], c.final_text,
                                          _label(c, d), d.text, d.model_version, d.probability,
-                                         c.created_at, _kind(c, d), d.model_name))
+                                         c.created_at, _kind(c, d), d.model_name,
+                                         _reviewed_findings(c)))
         return out
 
     def export_pairs(self, folder: str | os.PathLike) -> int:
@@ -153,7 +164,7 @@ class Store:
                 written.add(c.study_id)
             lines.append(json.dumps({
                 "id": c.id, "image_path": rel, "report": c.final_text, "label": _label(c, d),
-                "kind": _kind(c, d),
+                "kind": _kind(c, d), "findings": c.findings, "finding_flips": c.finding_flips,
                 "draft": d.text, "probability": d.probability, "model_version": d.model_version,
                 "created_at": c.created_at.isoformat()}, ensure_ascii=False))
         # Write-then-rename: a reader never sees a half-written JSONL.
@@ -222,15 +233,19 @@ class Store:
     def _migrate(self) -> None:
         """Columns added after the first release, added to older database files in place
         (ADD COLUMN, nullable: old rows stay as they were; the append-only rule holds)."""
-        have = {c["name"] for c in inspect(self.engine).get_columns("corrections")}
-        if "kind" not in have:
+        for name in ADDED_COLUMNS:
+            have = {c["name"] for c in inspect(self.engine).get_columns("corrections")}
+            if name in have:
+                continue
+            column = CorrectionRow.__table__.c[name]
+            kind = column.type.compile(dialect=self.engine.dialect)
             try:
                 with self._write_engine.begin() as conn:
-                    conn.execute(sql("ALTER TABLE corrections ADD COLUMN kind VARCHAR(16)"))
+                    conn.execute(sql(f"ALTER TABLE corrections ADD COLUMN {name} {kind}"))
             except Exception:
                 # Another process added it first.
                 have = {c["name"] for c in inspect(self.engine).get_columns("corrections")}
-                if "kind" not in have:
+                if name not in have:
                     raise
 
     @staticmethod
@@ -296,6 +311,28 @@ def _check_correction(final_text, reviewer, label) -> tuple[str, str, int | None
     return final_text, reviewer, label
 
 
+def _check_findings(findings, flips) -> tuple[dict | None, list | None]:
+    """The reader's finding chips: {name: 0/1}, and flips that are names among them."""
+    if findings is None:
+        if flips:
+            raise InvalidCorrection("Finding flips were given without the findings' states.")
+        return None, None
+    if not isinstance(findings, dict) or not all(
+            isinstance(k, str) and k and len(k) <= MAX_NAME_CHARS for k in findings):
+        raise InvalidCorrection("The findings must map finding names to 0 or 1.")
+    out = {}
+    for k, v in findings.items():
+        if isinstance(v, bool) or v in (0, 1):
+            out[_clean(k)] = int(v)
+        else:
+            raise InvalidCorrection(f"The finding {k!r} must be 0 (absent) or 1 (present), "
+                                    f"not {v!r}.")
+    flips = list(flips or [])
+    if not set(flips) <= set(out):
+        raise InvalidCorrection("A flipped finding is not among the findings' states.")
+    return out, flips
+
+
 def _check_draft(draft: DraftRecord) -> None:
     if not isinstance(draft.text, str) or len(draft.text) > MAX_TEXT_CHARS:
         raise InvalidCorrection("The model draft is missing or too long to save.")
@@ -330,6 +367,13 @@ def _draft_row(study_id: int, draft: DraftRecord) -> DraftRow:
 def _kind(c: CorrectionRow, d: DraftRow) -> str:
     """The stored kind; rows saved before the column existed get it from their texts."""
     return c.kind or review_kind(d.text, c.final_text)
+
+
+def _reviewed_findings(c: CorrectionRow) -> dict | None:
+    """The chips as training targets only when the reviewer flipped one: then they looked at
+    them and left the others as they were on purpose. Chips nobody touched are the model's
+    own prediction, which would teach the finding heads their own mistakes."""
+    return c.findings if c.finding_flips else None
 
 
 def _label(c: CorrectionRow, d: DraftRow) -> int | None:
