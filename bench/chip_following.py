@@ -1,6 +1,7 @@
 """Does the draft follow the finding chips (issue 21)? Flip one chip at a time on val studies.
 
-    python bench/chip_following.py --studies 24 --json bench/results/chip_following_val_model2.json
+    python bench/chip_following.py --studies 24 --offset 6 --finding-guidance 1.5 \
+        --json bench/results/chip_following_val_model2.json
 
 For each study and each finding the model states in words: flip that chip (tick it when the
 model did not predict it, untick it when it did), draft again, and read the draft with the
@@ -72,7 +73,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--data", type=Path, default=None, help="COV-CTR folder (default: shared)")
-    ap.add_argument("--studies", type=int, default=24, help="the first N val studies")
+    ap.add_argument("--studies", type=int, default=24, help="N val studies")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip the first val studies (those a setting was chosen on)")
     ap.add_argument("--precision", choices=PRECISIONS, default="int8-weights")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--finding-guidance", type=float, default=None,
@@ -88,14 +91,15 @@ def main(argv=None) -> int:
     if not model.finding_names:
         print("this model states no findings in words: nothing to flip", file=sys.stderr)
         return 2
-    examples = load_splits(args.data)["val"][: args.studies]
+    examples = load_splits(args.data)["val"][args.offset: args.offset + args.studies]
     cache = ImageCache()
     settings = GenerationSettings(finding_guidance=args.finding_guidance)
     rows, t0 = [], time.perf_counter()
     for ex in examples:
         for r in flip_one(model, cache.load_study(ex), settings):
             rows.append({"id": ex.id, **r})
-    res = {"split": "val", "n_studies": len(examples), "precision": args.precision,
+    res = {"split": "val", "n_studies": len(examples), "offset": args.offset,
+           "precision": args.precision,
            "finding_guidance": args.finding_guidance,
            "model": {k: model.info.get(k) for k in ("name", "version")},
            "seconds": round(time.perf_counter() - t0, 1), **summary(rows)}

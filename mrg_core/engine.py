@@ -22,6 +22,7 @@ import numpy as np
 from mrg_core.finding_chips import finding_chips
 from mrg_core.io import LoadLimits, load_studies, load_study
 from mrg_core.models.quantize import model_precision
+from mrg_core.sections import findings_span, with_sections
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
 from mrg_core.storage import DraftRecord, SaveResult, Store
 from mrg_core.storage.space import default_database_url, ephemeral_store_warning
@@ -508,9 +509,19 @@ class Engine:
         model = self.route(study)[0]
         index, drafted, study_decision = self._drafted(study)
         decision = study_decision if decision is None else decision
+        a, b = findings_span(model, text)  # what the LM wrote: not a decision's Impression
+        found = ground_sentences(model, drafted, text[a:b], decision=decision,
+                                 findings=findings, guard=self._model_turn)
+        for g in found:  # spans in `text`
+            g.start, g.end = g.start + a, g.end + a
+        return index, found
+
+    @contextlib.contextmanager
+    def _model_turn(self):
+        """One pass through a model: under the model lock (in arrival order), with the
+        decode threads."""
         with self._model_lock, torch_threads(self.decode_threads):
-            return index, ground_sentences(model, drafted, text, decision=decision,
-                                           findings=findings)
+            yield
 
     def stream_report(self, study: Study, settings=None, findings=None,
                       decision: int | None = None) -> Iterator[str]:
@@ -541,7 +552,8 @@ class Engine:
             extra = {} if decision is None else {"decision": decision}
             if findings is not None:
                 extra["findings"] = findings
-            it = model.stream_report(drafted, settings, **extra)
+            it = with_sections(model, model.stream_report(drafted, settings, **extra), drafted,
+                               decision)
             piece = None
             try:
                 while piece is not _END and not stop.is_set():

@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mrg_core.storage import ACCEPTED, CorrectionExample
+from mrg_core.sections import findings_text
 from mrg_core.study import study_from_arrays
 from mrg_core.text import clean_report
 
@@ -169,7 +170,8 @@ def training_items(examples: list[CorrectionExample], model) -> list[tuple]:
 
     labels = model.config.labels
     rows = len(labels) > 1 and any(ex.findings for ex in examples)
-    return [(study_to_tensor(study_of(ex), model.config.preprocess), ex.final_text,
+    return [(study_to_tensor(study_of(ex), model.config.preprocess),
+             findings_text(model, ex.final_text),  # not an Impression the LM never writes
              target_label_row(ex, labels, model._target_index) if rows else
              float("nan") if ex.label is None else float(ex.label)) for ex in examples]
 
@@ -393,10 +395,14 @@ def label_accuracy(model, examples: list[CorrectionExample]) -> float | None:
 
 
 def heldout_metrics(model, examples: list[CorrectionExample], settings, desc: str,
-                    hyps: dict | None = None) -> dict:
+                    hyps: dict | None = None, text_model=None) -> dict:
+    """Text metrics of `model`'s drafts (or `hyps`) against the saved reports, on what the
+    language model writes (sections.findings_text of `text_model`, default `model`)."""
     hyps = hyps if hyps is not None else generate_for(model, examples, settings, desc)
-    m = text_metrics({e.correction_id: e.final_text for e in examples}, hyps,
-                     {e.correction_id: e.draft_text for e in examples})
+    reader = text_model or model
+    lm = (lambda t: findings_text(reader, t)) if reader is not None else (lambda t: t)
+    m = text_metrics({e.correction_id: lm(e.final_text) for e in examples}, hyps,
+                     {e.correction_id: lm(e.draft_text) for e in examples})
     if model is not None:
         m["label_accuracy"] = label_accuracy(model, examples)
     return m
@@ -495,7 +501,7 @@ def finetune_from_store(store, base_dir, out_dir=None, cfg: FinetuneConfig | Non
             hyps |= generate_for(m, te, settings, f"fold {i + 1} held-out")
             acc = label_accuracy(m, te)
             correct += [] if acc is None else [(acc, len(te))]
-        after = heldout_metrics(None, kept, settings, "", hyps=hyps)
+        after = heldout_metrics(None, kept, settings, "", hyps=hyps, text_model=base_model)
         after["label_accuracy"] = (sum(a * n for a, n in correct) / sum(n for _, n in correct)
                                    if correct else None)
         train_ex = kept  # the saved version learns from every correction

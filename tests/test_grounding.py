@@ -88,3 +88,18 @@ def test_a_study_decision_replaces_the_views_label_and_its_findings():
     assert model.stated(pred) == (1, ("ground_glass",))
     assert model.stated(pred, decision=1) == (1, ("ground_glass",))
     assert model.stated(pred, decision=0) == (0, ())
+
+
+def test_each_sentence_peaks_on_its_own_finding_in_synthetic_studies():
+    """Localisation with known answers (mrg_core.grounding_check): a tiny MedVLM trained on
+    synthetic slices with a nodule and a cavity placed independently; on fresh slices with both
+    in different quadrants, each sentence's map must peak in its own finding's quadrant. One
+    map shared by both sentences (Grad-CAM's channel-averaged gradient, or a fixed target)
+    can be right for at most half of them; the seeds measured put 78-98 % in place."""
+    from mrg_core.grounding_check import localisation, train_model
+
+    torch.set_num_threads(2)
+    model = train_model(seed=2, steps=1500)
+    got = localisation(model, n=20)
+    assert got["sentences"] == 40
+    assert got["in_own_quadrant"] >= 0.75, got

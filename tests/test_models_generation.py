@@ -195,3 +195,20 @@ def test_label_guidance_with_beams_and_model_default(study, phrases):
     got = tokens(model, study, max_new_tokens=40, label_guidance=1.0)
     pairs = list(zip(got, got[1:]))
     assert len(got) >= 30 and len(pairs) == len(set(pairs))  # the model's 2 was used
+
+
+def test_guidance_plausibility_keeps_only_tokens_the_prompt_finds_likely():
+    """A strong contrast lifts tokens both prompts find absurd (the cond/contrast ratio of two
+    tiny probabilities); with `plausible` only tokens within that share of the conditional
+    prompt's best token can win (contrastive decoding's constraint). 0 = off."""
+    import math
+
+    from mrg_core.models.generation import GuidedDecoder
+
+    cond = torch.log(torch.tensor([[0.60, 0.30, 0.0999, 0.0001]]))
+    contrast = torch.log(torch.tensor([[0.60, 0.30, 0.0999999, 0.0000001]]))
+    off = GuidedDecoder(None, None, 1.5)._mix(cond, contrast)
+    assert int(off.argmax()) == 3  # the absurd token wins without the constraint
+    on = GuidedDecoder(None, None, 1.5, plausible=0.1)._mix(cond, contrast)
+    assert int(on.argmax()) == 0 and math.isinf(on[0, 3]) and on[0, 3] < 0
+    assert torch.isfinite(on[0, :3]).all()  # 0.30 and 0.0999 >= 0.1 * 0.60 stay

@@ -118,6 +118,13 @@ def test_report_cli_writes_linked_and_standalone_srs(tmp_path, capsys):
     linked = pydicom.dcmread(out / "report_1_1.sr.dcm")
     assert linked.StudyInstanceUID == pydicom.dcmread(cr, stop_before_pixels=True).StudyInstanceUID
     assert linked.PreliminaryFlag == "PRELIMINARY"  # a draft nobody has read yet
-    assert content(linked)["Findings"] == [records[0]["report"].strip()]
+    # the CT model's draft: the LM's Findings, the decision as the Impression (sections.py)
+    from mrg_core.report_export import sections
+
+    parts = sections(records[0]["report"])
+    assert content(linked)["Findings"] == [parts["findings"]]
+    assert content(linked)["Impressions"] == [parts["impression"]]
+    assert parts["impression"] in json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())[
+        "impression_phrases"]
     alone = pydicom.dcmread(BytesIO((out / "report_2_1.sr.dcm").read_bytes()))
     assert "CurrentRequestedProcedureEvidenceSequence" not in alone

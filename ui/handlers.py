@@ -359,6 +359,74 @@ def redraft_with_findings(engine: Engine, session: Session, editor_text: str, ti
                             findings=chosen, flips=flips)
 
 
+# ----------------------------------------------------------------------------- grounding
+
+GROUNDING_NOTE = ("Select a sentence to see where in the image its words come from: the "
+                  "gradient × activation of that sentence's likelihood at the image encoder "
+                  "(experimental: checked on synthetic studies, where 78-98 % of sentences "
+                  "peak on their own finding, not on real lesions).")
+NO_STATEMENT = -1  # the choice that brings back the decision's Grad-CAM
+
+
+@dataclass
+class GroundingView:
+    visible: bool
+    choices: list  # (label shown, statement index); NO_STATEMENT first
+    message: str  # Markdown
+
+
+def ground_draft(engine: Engine, session: Session) -> GroundingView:
+    """Ground each sentence of the latest draft (as drafted: the chips it was written from),
+    for the page's sentence list; nothing to show without a draft or a model that sees the
+    image."""
+    from mrg_core.grounding import NoGrounding
+
+    session.grounding, session.grounded = None, None
+    if session.study is None or engine.model is None or not (session.draft or "").strip():
+        return GroundingView(False, [], "")
+    stated = (session.draft_findings or {}).get("stated")
+    try:
+        view, found = engine.ground(session.study, session.draft, findings=stated)
+    except (NoGrounding, NoModelForStudy) as exc:
+        return GroundingView(True, [], f"No sentence maps: {_md(str(exc))}")
+    except Exception as exc:
+        log_failure("sentence grounding", exc)
+        return GroundingView(True, [], "The sentence maps could not be made.")
+    session.grounding = (view, found)
+    choices = [("None: the decision's Grad-CAM", NO_STATEMENT)]
+    for k, g in enumerate(found):
+        share = "" if g.lung_share is None else f", {g.lung_share:.0%} in the lungs"
+        words = g.text if len(g.text) <= 90 else g.text[:87] + "…"
+        choices.append((f"{k + 1}. {words} (peak {region_of(g)}{share})", k))
+    return GroundingView(True, choices, GROUNDING_NOTE)
+
+
+def region_of(g) -> str:
+    from mrg_core.grounding import region_name
+
+    return region_name(*g.peak)
+
+
+def select_statement(session: Session, choice) -> int | None:
+    """The viewer shows the chosen sentence's map (NO_STATEMENT: the Grad-CAM again); returns
+    the view (0-based) its map is on, for the slider, or None."""
+    if session.grounding is None or choice is None or int(choice) == NO_STATEMENT:
+        session.grounded = None
+        return None
+    view, found = session.grounding
+    k = int(choice)
+    session.grounded = k if 0 <= k < len(found) else None
+    return view if session.grounded is not None else None
+
+
+def statement_map(session: Session, index: int) -> np.ndarray | None:
+    """The selected sentence's map when the viewer is on its view, else None."""
+    if session.grounding is None or session.grounded is None:
+        return None
+    view, found = session.grounding
+    return found[session.grounded].maps[0] if index == view else None
+
+
 # ----------------------------------------------------------------------------- viewer
 
 def render_view(engine: Engine, session: Session, index: int = 0, preset: str = "default",
@@ -373,7 +441,9 @@ def render_view(engine: Engine, session: Session, index: int = 0, preset: str = 
     views = study.views
     i = min(max(int(index or 0), 0), len(views) - 1)
     grey = _windowed(views[i], preset, centre, width)
-    heat = view_map(engine, study, a, i) if show_overlay else None
+    heat = statement_map(session, i)  # a selected sentence's map first
+    if heat is None and show_overlay:
+        heat = view_map(engine, study, a, i)
     if heat is not None:
         return engine.overlay(grey, heat, float(opacity))
     return np.stack([grey] * 3, axis=-1)
@@ -583,10 +653,12 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     me = session.stream_count
     session.streaming, session.stop_requested, session.user_edited = True, False, False
     session.latest = ""
+    session.grounding, session.grounded = None, None  # of the previous draft
     text, t0, first, n = "", time.perf_counter(), None, 0
     sent, last_sent, finished = "", 0.0, False  # the text the page was last sent, and when
     try:
-        pieces = engine.stream_report(session.study, settings, findings=findings)
+        pieces = engine.stream_report(session.study, settings,
+                                      **({} if findings is None else {"findings": findings}))
     except ValueError as exc:  # findings this model does not state
         session.streaming = False
         yield StreamUpdate(None, None, f"**No draft:** {_md(str(exc))}", done=True)

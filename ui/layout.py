@@ -153,6 +153,15 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                     latest = gr.Textbox(label="Latest draft (read-only; your text above was kept)",
                                         lines=6, interactive=False, elem_id="latest-draft")
                     use_latest = gr.Button("Replace editor with latest draft", size="sm")
+                # Sentence grounding of the latest draft, on request (a few seconds on a CPU,
+                # which other users' drafts would wait for): select a sentence and the viewer
+                # shows where in the image its words come from.
+                ground_btn = gr.Button("Show where each sentence comes from", size="sm",
+                                       elem_id="ground")
+                with gr.Group(visible=False) as ground_box:
+                    grounded = gr.Radio([], value=None, label="Sentences of the draft",
+                                        elem_id="grounded-sentences")
+                    ground_msg = gr.Markdown(elem_id="grounding-note")
                 with gr.Row():
                     reviewer = gr.Textbox(label="Reviewer" + (" (signed in)" if auth else ""),
                                           placeholder="Your name", scale=3,
@@ -216,7 +225,7 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                 kept = " The previous study is still shown." if s.study is not None else ""
                 return (s, res.message + kept, gr.update(), gr.update(), gr.update(),
                         gr.update(), gr.update(), gr.update(), *clear_stale(s), gr.update(),
-                        gr.update(), gr.update())
+                        gr.update(), gr.update(), gr.update())
             menu = (gr.update(visible=True, choices=res.series_choices, value=res.series_index)
                     if len(res.series_choices) > 1 else
                     gr.update(visible=False, choices=[], value=None))
@@ -224,10 +233,11 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                     gr.update(visible=res.n_views > 1, maximum=max(res.n_views, 2), value=1),
                     gr.update(visible=res.is_ct), gr.update(value=""),  # editor: new study
                     gr.update(visible=False), "", "Analysing…", *clear_stale(s), menu,
-                    gr.update(visible=False), gr.update(choices=[], value=[]))  # chips
+                    gr.update(visible=False), gr.update(choices=[], value=[]),  # chips
+                    gr.update(visible=False))  # sentence maps of the previous study's draft
 
         load_outputs = [session, load_msg, view_idx, ct_box, editor, latest_box, notice,
-                        probability, *stale_outputs, series, chips_box, chips]
+                        probability, *stale_outputs, series, chips_box, chips, ground_box]
 
         def analyze(s, idx, *look):
             """The analysis, then the view with its heat map: a fresh analysis of a series
@@ -301,12 +311,34 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                 engine, s, text, ticked, update_every_s=h.UPDATE_EVERY_S))
 
         stream_outputs = [editor, latest, latest_box, notice, *stale_outputs]
-        gen_btn.click(stream, [session, editor], stream_outputs, show_progress="hidden",
-                      concurrency_id="model", api_name="generate")
-        regen_btn.click(regenerate, [session, editor], stream_outputs, show_progress="hidden",
-                        concurrency_id="model")
-        redraft_btn.click(redraft, [session, editor, chips], stream_outputs,
-                          show_progress="hidden", concurrency_id="model", api_name="redraft")
+
+        def ground(s):
+            g = h.ground_draft(engine, s)
+            return (gr.update(visible=g.visible),
+                    gr.update(choices=g.choices, value=h.NO_STATEMENT if g.choices else None),
+                    g.message)
+
+        ground_btn.click(ground, session, [ground_box, grounded, ground_msg],
+                         concurrency_id="model", api_name="ground")
+        # the maps of the previous draft go when a new one starts
+        hide_maps = dict(fn=lambda: gr.update(visible=False), inputs=None, outputs=ground_box,
+                         queue=False)
+        for btn, fn, kw in ((gen_btn, stream, {"api_name": "generate"}),
+                            (regen_btn, regenerate, {}), (redraft_btn, redraft,
+                                                          {"api_name": "redraft"})):
+            btn.click(**hide_maps)
+            inputs = [session, editor, chips] if btn is redraft_btn else [session, editor]
+            btn.click(fn, inputs, stream_outputs, show_progress="hidden",
+                      concurrency_id="model", **kw)
+
+        def pick_statement(s, choice, *look):
+            view = h.select_statement(s, choice)
+            at = gr.update() if view is None else gr.update(value=view + 1)
+            idx = look[0] if view is None else view + 1
+            return (at, *render(s, idx, *look[1:]))
+
+        grounded.input(pick_statement, [session, grounded, *view_inputs[1:]],
+                       [view_idx, *view_outputs], show_progress="hidden")
         # Stop is cooperative: the stream ends at its next piece and its last update unlocks
         # the editor. (Gradio's `cancels` could land after a new Generate and cancel that one.)
         stop_btn.click(h.stop_message, session, notice, queue=False)

@@ -24,6 +24,10 @@ class Session:
     draft_timings: dict = field(default_factory=dict)
     # a draft written from the reader's finding chips: {"stated": names, "flipped": names}
     draft_findings: dict | None = None
+    # Sentence grounding of the latest draft: (view index, [grounding.GroundedStatement]) and
+    # the statement whose map the viewer shows (None: the decision's Grad-CAM).
+    grounding: Any = None
+    grounded: int | None = None
     stream_count: int = 0  # drafts started; a stream stops when a newer one starts
 
     # Editor ownership: what the app last wrote into the editor. Any other editor text is the
@@ -51,6 +55,7 @@ class Session:
         self.study, self.analysis, self.study_label = study, None, label  # series: kept
         self.draft, self.draft_settings, self.draft_timings = "", None, {}
         self.draft_findings = None
+        self.grounding, self.grounded = None, None
         self.latest, self.last_save, self.editor_shadow = "", None, ""
         self.saved_text = ""
         self.stream_count += 1  # an unfinished stream of the old study stops

@@ -115,6 +115,10 @@ class ReportModelConfig:
     # can then only follow the image through what the classifier decided. medvlm only.
     visual_context: bool = True
     label_phrases: list[str] = field(default_factory=lambda: ["no pneumonia .", "pneumonia ."])
+    # [negative, positive]: the draft's Impression, the classifier's decision in words, for a
+    # model whose training reports have findings only (mrg_core/sections.py); [] = the text as
+    # the LM writes it.
+    impression_phrases: list[str] = field(default_factory=list)
     label_prompt_teacher_forcing: float = 0.7
     # Findings stated in words after the decision, the same way (finding_prompt). Every label
     # other than the target (pneumonia) with an entry in finding_phrases is a finding the encoder

@@ -8,6 +8,7 @@ injects its learned key/values there), `step` the plain causal LM that continues
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,12 +121,21 @@ class GuidedDecoder:
     Prompts of equal length run as one batch of two (one weight read per step: about the cost
     of one sequence on a memory-bound CPU); otherwise as two caches in lockstep."""
 
-    def __init__(self, dec: KVDecoder, contrast: torch.Tensor, scale: float):
+    def __init__(self, dec: KVDecoder, contrast: torch.Tensor, scale: float,
+                 plausible: float = 0.0):
         self.dec, self.contrast, self.scale = dec, contrast, float(scale)
+        self.plausible = float(plausible)
 
     def _mix(self, lp_cond: torch.Tensor, lp_contrast: torch.Tensor) -> torch.Tensor:
         lp_cond, lp_contrast = torch.log_softmax(lp_cond, -1), torch.log_softmax(lp_contrast, -1)
-        return (1 + self.scale) * lp_cond - self.scale * lp_contrast
+        mixed = (1 + self.scale) * lp_cond - self.scale * lp_contrast
+        if self.plausible > 0:
+            # Contrastive decoding's plausibility constraint (Li et al., 2023): only tokens the
+            # conditional prompt itself finds likely (p >= plausible * its best) may win; a
+            # strong contrast otherwise lifts tokens both prompts find absurd.
+            floor = lp_cond.max(-1, keepdim=True).values + math.log(self.plausible)
+            mixed = mixed.masked_fill(lp_cond < floor, float("-inf"))
+        return mixed
 
     def prefill(self, embeds: torch.Tensor):
         c = self.contrast.to(embeds.dtype).expand(embeds.shape[0], -1, -1)

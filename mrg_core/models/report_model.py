@@ -38,6 +38,9 @@ from mrg_core.preprocess import heatmap_to_view, study_to_tensor
 from mrg_core.text import clean_report, detokenize
 
 CACHE_SIZE = 32
+# A draft of flipped finding chips keeps tokens with p >= this share of the best token's under
+# the chips' prompt (GuidedDecoder's plausibility constraint; contrastive decoding's alpha).
+FLIP_PLAUSIBILITY = 0.1
 
 
 @dataclass
@@ -528,15 +531,18 @@ class ReportModel(nn.Module):
         dec = self._decoder()
         settings = resolve_settings(settings, self.config)
         guidance = settings.label_guidance
-        if stated != own and settings.finding_guidance:
-            guidance = settings.finding_guidance  # flipped chips: their own strength
+        flipped = stated != own
+        plausible = 0.0
+        if flipped and settings.finding_guidance:
+            # flipped chips: their own strength, and only tokens the chips' prompt finds likely
+            guidance, plausible = settings.finding_guidance, FLIP_PLAUSIBILITY
         if label is not None and guidance and len(self.label_phrase_ids) == 2:
             # Away from the opposite decision and, when the reader flipped finding chips, from
             # the findings the model would have stated: the draft follows the flips instead of
             # the wording the image alone suggests. Unflipped, plain label guidance.
-            dec = GuidedDecoder(dec, prompt(1 - label, own), guidance)
-        elif stated != own and guidance:
-            dec = GuidedDecoder(dec, prompt(label, own), guidance)
+            dec = GuidedDecoder(dec, prompt(1 - label, own), guidance, plausible)
+        elif flipped and guidance:
+            dec = GuidedDecoder(dec, prompt(label, own), guidance, plausible)
         tok = self.tokenizer
         bos, eos = tok.bos_token_id, tok.eos_token_id
         suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)

@@ -64,3 +64,93 @@ def test_tick_a_finding_redraft_keep_my_line_and_save_the_flip(browser, tmp_path
     assert state["ground_glass"] == 1 and json.loads(flips) == ["ground_glass"]
     assert set(state) == set(engine.model.finding_names)
     assert final.rstrip().endswith(MINE)
+
+
+def test_a_ct_draft_has_findings_and_impression_and_exports_keep_them_apart(browser, tmp_path):
+    """Sections (issue 21): the shipped CT model's draft is a Findings section written by the
+    LM and an Impression that states the decision; FHIR's conclusion is the Impression only and
+    the SR files it under Impressions."""
+    import base64
+    from pathlib import Path
+
+    import pydicom
+
+    demo, engine = serve_app(DEFAULT_MODEL_DIR, tmp_path / "r.db")
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    try:
+        page.goto(demo.local_url)
+        upload(page, SAMPLES_DIR / "ct_phantom_covid.dcm")
+        wait_text(page, "#probability", "Pneumonia probability")
+        positive = "→ positive" in page.locator("#probability").inner_text()
+        page.locator("#generate").click()
+        wait_text(page, "#draft-notice", "Draft ready")
+        text = page.locator("#editor textarea").input_value()
+        phrases = engine.model.config.impression_phrases
+        assert text.startswith("Findings: ")
+        assert text.endswith("\nImpression: " + phrases[int(positive)])
+        page.locator("#reviewer input, #reviewer textarea").first.fill("dr-sections")
+        page.locator("#save").click()
+        wait_text(page, "#save-message", "Saved")
+        page.get_by_text("Export", exact=True).click()
+        page.locator("#export").click()
+        fhir_btn = page.get_by_role("button", name="FHIR R4")
+        fhir_btn.wait_for(timeout=WAIT_MS)
+        with page.expect_download(timeout=WAIT_MS) as dl:
+            fhir_btn.click()
+        doc = json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
+        assert doc["conclusion"] == phrases[int(positive)]
+        assert base64.b64decode(doc["presentedForm"][0]["data"]).decode("utf-8") == text
+        with page.expect_download(timeout=WAIT_MS) as dl:
+            page.get_by_role("button", name="DICOM SR").click()
+        sr = pydicom.dcmread(dl.value.path())
+        sections = {item.ConceptNameCodeSequence[0].CodeMeaning: item.ContentSequence[0].TextValue
+                    for item in sr.ContentSequence if "ContentSequence" in item}
+        assert sections["Impressions"] == phrases[int(positive)]
+        assert not sections["Findings"].startswith("Findings")
+    finally:
+        page.close()
+        demo.close()
+        engine.store.close()
+
+
+def test_each_sentence_of_the_draft_shows_its_own_map(browser, tmp_path, artifacts):
+    """Sentence grounding (issue 21): asked for once the draft is written, the page lists its
+    sentences with where each map peaks; selecting one puts that sentence's map on the viewer, and
+    "None" brings the decision's Grad-CAM back."""
+    demo, engine = serve_app(DEFAULT_MODEL_DIR, tmp_path / "r.db")
+    page = browser.new_page(viewport={"width": 1400, "height": 1250})
+    try:
+        page.goto(demo.local_url)
+        upload(page, SAMPLES_DIR / "ct_phantom_covid.dcm")
+        wait_text(page, "#probability", "Pneumonia probability")
+        page.locator("#viewer img").first.wait_for(timeout=WAIT_MS)
+        page.locator("#generate").click()
+        wait_text(page, "#draft-notice", "Draft ready")
+        page.locator("#ground").click()
+        options = page.locator("#grounded-sentences label")
+        options.nth(2).wait_for(timeout=WAIT_MS)
+        labels = options.all_inner_texts()
+        assert labels[0].startswith("None")
+        assert all("peak" in x and "in the lungs" in x for x in labels[1:])
+        cam = page.locator("#viewer img").first.get_attribute("src")
+        # the sentence that names a finding and where it is
+        finding = next(i for i, x in enumerate(labels) if "lobe of the" in x)
+        options.nth(finding).click()
+        page.wait_for_function("src => document.querySelector('#viewer img').src !== src", arg=cam,
+                               timeout=WAIT_MS)
+        first_map = page.locator("#viewer img").first.get_attribute("src")
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(artifacts / "grounded_sentence.png"), full_page=True)
+        other = 1 if finding != 1 else 2
+        options.nth(other).click()
+        page.wait_for_function("src => document.querySelector('#viewer img').src !== src",
+                               arg=first_map, timeout=WAIT_MS)
+        options.nth(0).click()  # back to the decision's Grad-CAM
+        page.wait_for_function("src => document.querySelector('#viewer img').src !== src",
+                               arg=page.locator("#viewer img").first.get_attribute("src"),
+                               timeout=WAIT_MS)
+        assert "experimental" in page.locator("#grounding-note").inner_text()
+    finally:
+        page.close()
+        demo.close()
+        engine.store.close()
