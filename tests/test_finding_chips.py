@@ -244,8 +244,38 @@ def test_finetuning_targets_carry_the_reviewed_chips(model):
     # teacher forcing states the reviewed chips, even with the other labels unknown
     m = finding_model()
     m.config.finding_teacher_forcing = m.config.label_prompt_teacher_forcing = 1.0
+    set_thresholds(m, set())  # its own heads state nothing: what is stated is the chips'
     m.train()
-    y = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, float("nan"), float("nan"), float("nan")]])
-    heads = m._heads(m.encoder(torch.rand(2, 1, 1, 64, 64)), y)
+    nan = float("nan")
+    y = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, nan, nan, nan], [nan, 1.0, 0.0, 0.0]])
+    enc = m.encoder(torch.rand(3, 1, 1, 64, 64))
+    heads = m._heads(enc, y)
     assert heads[0] == (1, ("consolidation", "RLL"))
-    assert heads[1][0] == 0  # no chips: the head's own findings
+    own = [m.findings_from(p) for p in torch.sigmoid(enc.logits).tolist()]
+    assert heads[1] == (0, own[1]) == (0, ())  # no chips: the head's own findings
+    assert heads[2][1] == ("ground_glass",)  # chips known, decision unknown: still stated
+
+
+def test_a_flipped_draft_has_its_own_guidance_and_keeps_only_plausible_tokens(session,
+                                                                              monkeypatch):
+    """Flipped chips decode at `finding_guidance` with the plausibility rule (a strong contrast
+    over the whole vocabulary otherwise lifts junk words); unflipped drafts keep plain label
+    guidance, without the rule."""
+    from mrg_core.models import report_model
+
+    made = []
+
+    class Recorded(report_model.GuidedDecoder):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(report_model, "GuidedDecoder", Recorded)
+    model, study = finding_model(seed=1, guidance=0.5), session.study
+    model.config.finding_guidance = 1.5
+    set_thresholds(model, {"ground_glass"})
+    prompts_seen(model, study)
+    prompts_seen(model, study, findings=["ground_glass"])  # the chips as predicted: no flip
+    prompts_seen(model, study, findings=["RLL"])
+    assert [(d.scale, d.plausible > 0) for d in made] == [(0.5, False), (0.5, False),
+                                                           (1.5, True)]

@@ -94,8 +94,8 @@ def test_each_sentence_peaks_on_its_own_finding_in_synthetic_studies():
     """Localisation with known answers (mrg_core.grounding_check): a tiny MedVLM trained on
     synthetic slices with a nodule and a cavity placed independently; on fresh slices with both
     in different quadrants, each sentence's map must peak in its own finding's quadrant. One
-    map shared by both sentences (Grad-CAM's channel-averaged gradient, or a fixed target)
-    can be right for at most half of them; the seeds measured put 78-98 % in place."""
+    map shared by both sentences (e.g. every sentence attributed with one target) can be
+    right for at most half of them; the seeds measured put 78-98 % in place."""
     from mrg_core.grounding_check import localisation, train_model
 
     torch.set_num_threads(2)
