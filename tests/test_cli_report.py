@@ -130,6 +130,11 @@ def test_report_cli_finding_chips_with_the_shipped_model():
     assert all(c["stated"] == c["predicted"] for n, c in chips.items() if n != "ground_glass")
     assert 0 <= chips["ground_glass"]["probability"] < 0.5
     assert "ground_glass" in extract_findings(row["report"]), row["report"]
+    # the sections, kept apart: the LM's Findings, the decision in words as the Impression
+    phrases = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["impression_phrases"]
+    assert row["sections"]["impression"] == phrases[row["label"]]
+    assert row["report"] == f"Findings: {row['sections']['findings']}\nImpression: " \
+                            f"{row['sections']['impression']}"
     bad = subprocess.run(run + ["--finding", "effusion=yes"], cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2

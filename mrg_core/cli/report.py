@@ -92,6 +92,7 @@ def main(argv: list[str]) -> int:
     from mrg_core.io import StudyLoadError, load_studies
     from mrg_core.models import GenerationSettings, ReportModel
     from mrg_core.models.quantize import apply_precision, model_precision
+    from mrg_core.report_export import sections as report_sections
 
     if not (args.model / "config.json").is_file():
         print(f"error: no model folder at {args.model} (expected config.json)", file=sys.stderr)
@@ -171,6 +172,8 @@ def main(argv: list[str]) -> int:
                 out_of_domain=a.domain_warning is not None, domain_warning=a.domain_warning,
                 domain=a.domain,  # what the study looks like: from DICOM tags or the pixels
                 findings=list(a.findings), report=text,
+                # Findings and Impression kept apart, as in the exports
+                sections=report_sections(text),
                 # every finding the draft can state: probability, predicted, and stated here
                 finding_chips=[{**c.to_dict(), "stated": c.predicted if stated is None
                                 else c.name in stated} for c in a.chips],
