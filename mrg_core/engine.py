@@ -498,17 +498,16 @@ class Engine:
         label, index = hit
         return index, _sub_study(study, index), label
 
-    def ground(self, study: Study, text: str, findings=None, decision: int | None = None):
+    def ground(self, study: Study, text: str, findings=None):
         """Where each statement of `text` (the draft, or the radiologist's edit of it) comes
         from in the image the draft is written from: (view index, [GroundedStatement]). A
         series or multi-view study is grounded on its key view, with the study's decision, as
-        its draft is written (`findings`, `decision`: the reader's chips, as stream_report).
+        its draft is written (`findings`: the reader's chips, as stream_report).
         Raises grounding.NoGrounding when the routed model's text does not see the image."""
         from mrg_core.grounding import ground_sentences
 
         model = self.route(study)[0]
-        index, drafted, study_decision = self._drafted(study)
-        decision = study_decision if decision is None else decision
+        index, drafted, decision = self._drafted(study)
         a, b = findings_span(model, text)  # what the LM wrote: not a decision's Impression
         found = ground_sentences(model, drafted, text[a:b], decision=decision,
                                  findings=findings, guard=self._model_turn)
@@ -523,11 +522,10 @@ class Engine:
         with self._model_lock, torch_threads(self.decode_threads):
             yield
 
-    def stream_report(self, study: Study, settings=None, findings=None,
-                      decision: int | None = None) -> Iterator[str]:
+    def stream_report(self, study: Study, settings=None, findings=None) -> Iterator[str]:
         """Yield text pieces as they are decoded; concatenated they are the draft.
-        `findings` (finding label names) and `decision` (0/1): the reader's finding chips and
-        decision in place of the model's, which the draft then states.
+        `findings` (finding label names): the reader's finding chips in place of the model's
+        predicted findings, which the draft then states.
 
         The decode runs in its own thread and holds the model lock only while it computes:
         a slow consumer (a web page receiving updates) never keeps other users' drafts
@@ -536,8 +534,7 @@ class Engine:
 
         model = self.route(study)[0]
         settings = settings or GenerationSettings()
-        drafted, study_decision = self.drafted_study(study)
-        decision = study_decision if decision is None else int(decision)
+        drafted, decision = self.drafted_study(study)
         if findings is not None:
             findings = model.chosen_findings(findings)  # refused here, not in the thread
         pieces: queue.SimpleQueue = queue.SimpleQueue()

@@ -638,17 +638,16 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
         return
     into_editor = not (editor_text or "").strip() or _norm(editor_text) == _norm(
         session.editor_shadow)
-    previous, users = session.draft, editor_text or ""
+    # A chip redraft always streams into the editor: the user's edits of the previous draft
+    # are merged into the new one (keep_user_edits), never overwritten.
+    previous, users, into_editor_at_start = session.draft, editor_text or "", into_editor
+    into_editor = into_editor or findings is not None
 
     def shown(draft: str) -> str:
         """What the editor shows: the draft, with the user's edits kept on a chip redraft."""
         if findings is None or into_editor_at_start:
             return draft
         return keep_user_edits(previous, users, draft)
-
-    into_editor_at_start = into_editor
-    if findings is not None:
-        into_editor = True  # the user's edits are merged in, never overwritten
     session.stream_count += 1
     me = session.stream_count
     session.streaming, session.stop_requested, session.user_edited = True, False, False
