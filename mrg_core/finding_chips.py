@@ -47,6 +47,16 @@ def flipped(chips: tuple[FindingChip, ...], state: dict[str, int]) -> list[str]:
     return [c.name for c in chips if c.name in state and bool(state[c.name]) != c.predicted]
 
 
+def stated_with(chips: tuple[FindingChip, ...], overrides: dict[str, int]) -> tuple[str, ...]:
+    """The finding names a draft states: the predicted chips with `overrides` ({name: 0/1})
+    applied; a name that is no chip is refused (ValueError, naming those it can state)."""
+    unknown = sorted(set(overrides) - {c.name for c in chips})
+    if unknown:
+        raise ValueError(f"--finding {', '.join(unknown)}: not a finding this model states "
+                         f"({', '.join(c.name for c in chips) or 'it states none'})")
+    return tuple(c.name for c in chips if overrides.get(c.name, int(c.predicted)))
+
+
 def parse_finding_args(values: list[str]) -> dict[str, int]:
     """CLI `--finding NAME=yes|no` (repeatable) → {name: 0/1}."""
     out: dict[str, int] = {}

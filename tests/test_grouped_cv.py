@@ -139,26 +139,41 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
     assert any(not torch.equal(two[k], one[k]) for k in two)
 
 
-def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
-    """With the finding heads' out-of-fold probabilities in cv.json, a model's finding
-    thresholds are fitted on them (F1 over train + val's out-of-fold probabilities), not on
-    val, which a refitted encoder has trained on."""
+def _glass_model(tmp_path, n: dict):
+    """Synthetic COV-CTR splits and a tiny model whose one finding (ground glass) is stated
+    in words, saved to tmp_path/model: (splits, train + val)."""
     from mrg_core.data.covctr import load_covctr
     from mrg_core.data.synthetic import write_synthetic_covctr
-    from mrg_core.grouped_cv import apply_operating_point
     from mrg_core.models import ReportModel, tiny_config
     from mrg_core.models.factory import SAMPLE_REPORTS
     from mrg_core.text import train_tokenizer
 
-    splits = load_covctr(write_synthetic_covctr(tmp_path / "covctr",
-                                                n={"train": 12, "val": 6, "test": 2}, size=32))
-    pooled = splits["train"] + splits["val"]
+    splits = load_covctr(write_synthetic_covctr(tmp_path / "covctr", n=n, size=32))
     cfg = tiny_config()
     cfg.labels = ["pneumonia", "ground_glass"]
     cfg.finding_prompt = True
     cfg.finding_phrases = {"ground_glass": "ground glass shadow"}
     tok = train_tokenizer(SAMPLE_REPORTS + ["ground glass shadow ."], min_frequency=1)
     ReportModel.build(cfg, tok).save_pretrained(tmp_path / "model")
+    return splits, splits["train"] + splits["val"]
+
+
+def _cv_with_glass(pooled, glass: dict) -> dict:
+    """cv.json of one epoch: decision probabilities by label, ground glass as given."""
+    return {"epochs": [{"epoch": 1, "threshold": 0.5, "all": {}}],
+            "out_of_fold": {ex.id: [0.8 if ex.label else 0.2] for ex in pooled},
+            "out_of_fold_labels": {ex.id: [[0.8 if ex.label else 0.2, glass.get(ex.id, 0.1)]]
+                                   for ex in pooled}}
+
+
+def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
+    """With the finding heads' out-of-fold probabilities in cv.json, a model's finding
+    thresholds are fitted on them (F1 over train + val's out-of-fold probabilities), not on
+    val, which a refitted encoder has trained on."""
+    from mrg_core.grouped_cv import apply_operating_point
+    from mrg_core.models import ReportModel
+
+    splits, pooled = _glass_model(tmp_path, {"train": 12, "val": 6, "test": 2})
     # out-of-fold: COVID-19 slices (their reports say ground glass) at 0.7, one of them missed
     # at 0.05; other slices at 0.1, one false alarm at 0.6 → F1 is best at 0.7
     positives = [ex.id for ex in pooled if ex.label == 1 and ex.has_report]
@@ -166,10 +181,7 @@ def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
     assert len(positives) >= 6 and len(negatives) >= 2
     glass = {i: 0.7 for i in positives} | {i: 0.1 for i in negatives}
     glass[positives[0]], glass[negatives[0]] = 0.05, 0.6
-    cv = {"epochs": [{"epoch": 1, "threshold": 0.5, "all": {}}],
-          "out_of_fold": {ex.id: [0.8 if ex.label else 0.2] for ex in pooled},
-          "out_of_fold_labels": {ex.id: [[0.8 if ex.label else 0.2, glass.get(ex.id, 0.1)]]
-                                 for ex in pooled}}
+    cv = _cv_with_glass(pooled, glass)
     done = apply_operating_point(tmp_path / "model", cv, 1, pooled, splits["val"])
     saved = ReportModel.from_pretrained(tmp_path / "model").config
     assert done["finding_thresholds_from"] == "out of fold"
@@ -185,32 +197,17 @@ def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
 def test_out_of_fold_finding_thresholds_weigh_precision(tmp_path):
     """F0.5, not F1: with half the ground-glass slices at 0.7, the other half at 0.4 among five
     false alarms at 0.5, F1 would state it down to 0.4 (capped just above 0.5); F0.5 keeps 0.7."""
-    from mrg_core.data.covctr import load_covctr
-    from mrg_core.data.synthetic import write_synthetic_covctr
     from mrg_core.grouped_cv import apply_operating_point
-    from mrg_core.models import ReportModel, tiny_config
-    from mrg_core.models.factory import SAMPLE_REPORTS
-    from mrg_core.text import train_tokenizer
+    from mrg_core.models import ReportModel
 
-    splits = load_covctr(write_synthetic_covctr(tmp_path / "covctr",
-                                                n={"train": 24, "val": 8, "test": 2}, size=32))
-    pooled = splits["train"] + splits["val"]
-    cfg = tiny_config()
-    cfg.labels = ["pneumonia", "ground_glass"]
-    cfg.finding_prompt = True
-    cfg.finding_phrases = {"ground_glass": "ground glass shadow"}
-    tok = train_tokenizer(SAMPLE_REPORTS + ["ground glass shadow ."], min_frequency=1)
-    ReportModel.build(cfg, tok).save_pretrained(tmp_path / "model")
+    splits, pooled = _glass_model(tmp_path, {"train": 24, "val": 8, "test": 2})
     positives = [ex.id for ex in pooled if ex.label == 1 and ex.has_report]
     negatives = [ex.id for ex in pooled if ex.label == 0 and ex.has_report]
     assert len(positives) >= 8 and len(negatives) >= 5
     glass = {i: (0.7 if k % 2 == 0 else 0.4) for k, i in enumerate(positives)}
     glass |= {i: (0.5 if k < 5 else 0.1) for k, i in enumerate(negatives)}
-    cv = {"epochs": [{"epoch": 1, "threshold": 0.5, "all": {}}],
-          "out_of_fold": {ex.id: [0.8 if ex.label else 0.2] for ex in pooled},
-          "out_of_fold_labels": {ex.id: [[0.8 if ex.label else 0.2, glass.get(ex.id, 0.1)]]
-                                 for ex in pooled}}
-    apply_operating_point(tmp_path / "model", cv, 1, pooled, splits["val"])
+    apply_operating_point(tmp_path / "model", _cv_with_glass(pooled, glass), 1, pooled,
+                          splits["val"])
     saved = ReportModel.from_pretrained(tmp_path / "model").config
     assert saved.label_thresholds["ground_glass"] == pytest.approx(0.7)
 

@@ -397,14 +397,8 @@ def ground_draft(engine: Engine, session: Session) -> GroundingView:
     for k, g in enumerate(found):
         share = "" if g.lung_share is None else f", {g.lung_share:.0%} in the lungs"
         words = g.text if len(g.text) <= 90 else g.text[:87] + "…"
-        choices.append((f"{k + 1}. {words} (peak {region_of(g)}{share})", k))
+        choices.append((f"{k + 1}. {words} (peak {g.to_dict()['peak_region']}{share})", k))
     return GroundingView(True, choices, GROUNDING_NOTE)
-
-
-def region_of(g) -> str:
-    from mrg_core.grounding import region_name
-
-    return region_name(*g.peak)
 
 
 def select_statement(session: Session, choice) -> int | None:

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
                     help="inference form of the report language model (env MRG_PRECISION; "
                          "default int8-weights, as in the app; README, Speed)")
     args = ap.parse_args(argv)
-    from mrg_core.finding_chips import parse_finding_args
+    from mrg_core.finding_chips import parse_finding_args, stated_with
 
     try:
         overrides = parse_finding_args(args.finding)
@@ -147,9 +147,10 @@ def main(argv: list[str]) -> int:
                       flush=True)
                 continue
             t3 = time.perf_counter()
-            stated = _stated_findings(a.chips, overrides)
-            if isinstance(stated, str):
-                record.update(error="unknown_finding", message=stated)
+            try:  # the reader's chips, as the page's (None: the model's own)
+                stated = stated_with(a.chips, overrides) if overrides else None
+            except ValueError as err:
+                record.update(error="unknown_finding", message=str(err))
                 status = 2
                 print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
                       flush=True)
@@ -192,19 +193,6 @@ def main(argv: list[str]) -> int:
             print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2),
                   flush=True)
     return status
-
-
-def _stated_findings(chips, overrides: dict[str, int]):
-    """The finding names the draft states: the predicted chips with `overrides` applied;
-    None without overrides (the model's own); a message (str) for a name that is no chip."""
-    if not overrides:
-        return None
-    names = {c.name for c in chips}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        return (f"--finding {', '.join(unknown)}: not a finding this model states "
-                f"({', '.join(sorted(names)) or 'it states none'})")
-    return tuple(c.name for c in chips if overrides.get(c.name, int(c.predicted)))
 
 
 def _grounding(engine, study, text: str, findings=None) -> dict:

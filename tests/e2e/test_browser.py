@@ -36,6 +36,17 @@ def wait_text(page, selector: str, text: str):
     page.locator(selector).filter(has_text=text).first.wait_for(timeout=WAIT_MS)
 
 
+def download_fhir(page) -> dict:
+    """Export → the FHIR R4 file the page offers, downloaded and parsed."""
+    page.get_by_text("Export", exact=True).click()
+    page.locator("#export").click()
+    fhir_btn = page.get_by_role("button", name="FHIR R4")
+    fhir_btn.wait_for(timeout=WAIT_MS)
+    with page.expect_download(timeout=WAIT_MS) as dl:
+        fhir_btn.click()
+    return json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
+
+
 def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     url, db, _ = served_app
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -88,13 +99,7 @@ def test_upload_generate_edit_save(browser, served_app, artifacts, tmp_path):
     page.screenshot(path=str(artifacts / "after_save.png"), full_page=True)
 
     # 5. Export: the FHIR file downloads and carries the saved text.
-    page.get_by_text("Export", exact=True).click()
-    page.locator("#export").click()
-    fhir_btn = page.get_by_role("button", name="FHIR R4")
-    fhir_btn.wait_for(timeout=WAIT_MS)
-    with page.expect_download(timeout=WAIT_MS) as dl:
-        fhir_btn.click()
-    doc = json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
+    doc = download_fhir(page)
     assert doc["resourceType"] == "DiagnosticReport" and doc["status"] == "final"
     assert base64.b64decode(doc["presentedForm"][0]["data"]).decode("utf-8") == final
     # ... and so does the DICOM SR (issue 21), read back with pydicom

@@ -1,6 +1,7 @@
 """Finding chips in the browser (issue 21), with the shipped default model: the chips show the
 findings and their probabilities; ticking one and redrafting writes it into the draft while
 the radiologist's own line stays; Save keeps the chips and the flip."""
+import contextlib
 import json
 import sqlite3
 
@@ -8,23 +9,34 @@ import pytest
 
 from mrg_core.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR
 from tests.e2e.serving import serve_app
-from tests.e2e.test_browser import WAIT_MS, upload, wait_text
+from tests.e2e.test_browser import WAIT_MS, download_fhir, upload, wait_text
 
 pytestmark = pytest.mark.e2e
 
 MINE = "Compare with the prior CT of May."
 
 
-def test_tick_a_finding_redraft_keep_my_line_and_save_the_flip(browser, tmp_path, artifacts):
-    from mrg_core.evaluation.clinical import extract_findings
-
-    db = tmp_path / "r.db"
+@contextlib.contextmanager
+def ct_sample_page(browser, db, height: int = 1200):
+    """(page, engine): the app with the shipped model, the CT sample loaded and analysed."""
     demo, engine = serve_app(DEFAULT_MODEL_DIR, db)
-    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page = browser.new_page(viewport={"width": 1400, "height": height})
     try:
         page.goto(demo.local_url)
         upload(page, SAMPLES_DIR / "ct_phantom_covid.dcm")
         wait_text(page, "#probability", "Pneumonia probability")
+        yield page, engine
+    finally:
+        page.close()
+        demo.close()
+        engine.store.close()
+
+
+def test_tick_a_finding_redraft_keep_my_line_and_save_the_flip(browser, tmp_path, artifacts):
+    from mrg_core.evaluation.clinical import extract_findings
+
+    db = tmp_path / "r.db"
+    with ct_sample_page(browser, db) as (page, engine):
         chips = page.locator("#finding-chips")
         chips.wait_for(timeout=WAIT_MS)
         glass = chips.locator("label").filter(has_text="ground glass shadow")
@@ -53,10 +65,6 @@ def test_tick_a_finding_redraft_keep_my_line_and_save_the_flip(browser, tmp_path
         page.locator("#save").click()
         wait_text(page, "#save-message", "Saved")
         wait_text(page, "#history", "Findings changed by the reviewer: ground_glass → present")
-    finally:
-        page.close()
-        demo.close()
-        engine.store.close()
     with sqlite3.connect(db) as con:
         findings, flips, final = con.execute(
             "SELECT findings, finding_flips, final_text FROM corrections").fetchone()
@@ -71,16 +79,10 @@ def test_a_ct_draft_has_findings_and_impression_and_exports_keep_them_apart(brow
     LM and an Impression that states the decision; FHIR's conclusion is the Impression only and
     the SR files it under Impressions."""
     import base64
-    from pathlib import Path
 
     import pydicom
 
-    demo, engine = serve_app(DEFAULT_MODEL_DIR, tmp_path / "r.db")
-    page = browser.new_page(viewport={"width": 1400, "height": 1200})
-    try:
-        page.goto(demo.local_url)
-        upload(page, SAMPLES_DIR / "ct_phantom_covid.dcm")
-        wait_text(page, "#probability", "Pneumonia probability")
+    with ct_sample_page(browser, tmp_path / "r.db") as (page, engine):
         positive = "→ positive" in page.locator("#probability").inner_text()
         page.locator("#generate").click()
         wait_text(page, "#draft-notice", "Draft ready")
@@ -91,13 +93,7 @@ def test_a_ct_draft_has_findings_and_impression_and_exports_keep_them_apart(brow
         page.locator("#reviewer input, #reviewer textarea").first.fill("dr-sections")
         page.locator("#save").click()
         wait_text(page, "#save-message", "Saved")
-        page.get_by_text("Export", exact=True).click()
-        page.locator("#export").click()
-        fhir_btn = page.get_by_role("button", name="FHIR R4")
-        fhir_btn.wait_for(timeout=WAIT_MS)
-        with page.expect_download(timeout=WAIT_MS) as dl:
-            fhir_btn.click()
-        doc = json.loads(Path(dl.value.path()).read_text(encoding="utf-8"))
+        doc = download_fhir(page)
         assert doc["conclusion"] == phrases[int(positive)]
         assert base64.b64decode(doc["presentedForm"][0]["data"]).decode("utf-8") == text
         with page.expect_download(timeout=WAIT_MS) as dl:
@@ -107,22 +103,13 @@ def test_a_ct_draft_has_findings_and_impression_and_exports_keep_them_apart(brow
                     for item in sr.ContentSequence if "ContentSequence" in item}
         assert sections["Impressions"] == phrases[int(positive)]
         assert not sections["Findings"].startswith("Findings")
-    finally:
-        page.close()
-        demo.close()
-        engine.store.close()
 
 
 def test_each_sentence_of_the_draft_shows_its_own_map(browser, tmp_path, artifacts):
     """Sentence grounding (issue 21): asked for once the draft is written, the page lists its
     sentences with where each map peaks; selecting one puts that sentence's map on the viewer, and
     "None" brings the decision's Grad-CAM back."""
-    demo, engine = serve_app(DEFAULT_MODEL_DIR, tmp_path / "r.db")
-    page = browser.new_page(viewport={"width": 1400, "height": 1250})
-    try:
-        page.goto(demo.local_url)
-        upload(page, SAMPLES_DIR / "ct_phantom_covid.dcm")
-        wait_text(page, "#probability", "Pneumonia probability")
+    with ct_sample_page(browser, tmp_path / "r.db", height=1250) as (page, _):
         page.locator("#viewer img").first.wait_for(timeout=WAIT_MS)
         page.locator("#generate").click()
         wait_text(page, "#draft-notice", "Draft ready")
@@ -150,7 +137,3 @@ def test_each_sentence_of_the_draft_shows_its_own_map(browser, tmp_path, artifac
                                arg=page.locator("#viewer img").first.get_attribute("src"),
                                timeout=WAIT_MS)
         assert "experimental" in page.locator("#grounding-note").inner_text()
-    finally:
-        page.close()
-        demo.close()
-        engine.store.close()
