@@ -41,6 +41,50 @@ def test_logits_match_transformers_at_every_step():
     assert cache.length == 13
 
 
+def test_rows_of_different_lengths_decode_together_as_each_alone():
+    """Prefixes of 4, 9 and 6 embeddings prefilled apart, joined into one cache, then 5 tokens
+    per step for the three rows (the cache grows on the way): every row's logits are those of
+    its own single-row decode, and each row's length is its own."""
+    lm = _llama(seed=2)
+    dec = FastLlamaDecoder(lm, room=2)
+    prefixes = [torch.randn(1, n, 64) for n in (4, 9, 6)]
+    with torch.inference_mode():
+        alone = [dec.prefill(e) for e in prefixes]
+        joined = dec.join(*[c for _, c in [dec.prefill(e) for e in prefixes]])
+        assert joined.lengths == [4, 9, 6]
+        toks = torch.tensor([11, 22, 33])
+        for _ in range(5):
+            logits, joined = dec.step(toks, joined)
+            for r, (_, cache) in enumerate(alone):
+                own, _ = dec.step(toks[r:r + 1], cache)
+                assert torch.allclose(logits[r], own[0], atol=1e-5)
+            toks = logits.argmax(-1)
+    assert joined.lengths == [9, 14, 11]
+
+
+def test_guidance_over_prompts_of_unequal_length_joins_them_exactly():
+    """Label guidance whose two prompts differ in length (5 and 8 embeddings) runs as one
+    joined batch on the lean decoder; its guided scores are those of the two caches decoded
+    in lockstep (a decoder that cannot join)."""
+    from mrg_core.models.generation import GuidedDecoder
+
+    class Lockstep:  # the lean decoder without `join`
+        def __init__(self, dec):
+            self.prefill, self.step = dec.prefill, dec.step
+
+    dec = FastLlamaDecoder(_llama(seed=4))
+    cond, contrast = torch.randn(1, 5, 64), torch.randn(1, 8, 64)
+    joined, apart = GuidedDecoder(dec, contrast, 1.5), GuidedDecoder(Lockstep(dec), contrast, 1.5)
+    with torch.inference_mode():
+        (sj, cj), (sa, ca) = joined.prefill(cond), apart.prefill(cond)
+        assert cj.both is not None and ca.both is None
+        for _ in range(4):
+            assert torch.allclose(sj, sa, atol=1e-4)
+            tok = sj.argmax(-1)
+            (sj, cj), (sa, ca) = joined.step(tok, cj), apart.step(tok, ca)
+        assert torch.allclose(sj, sa, atol=1e-4)
+
+
 def test_restricted_head_scores_only_its_rows():
     lm = _llama()
     keep = [3, 17, 42, 299]

@@ -37,18 +37,52 @@ def supports_fast_llama(lm) -> bool:
 
 
 class LlamaKV:
-    """Keys and values of every layer, [L, B, H_kv, capacity, D], filled up to `length`."""
+    """Keys and values of every layer, [L, B, H_kv, capacity, D]; row b is filled up to
+    lengths[b]. Rows of different lengths (a guided pair with prompts of unequal length,
+    several users' drafts in one step: models/step_batcher.py) decode together: each row
+    attends to its own positions only. Unfilled positions hold zeros (finite under a mask)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0):
-        self.k, self.v, self.length = k, v, length
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int] | int = 0):
+        self.k, self.v = k, v
+        self.lengths = list(lengths) if isinstance(lengths, (list, tuple)) else [lengths] * k.shape[1]
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @classmethod
+    def empty(cls, n_layer: int, rows: int, n_kv: int, capacity: int, head_dim: int, like):
+        shape = (n_layer, rows, n_kv, capacity, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape), 0)
+
+    @classmethod
+    def cat(cls, caches: list["LlamaKV"]) -> "LlamaKV":
+        """The rows of `caches`, in order, as one cache (room: the largest capacity)."""
+        cap = max(c.capacity for c in caches)
+        pad = lambda z: F.pad(z, (0, 0, 0, cap - z.shape[3]))  # noqa: E731
+        return cls(torch.cat([pad(c.k) for c in caches], 1),
+                   torch.cat([pad(c.v) for c in caches], 1),
+                   [n for c in caches for n in c.lengths])
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` positions (a draft longer than planned)."""
+        if capacity > self.capacity:
+            pad = lambda z: F.pad(z, (0, 0, 0, capacity - z.shape[3]))  # noqa: E731
+            self.k, self.v = pad(self.k), pad(self.v)
 
     def batch_repeat_interleave(self, n: int) -> None:  # the two calls beam search makes
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
+        self.lengths = [x for x in self.lengths for _ in range(n)]
 
     def reorder_cache(self, idx: torch.Tensor) -> None:
         self.k = self.k.index_select(1, idx)
         self.v = self.v.index_select(1, idx)
+        self.lengths = [self.lengths[i] for i in idx.tolist()]
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -100,13 +134,26 @@ class FastLlamaDecoder:
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, cache: LlamaKV) -> torch.Tensor:
-        """x [B, T, C] at positions cache.length ... + T; fills the cache; last hidden state."""
+        """x [B, T, C] after each row's filled positions; fills the cache; last hidden state.
+        T > 1 (a prefix) only into an empty cache; T == 1 (one token per row) at each row's
+        own position when the rows differ in length."""
         b, t, _ = x.shape
         start = cache.length
+        ragged = t == 1 and min(cache.lengths) != start
+        if t > 1 and start:
+            raise ValueError("a prefix goes into an empty cache")
         h_q, h_kv, d = self.n_head, self.n_kv, self.head_dim
         group = h_q // h_kv
         cos_t, sin_t = self._rope_tables(start + t)
-        cos, sin = cos_t[start:start + t], sin_t[start:start + t]  # [T, D]
+        if ragged:  # each row at its own position; keys beyond a row's own are masked out
+            pos = torch.tensor(cache.lengths, device=x.device)
+            cos, sin = cos_t[pos][:, None, None], sin_t[pos][:, None, None]  # [B, 1, 1, D]
+            rows = torch.arange(b, device=x.device)
+            hidden = torch.arange(start + 1, device=x.device)[None] > pos[:, None]
+            mask = torch.zeros(hidden.shape, device=x.device).masked_fill_(
+                hidden, float("-inf"))[:, None, None]  # [B, 1, 1, T]
+        else:
+            cos, sin = cos_t[start:start + t], sin_t[start:start + t]  # [T, D]
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
             h = _rms(x, layer.input_layernorm.weight, self.eps)
@@ -115,12 +162,17 @@ class FastLlamaDecoder:
             v = att.v_proj(h).view(b, t, h_kv, d).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.k[i, :, :, start:start + t] = k
-            cache.v[i, :, :, start:start + t] = v
+            if ragged:
+                cache.k[i, rows, :, pos] = k[:, :, 0]
+                cache.v[i, rows, :, pos] = v[:, :, 0]
+            else:
+                cache.k[i, :, :, start:start + t] = k
+                cache.v[i, :, :, start:start + t] = v
             keys, vals = cache.k[i, :, :, :start + t], cache.v[i, :, :, :start + t]
-            if t == 1:  # one new token: grouped heads against the cached keys, no mask
+            if t == 1:  # one new token: grouped heads against the cached keys
                 qg = q.reshape(b, h_kv, group, d)
-                w = torch.softmax((qg @ keys.transpose(-1, -2)).float() * d ** -0.5, dim=-1)
+                s = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5
+                w = torch.softmax(s + mask if ragged else s, dim=-1)
                 y = (w.to(vals.dtype) @ vals).reshape(b, 1, h_q * d)
             else:  # the prefix, from position 0: plain causal attention
                 y = F.scaled_dot_product_attention(
@@ -130,19 +182,23 @@ class FastLlamaDecoder:
             h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        cache.length = start + t
+        cache.lengths = [n + t for n in cache.lengths]
         return _rms(x[:, -1], self.model.norm.weight, self.eps)
 
     def prefill(self, embeds: torch.Tensor):
         b, t, _ = embeds.shape
-        shape = (len(self.model.layers), b, self.n_kv, t + self.room, self.head_dim)
-        cache = LlamaKV(embeds.new_empty(shape, dtype=self.dtype),
-                        embeds.new_empty(shape, dtype=self.dtype))
+        cache = LlamaKV.empty(len(self.model.layers), b, self.n_kv, t + self.room, self.head_dim,
+                              embeds.new_zeros((), dtype=self.dtype))
         return self._logits(self._forward(embeds.to(self.dtype), cache)), cache
 
+    @staticmethod
+    def join(*caches: LlamaKV) -> LlamaKV:
+        """Caches of separate prefills (prompts of unequal length) as one batch: one weight
+        read per step for all their rows."""
+        return LlamaKV.cat(list(caches))
+
     def step(self, tokens: torch.Tensor, cache: LlamaKV):
-        if cache.length >= cache.k.shape[3]:  # a draft longer than planned: double the room
-            grow = lambda z: torch.cat([z, torch.empty_like(z)], dim=3)  # noqa: E731
-            cache.k, cache.v = grow(cache.k), grow(cache.v)
+        if cache.length >= cache.capacity:  # a draft longer than planned: double the room
+            cache.grow(2 * cache.capacity)
         x = self.model.embed_tokens.weight[tokens][:, None]
         return self._logits(self._forward(x, cache)), cache

@@ -119,7 +119,9 @@ class GuidedDecoder:
 
     prefill() takes the conditional prompt; the contrast prompt is given at construction.
     Prompts of equal length run as one batch of two (one weight read per step: about the cost
-    of one sequence on a memory-bound CPU); otherwise as two caches in lockstep."""
+    of one sequence on a memory-bound CPU). Prompts of unequal length are prefilled apart and
+    then joined into one batch when the decoder can `join` caches of different lengths (the
+    lean Llama decoder); otherwise they decode as two caches in lockstep."""
 
     def __init__(self, dec: KVDecoder, contrast: torch.Tensor, scale: float,
                  plausible: float = 0.0):
@@ -144,6 +146,9 @@ class GuidedDecoder:
             return self._mix(*logits.chunk(2)), PairCache(both=cache)
         la, ca = self.dec.prefill(embeds)
         lb, cb = self.dec.prefill(c)
+        join = getattr(self.dec, "join", None)
+        if join is not None:
+            return self._mix(la, lb), PairCache(both=join(ca, cb))
         return self._mix(la, lb), PairCache(a=ca, b=cb)
 
     def step(self, tokens: torch.Tensor, cache: PairCache):
