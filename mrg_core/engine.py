@@ -6,7 +6,6 @@ corrections. Nothing here knows about widgets; nothing in ui/ knows about torch 
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -21,6 +20,7 @@ import numpy as np
 
 from mrg_core.finding_chips import finding_chips
 from mrg_core.io import LoadLimits, load_studies, load_study
+from mrg_core.model_thread import ModelThread, one_torch_thread
 from mrg_core.models.quantize import model_precision
 from mrg_core.sections import findings_span, with_sections
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
@@ -105,48 +105,6 @@ class Analysis:
 
 def _sub_study(study: Study, index: int) -> Study:
     return Study(views=(study.views[index],))
-
-
-class FairLock:
-    """A lock handed to its waiters in arrival order. threading.Lock is not fair: a draft that
-    releases it between decode steps would take it straight back and another user's analysis
-    would wait for the whole draft (measured: 1.9 s behind a 3 s draft instead of one step)."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._waiters: collections.deque = collections.deque()
-        self._held = False
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        with self._guard:
-            if not self._held and not self._waiters:
-                self._held = True
-                return True
-            if not blocking:
-                return False
-            turn = threading.Event()
-            self._waiters.append(turn)
-        if turn.wait(None if timeout is None or timeout < 0 else timeout):
-            return True
-        with self._guard:  # timed out, unless the lock was handed over just now
-            if turn.is_set():
-                return True
-            self._waiters.remove(turn)
-            return False
-
-    def release(self) -> None:
-        with self._guard:
-            if self._waiters:
-                self._waiters.popleft().set()  # ownership passes straight to the next waiter
-            else:
-                self._held = False
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 class _Bounded(dict):
@@ -263,25 +221,33 @@ def torch_threads(n: int | None):
 class Engine:
     def __init__(self, model, store: Store, limits: LoadLimits | None = None,
                  precision: str = "fp32", decode_threads: int | str | None = None,
-                 extra_models: Sequence | None = None):
+                 extra_models: Sequence | None = None, runner: ModelThread | None = None):
         """`model`: the primary model (fine-tuning and the model switch act on it).
         `extra_models`: None = `model` reads every study, with a warning when the study is
         not what it was trained on; a list (maybe empty) = studies are routed by domain to
         `model` or one of these, and a study none of them reads is refused (mrg_core.routing).
+        `runner`: the thread the models were loaded on (from_settings), else a new one.
         """
         self.store = store
         self.limits = limits or LoadLimits()
         self.precision = precision
         self.decode_threads = resolve_threads(decode_threads)
-        self.model = self._with_precision(model)
+        # Every model computation runs on this one thread, in arrival order (model_thread.py):
+        # one OpenMP team for the process, and another user's analysis waits for one decode
+        # step, not for a whole draft.
+        self._runner = runner or ModelThread(self.decode_threads)
+        self.model = self._runner.run(self._with_precision, model)
         self.routed = extra_models is not None
-        self.extra_models = [self._with_precision(m) for m in extra_models or ()]
+        self.extra_models = [self._runner.run(self._with_precision, m)
+                             for m in extra_models or ()]
         self._routes: dict = _Bounded(256)  # study content hash -> (model, Domain)
         self.missing_weights: str | None = None  # why the configured model could not load
         # shown on the page when a Space keeps the corrections where a restart wipes them
         self.store_warning = None if store is None else ephemeral_store_warning(store.engine.url)
-        # One generation at a time per model: torch threads are already busy with one draft.
-        self._model_lock = FairLock()  # per decode step, in arrival order
+        self._batchers: dict = {}  # id(model) -> (model, its StepBatcher or None)
+        self._batchers_lock = threading.Lock()
+        self._drafts_running = 0  # decode threads alive (Stop ends one within a token)
+        self._drafts_lock = threading.Lock()
         # study content hash -> (study decision, key view) of multi-view studies, for drafts
         self._decisions: dict = _Bounded(256)
 
@@ -304,17 +270,18 @@ class Engine:
             log.info("model %s loaded in %.2f s", Path(folder).name, time.perf_counter() - t0)
             return m
 
+        runner = ModelThread(resolve_threads(settings.decode_threads))  # loads there too
         model = None
         if settings.model_dir is not None and (Path(settings.model_dir) / "config.json").is_file():
-            model = load(settings.model_dir)
+            model = runner.run(load, settings.model_dir)
         else:
             log.warning("no model found at %s: the app runs without drafts", settings.model_dir)
-        extras = [m for m in (load(d) for d in settings.extra_model_dirs
+        extras = [m for m in (runner.run(load, d) for d in settings.extra_model_dirs
                               if Path(d).resolve() != Path(settings.model_dir or "").resolve())
                   if m is not None] if settings.route else None
         engine = cls(model, Store(settings.database_url), settings.limits,
                      precision=settings.precision, decode_threads=settings.decode_threads,
-                     extra_models=extras)
+                     extra_models=extras, runner=runner)
         engine.missing_weights = "; ".join(missing) or None
         if model is not None:  # fine-tunes start from this folder, named by its lineage
             engine.model_dir = Path(settings.model_dir).resolve()
@@ -349,14 +316,16 @@ class Engine:
         t0 = time.perf_counter()
         pixels = np.random.default_rng(0).integers(0, 256, (256, 256)).astype(np.uint8)
         study = study_from_arrays([pixels])
+        def warm(model):
+            _pred, maps = model.analyze(study)
+            for _ in model.stream_report(study, GenerationSettings(max_new_tokens=4)):
+                pass
+            return maps
+
         for model in self.models:  # each directly: noise is no study any model would be routed
-            with self._model_lock:
-                _pred, maps = model.analyze(study)
-                for _ in model.stream_report(study, GenerationSettings(max_new_tokens=4)):
-                    pass
-            self.overlay(study.views[0].display, maps[0])
+            self.overlay(study.views[0].display, self._runner.run(warm, model)[0])
         from mrg_core.domain import study_domain
-        study_domain(study)  # the pixel classifier's first call, too
+        self._runner.run(study_domain, study)  # the pixel classifier's first call, too
         return time.perf_counter() - t0
 
     # ----- model information -------------------------------------------------------------
@@ -397,7 +366,7 @@ class Engine:
         if not models:
             self._require_model()
         if seen is _UNSET:
-            seen = study_domain(study)
+            seen = self._runner.run(study_domain, study)
         if self.routed:
             from mrg_core import routing
 
@@ -435,8 +404,7 @@ class Engine:
         model, seen = self.route(study)  # the domain once: routing, warning and Analysis
         if len(study.views) > 1:
             return self._analyze_views(model, study, t0, seen)
-        with self._model_lock:
-            pred, maps = model.analyze(study)
+        pred, maps = self._runner.run(model.analyze, study)
         return self._analysis(
             model, seen, probability=float(pred.probability), threshold=float(pred.threshold),
             label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
@@ -450,11 +418,12 @@ class Engine:
         model's study rule; Grad-CAM and findings from the key (most probable) view."""
         from mrg_core.study_level import key_views
 
-        with self._model_lock:
+        def read():
             raw = model.view_probabilities(study)
-            p_raw, label = model.study_decision(raw)
             keys = key_views(raw)
-            pred, maps = model.analyze(_sub_study(study, keys[0]))
+            return raw, model.study_decision(raw), keys, model.analyze(_sub_study(study, keys[0]))
+
+        raw, (p_raw, label), keys, (pred, maps) = self._runner.run(read)
         cfg = model.config
         t = cfg.study_threshold if cfg.study_threshold is not None else cfg.threshold
         self._decisions[(study.content_hash, id(model))] = (label, keys[0])
@@ -477,8 +446,7 @@ class Engine:
     def view_heatmap(self, study: Study, index: int) -> np.ndarray:
         """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""
         model = self.route(study)[0]
-        with self._model_lock:
-            return model.analyze(_sub_study(study, index))[1][0]
+        return self._runner.run(model.analyze, _sub_study(study, index))[1][0]
 
     def drafted_study(self, study: Study) -> tuple[Study, int | None]:
         """(what the draft is written from, the decision it states): a single view as it is; a
@@ -510,26 +478,35 @@ class Engine:
         index, drafted, decision = self._drafted(study)
         a, b = findings_span(model, text)  # what the LM wrote: not a decision's Impression
         found = ground_sentences(model, drafted, text[a:b], decision=decision,
-                                 findings=findings, guard=self._model_turn)
+                                 findings=findings, run=self._runner.run)
         for g in found:  # spans in `text`
             g.start, g.end = g.start + a, g.end + a
         return index, found
 
-    @contextlib.contextmanager
-    def _model_turn(self):
-        """One pass through a model: under the model lock (in arrival order), with the
-        decode threads."""
-        with self._model_lock, torch_threads(self.decode_threads):
-            yield
+    def _batcher(self, model):
+        """The StepBatcher of `model` (made on first use), or None where it cannot batch."""
+        with self._batchers_lock:  # one per model, even when drafts start together
+            hit = self._batchers.get(id(model))
+            if hit is None or hit[0] is not model:
+                live = {id(m) for m in self.models}
+                self._batchers = {k: v for k, v in self._batchers.items() if k in live}
+                hit = self._batchers[id(model)] = (
+                    model, self._runner.run(model.step_batcher, self._runner.run))
+            return hit[1]
+
+    def drafts_running(self) -> int:
+        """Drafts whose decode has not ended yet (a closed stream ends within a token)."""
+        return self._drafts_running
 
     def stream_report(self, study: Study, settings=None, findings=None) -> Iterator[str]:
         """Yield text pieces as they are decoded; concatenated they are the draft.
         `findings` (finding label names): the reader's finding chips in place of the model's
         predicted findings, which the draft then states.
 
-        The decode runs in its own thread and holds the model lock only while it computes:
-        a slow consumer (a web page receiving updates) never keeps other users' drafts
-        waiting. Closing this iterator (Stop) ends the decode within one token."""
+        The decode runs in its own thread and its model work on the model thread, shared
+        with other users' drafts where it can: a slow consumer (a web page receiving updates)
+        never keeps other users' drafts waiting. Closing this iterator (Stop) ends the decode
+        within one token."""
         from mrg_core.models import GenerationSettings
 
         model = self.route(study)[0]
@@ -540,36 +517,60 @@ class Engine:
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
 
+        # a series: its key view, with the series' decision
+        extra = {} if decision is None else {"decision": decision}
+        if findings is not None:
+            extra["findings"] = findings
+        batcher = self._batcher(model) if settings.num_beams == 1 else None
+        if batcher is not None:
+            extra["batcher"] = batcher
+
+        def batched(it) -> None:
+            # This thread runs the draft's own search (token choice, guidance, text) with one
+            # torch thread; its prefill and steps are model-thread jobs, each step shared with
+            # every other draft decoding now (models/step_batcher.py).
+            one_torch_thread()
+            self._runner.run(model.encode, drafted)  # features cached: the draft reuses them
+            for piece in it:
+                pieces.put(piece)
+                if stop.is_set():
+                    break
+
+        def sliced(it) -> None:
+            # A draft that cannot share steps (beam search, GPT-2, a peft wrapper) runs on the
+            # model thread in time slices (DECODE_SLICE_S, at least one step): another user's
+            # analysis or draft runs in between instead of waiting for this draft to end.
+            def advance() -> bool:
+                until = time.perf_counter() + DECODE_SLICE_S
+                while not stop.is_set():
+                    piece = next(it, _END)
+                    if piece is _END:
+                        return True
+                    pieces.put(piece)
+                    if time.perf_counter() >= until:
+                        break
+                return False
+
+            while not stop.is_set() and not self._runner.run(advance):
+                pass
+
         def decode() -> None:
-            # The lock is held for a time slice of the decode (DECODE_SLICE_S, at least one
-            # step), not for the whole draft: another user's analysis or draft runs in between
-            # instead of waiting for this draft to end (FairLock: in arrival order). Each draft
-            # keeps its own KV cache inside its generator, so several drafts interleave safely.
-            # a series: its key view, with the series' decision
-            extra = {} if decision is None else {"decision": decision}
-            if findings is not None:
-                extra["findings"] = findings
             it = with_sections(model, model.stream_report(drafted, settings, **extra), drafted,
                                decision)
-            piece = None
             try:
-                while piece is not _END and not stop.is_set():
-                    with self._model_lock, torch_threads(self.decode_threads):
-                        until = time.perf_counter() + DECODE_SLICE_S
-                        while not stop.is_set():
-                            piece = next(it, _END)
-                            if piece is _END:
-                                break
-                            pieces.put(piece)
-                            if time.perf_counter() >= until:
-                                break
+                (batched if batcher is not None else sliced)(it)
             except BaseException as exc:  # handed to the consumer, raised there
                 pieces.put(_Failed(exc))
             finally:
-                with self._model_lock:
-                    it.close()
-                pieces.put(_END)
+                try:  # a batched draft gives its rows back; a sliced one closes on the model
+                    it.close() if batcher is not None else self._runner.run(it.close)
+                finally:
+                    pieces.put(_END)
+                    with self._drafts_lock:
+                        self._drafts_running -= 1
 
+        with self._drafts_lock:
+            self._drafts_running += 1
         threading.Thread(target=decode, name="mrg-decode", daemon=True).start()
         try:
             while (item := pieces.get()) is not _END:
@@ -638,9 +639,11 @@ class Engine:
         device = None if self.model is None else self.model.device
         model = ReportModel.from_pretrained(path, device=device)  # outside the lock: drafts go on
         model = self._with_precision(model)
-        with self._model_lock:
+        def swap():  # after the model jobs already waiting
             self.model, self.model_dir = model, path.resolve()
             self._routes.clear()  # studies routed to the old model go to the new one
+
+        self._runner.run(swap)
         return dict(model.info)
 
     def finetune(self, out_dir=None, cfg=None):

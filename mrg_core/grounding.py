@@ -23,7 +23,6 @@ model) has no grounding: `ground_sentences` says so instead of inventing maps.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -100,13 +99,13 @@ def _statement_ids(model, draft: str, spans) -> tuple[list[int], list[int]]:
 
 def ground_sentences(model, study, draft: str, decision: int | None = None,
                      lungs: bool = True, findings=None,
-                     guard=contextlib.nullcontext) -> list[GroundedStatement]:
+                     run=None) -> list[GroundedStatement]:
     """One GroundedStatement per statement of `draft` for `study` (all views). `decision`
     and `findings` replace the study's own label and findings in the head words, as in
     stream_report. lungs: also the
     share of each map inside the lung fields (needs scipy: requirements-eval.txt; None
-    without it). `guard()` is entered around each pass through the model (the engine's
-    model lock: other users' drafts run between two statements)."""
+    without it). `run(fn)` makes each pass through the model (the engine's model thread:
+    other users' drafts run between two statements; default: here)."""
     from captum.attr import LayerAttribution, LayerGradientXActivation
 
     from .preprocess import heatmap_to_view, study_to_tensor
@@ -118,8 +117,8 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
     if not spans:
         raise NoGrounding("the draft has no statement to ground")
     ids, owner = _statement_ids(model, draft, spans)
-    with guard():
-        pred = model.predict(study)
+    run = run or (lambda fn, *a: fn(*a))
+    pred = run(model.predict, study)
     head = model.head_ids(*model.stated(pred, decision, findings))  # as drafted
     seq = torch.tensor([head + ids], device=model.device)
     owner_t = torch.tensor(owner, device=model.device)
@@ -142,17 +141,24 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
     lung_share = _lung_share(study) if lungs else None
     out = []
     gxa = LayerGradientXActivation(statement_scores, model.encoder.spatial)
-    with guard(), model._eval(), torch.no_grad():
-        scores = statement_scores(x)[0].tolist()
-    for k, (a, b) in enumerate(spans):
+
+    def scored():
+        with model._eval(), torch.no_grad():
+            return statement_scores(x)[0].tolist()
+
+    def statement_map(k: int) -> np.ndarray:
         # gradient x activation summed over channels (HiResCAM): unlike Grad-CAM's
         # channel-averaged gradient it keeps where a feature mattered, so two findings
         # made of the same features at two places get two different maps
-        with guard(), model._eval(), torch.inference_mode(False), torch.enable_grad():
+        with model._eval(), torch.inference_mode(False), torch.enable_grad():
             attr = gxa.attribute(x.clone().requires_grad_(True), target=k).detach()
         attr = attr.sum(dim=1, keepdim=True)
         attr = LayerAttribution.interpolate(attr, (s, s), interpolate_mode="bilinear")
-        cams = attr[:, 0].clamp_min(0).cpu().numpy()
+        return attr[:, 0].clamp_min(0).cpu().numpy()
+
+    scores = run(scored)
+    for k, (a, b) in enumerate(spans):
+        cams = run(statement_map, k)
         if model.encoder.n_members > 1:
             cams = cams.reshape(model.encoder.n_members, -1, s, s).mean(0)
         peak = float(cams.max())

@@ -151,6 +151,11 @@ class GuidedDecoder:
             return self._mix(la, lb), PairCache(both=join(ca, cb))
         return self._mix(la, lb), PairCache(a=ca, b=cb)
 
+    def close(self) -> None:  # a batched decoder gives its rows back
+        close = getattr(self.dec, "close", None)
+        if close is not None:
+            close()
+
     def step(self, tokens: torch.Tensor, cache: PairCache):
         if cache.both is not None:
             logits, cache.both = self.dec.step(torch.cat([tokens, tokens]), cache.both)

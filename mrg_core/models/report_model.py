@@ -513,8 +513,19 @@ class ReportModel(nn.Module):
                                     room=self.config.max_report_tokens + 8)
         return KVDecoder(self.lm, self.base_lm)
 
+    def step_batcher(self, run=None):
+        """A StepBatcher that lets overlapping drafts of this model share decode steps
+        (models/step_batcher.py), or None where the lean Llama decoder does not run. `run(fn)`:
+        where each step and prefill runs (the engine's model thread)."""
+        from mrg_core.models.step_batcher import StepBatcher
+
+        dec = self._decoder()
+        return StepBatcher(dec, run) if isinstance(dec, FastLlamaDecoder) else None
+
     def _report_tokens(self, study, settings: GenerationSettings, decision: int | None = None,
-                       findings: Iterable[str] | None = None) -> Iterator[int]:
+                       findings: Iterable[str] | None = None, batcher=None) -> Iterator[int]:
+        """Token ids of the draft. `batcher` (a StepBatcher of this model): greedy and sampled
+        drafts decode their steps together with other drafts on it; beam search decodes alone."""
         enc = self.encode(study)
         dev = self.device
         pred = self._prediction(enc.logits)
@@ -528,8 +539,9 @@ class ReportModel(nn.Module):
         embeds = prompt(label, stated)
         room = (lm_max_positions(self.base_lm) or 10**9) - embeds.shape[1] - self.n_virtual_tokens
         max_new = max(0, min(settings.max_new_tokens, room))
-        dec = self._decoder()
         settings = resolve_settings(settings, self.config)
+        dec = (batcher.decoder() if batcher is not None and settings.num_beams == 1
+               else self._decoder())
         guidance = settings.label_guidance
         flipped = stated != own
         plausible = 0.0
@@ -548,16 +560,22 @@ class ReportModel(nn.Module):
         suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)
                     if i is not None and i != eos] + self.suppress_ids
         search = beam_search if settings.num_beams > 1 else sample_tokens
-        yield from search(dec, embeds, settings, bos, eos, max_new, suppress)
+        try:
+            yield from search(dec, embeds, settings, bos, eos, max_new, suppress)
+        finally:  # a batched draft gives its rows back (end of draft, or Stop)
+            close = getattr(dec, "close", None)
+            if close is not None:
+                close()
 
     @torch.inference_mode()
     def stream_report(self, study, settings: GenerationSettings | None = None, *,
                       decision: int | None = None,
-                      findings: Iterable[str] | None = None) -> Iterator[str]:
+                      findings: Iterable[str] | None = None, batcher=None) -> Iterator[str]:
         """Yield display text pieces as tokens are decoded (detokenized, sentence case).
         `decision` (0/1) replaces the study's own label in the prompt: a series is drafted from
         its key slice with the whole series' decision. `findings` (finding label names, the
         reader's chips) replaces the predicted findings the prompt states (finding_prompt).
+        `batcher` (step_batcher()): decode steps shared with other drafts running at once.
 
         Greedy/sampling streams token by token. Beam search (num_beams > 1) can only know its
         winner at the end: the pieces of the final beam are then yielded one token at a time.
@@ -569,7 +587,7 @@ class ReportModel(nn.Module):
         try:
             ids: list[int] = []
             shown = ""
-            for t in self._report_tokens(study, settings, decision, findings):
+            for t in self._report_tokens(study, settings, decision, findings, batcher):
                 ids.append(t)
                 text = detokenize(self.tokenizer.decode(ids, skip_special_tokens=True))
                 if len(text) > len(shown) and text.startswith(shown):
