@@ -73,9 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "COV-CTR val; bf16 on a GPU); speed and val scores of each: README, Speed")
     p.add_argument("--decode-threads", type=decode_threads,
                    default=decode_threads(env("MRG_DECODE_THREADS") or "auto"),
-                   help="torch threads while a draft decodes (env MRG_DECODE_THREADS; default "
-                        "auto: one core fewer than the machine has, so the web server keeps a "
-                        "core; 1 on a 2-core machine)")
+                   help="torch threads of the one thread that runs the model (analysis, "
+                        "drafts; env MRG_DECODE_THREADS; default auto: every core)")
     p.add_argument("--admin-open", action="store_true",
                    default=truthy(env("MRG_ADMIN_OPEN")),
                    help="without sign-in, let every visitor switch the live model and start "
@@ -89,7 +88,7 @@ def truthy(value: str | None) -> bool:
 
 
 def decode_threads(value: str) -> int | str:
-    """'auto' (resolved by the engine: cores − 1, at least 1) or a positive number (the
+    """'auto' (resolved by the engine: every core) or a positive number (the
     report CLI's --threads takes the same values: mrg_core.engine.parse_threads)."""
     from mrg_core.engine import parse_threads
 

@@ -51,8 +51,8 @@ class EngineSettings:
     route: bool = True
     precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8, int8-weights
     # (models/quantize; the app and the report CLI default to int8-weights)
-    # torch threads while a draft decodes: None = unchanged, "auto" = one core fewer than the
-    # machine has (the web server keeps a core), a number = that many
+    # torch threads of the model thread (analysis, drafts): None = what the creating thread
+    # uses, "auto" = every core torch uses, a number = that many
     decode_threads: int | str | None = None
 
     @classmethod
@@ -143,16 +143,16 @@ class _Failed:
 
 
 def resolve_threads(n: int | str | None) -> int | None:
-    """A decode thread setting as a number: "auto" = cores − 1 (at least 1, at most torch's
-    own count). Measured on 2 cores: a draft alone decodes ~10 % faster on 2 threads, but in
-    the app, where the server and other sessions also want the CPU, 1 thread gives shorter
-    waits at 1, 4 and 8 users (README, Speed)."""
+    """The model thread's torch thread count as a number: "auto" = every core torch uses.
+    Until 2026-12-01 "auto" was cores − 1, when every session's thread had its own OpenMP
+    team; with all model work on one thread, 2 threads beat 1 on 2 cores in the app at 1 and
+    8 users (1.5 vs 1.8 s, 6.8 vs 8.6 s; README, Speed)."""
     if n is None:
         return None
     if isinstance(n, str) and n.strip().lower() == "auto":
         import torch
 
-        return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+        return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     return int(n)
 
 
@@ -235,10 +235,10 @@ class Engine:
         # Every model computation runs on this one thread, in arrival order (model_thread.py):
         # one OpenMP team for the process, and another user's analysis waits for one decode
         # step, not for a whole draft.
-        self._runner = runner or ModelThread(self.decode_threads)
-        self.model = self._runner.run(self._with_precision, model)
+        self.model_thread = runner or ModelThread(self.decode_threads)
+        self.model = self.model_thread.run(self._with_precision, model)
         self.routed = extra_models is not None
-        self.extra_models = [self._runner.run(self._with_precision, m)
+        self.extra_models = [self.model_thread.run(self._with_precision, m)
                              for m in extra_models or ()]
         self._routes: dict = _Bounded(256)  # study content hash -> (model, Domain)
         self.missing_weights: str | None = None  # why the configured model could not load
@@ -323,9 +323,9 @@ class Engine:
             return maps
 
         for model in self.models:  # each directly: noise is no study any model would be routed
-            self.overlay(study.views[0].display, self._runner.run(warm, model)[0])
+            self.overlay(study.views[0].display, self.model_thread.run(warm, model)[0])
         from mrg_core.domain import study_domain
-        self._runner.run(study_domain, study)  # the pixel classifier's first call, too
+        self.model_thread.run(study_domain, study)  # the pixel classifier's first call, too
         return time.perf_counter() - t0
 
     # ----- model information -------------------------------------------------------------
@@ -366,7 +366,7 @@ class Engine:
         if not models:
             self._require_model()
         if seen is _UNSET:
-            seen = self._runner.run(study_domain, study)
+            seen = self.model_thread.run(study_domain, study)
         if self.routed:
             from mrg_core import routing
 
@@ -404,7 +404,7 @@ class Engine:
         model, seen = self.route(study)  # the domain once: routing, warning and Analysis
         if len(study.views) > 1:
             return self._analyze_views(model, study, t0, seen)
-        pred, maps = self._runner.run(model.analyze, study)
+        pred, maps = self.model_thread.run(model.analyze, study)
         return self._analysis(
             model, seen, probability=float(pred.probability), threshold=float(pred.threshold),
             label=int(pred.label), labels=dict(pred.labels), heatmaps=maps,
@@ -423,7 +423,7 @@ class Engine:
             keys = key_views(raw)
             return raw, model.study_decision(raw), keys, model.analyze(_sub_study(study, keys[0]))
 
-        raw, (p_raw, label), keys, (pred, maps) = self._runner.run(read)
+        raw, (p_raw, label), keys, (pred, maps) = self.model_thread.run(read)
         cfg = model.config
         t = cfg.study_threshold if cfg.study_threshold is not None else cfg.threshold
         self._decisions[(study.content_hash, id(model))] = (label, keys[0])
@@ -446,7 +446,7 @@ class Engine:
     def view_heatmap(self, study: Study, index: int) -> np.ndarray:
         """Grad-CAM of one view of a multi-view study, on demand (the viewer's slider)."""
         model = self.route(study)[0]
-        return self._runner.run(model.analyze, _sub_study(study, index))[1][0]
+        return self.model_thread.run(model.analyze, _sub_study(study, index))[1][0]
 
     def drafted_study(self, study: Study) -> tuple[Study, int | None]:
         """(what the draft is written from, the decision it states): a single view as it is; a
@@ -478,7 +478,7 @@ class Engine:
         index, drafted, decision = self._drafted(study)
         a, b = findings_span(model, text)  # what the LM wrote: not a decision's Impression
         found = ground_sentences(model, drafted, text[a:b], decision=decision,
-                                 findings=findings, run=self._runner.run)
+                                 findings=findings, run=self.model_thread.run)
         for g in found:  # spans in `text`
             g.start, g.end = g.start + a, g.end + a
         return index, found
@@ -491,7 +491,7 @@ class Engine:
                 live = {id(m) for m in self.models}
                 self._batchers = {k: v for k, v in self._batchers.items() if k in live}
                 hit = self._batchers[id(model)] = (
-                    model, self._runner.run(model.step_batcher, self._runner.run))
+                    model, self.model_thread.run(model.step_batcher, self.model_thread.run))
             return hit[1]
 
     def drafts_running(self) -> int:
@@ -530,7 +530,7 @@ class Engine:
             # torch thread; its prefill and steps are model-thread jobs, each step shared with
             # every other draft decoding now (models/step_batcher.py).
             one_torch_thread()
-            self._runner.run(model.encode, drafted)  # features cached: the draft reuses them
+            self.model_thread.run(model.encode, drafted)  # features cached: the draft reuses them
             for piece in it:
                 pieces.put(piece)
                 if stop.is_set():
@@ -551,7 +551,7 @@ class Engine:
                         break
                 return False
 
-            while not stop.is_set() and not self._runner.run(advance):
+            while not stop.is_set() and not self.model_thread.run(advance):
                 pass
 
         def decode() -> None:
@@ -563,7 +563,7 @@ class Engine:
                 pieces.put(_Failed(exc))
             finally:
                 try:  # a batched draft gives its rows back; a sliced one closes on the model
-                    it.close() if batcher is not None else self._runner.run(it.close)
+                    it.close() if batcher is not None else self.model_thread.run(it.close)
                 finally:
                     pieces.put(_END)
                     with self._drafts_lock:
@@ -643,7 +643,7 @@ class Engine:
             self.model, self.model_dir = model, path.resolve()
             self._routes.clear()  # studies routed to the old model go to the new one
 
-        self._runner.run(swap)
+        self.model_thread.run(swap)
         return dict(model.info)
 
     def finetune(self, out_dir=None, cfg=None):

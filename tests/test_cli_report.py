@@ -86,7 +86,7 @@ def test_report_cli_threads_precision_and_out_of_domain(tmp_path):
     import torch
 
     out, rows = run()  # defaults: the app's (auto threads, int8-weights)
-    auto = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1))
+    auto = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     assert [r["run"] for r in rows] == [{"threads": auto, "precision": "int8-weights"}] * 2
     out, rows = run(env={"MRG_DECODE_THREADS": "1", "MRG_PRECISION": "fp32"})
     assert rows[0]["run"] == {"threads": 1, "precision": "fp32"}

@@ -66,6 +66,23 @@ def test_coalesced_updates_carry_the_whole_draft(engine, session, monkeypatch):
     assert session.draft_timings["pieces"] == len(pieces)
 
 
+def test_updates_thin_out_while_many_drafts_run(engine, session, monkeypatch):
+    """The interval between a draft's updates grows with the drafts running (the server's
+    updates per second stay about one draft's), up to MAX_UPDATE_EVERY_S."""
+    assert h.update_interval(engine, 0.05) == 0.05  # none running: as asked
+    monkeypatch.setattr(engine, "drafts_running", lambda: 4)
+    assert h.update_interval(engine, 0.05) == pytest.approx(0.2)
+    monkeypatch.setattr(engine, "drafts_running", lambda: 100)
+    assert h.update_interval(engine, 0.05) == h.MAX_UPDATE_EVERY_S
+    assert h.update_interval(engine, 0.0) == 0.0  # one update per piece stays that
+    pieces = slowed(engine, monkeypatch, session.study)  # ~4 ms a piece
+    ups = list(h.stream_draft(engine, session, "", update_every_s=0.05))
+    texts = [u.editor for u in ups if u.editor]
+    # the first piece, then one update per 0.5 s at most, then the final one
+    assert len(texts) <= 2 + len(pieces) * 0.004 / h.MAX_UPDATE_EVERY_S + 1
+    assert ups[-1].editor == "".join(pieces)
+
+
 def test_the_final_update_carries_the_whole_draft_even_when_all_was_sent(engine, session,
                                                                           monkeypatch):
     """Every piece shown as it came (no coalescing): the last message still holds the whole

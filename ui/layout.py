@@ -10,6 +10,11 @@ from . import models_panel as mp
 from .file_access import FilePolicy, launch_options, private_dir
 from .state import Session
 
+# Drafts, redrafts and sentence maps that may run at once. The engine orders their model work
+# itself (one model thread, arrival order) and overlapping drafts share decode steps, so more
+# at once means bigger shared steps, not more CPU contention (bench/app_load.py).
+MODEL_EVENTS = 16
+
 CSS = """
 #mrg-header h1 {margin: 0; font-size: 1.5rem;}
 #mrg-header p {margin: 0.15rem 0 0; opacity: 0.8;}
@@ -319,7 +324,8 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                     g.message)
 
         ground_btn.click(ground, session, [ground_box, grounded, ground_msg],
-                         concurrency_id="model", api_name="ground")
+                         concurrency_id="model", concurrency_limit=MODEL_EVENTS,
+                         api_name="ground")
         # the maps of the previous draft go when a new one starts
         hide_maps = dict(fn=lambda: gr.update(visible=False), inputs=None, outputs=ground_box,
                          queue=False)
@@ -329,7 +335,7 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             btn.click(**hide_maps)
             inputs = [session, editor, chips] if btn is redraft_btn else [session, editor]
             btn.click(fn, inputs, stream_outputs, show_progress="hidden",
-                      concurrency_id="model", **kw)
+                      concurrency_id="model", concurrency_limit=MODEL_EVENTS, **kw)
 
         def pick_statement(s, choice, *look):
             view = h.select_statement(s, choice)

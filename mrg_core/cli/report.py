@@ -17,11 +17,11 @@ saliency peaks and its share inside the lungs (mrg_core/grounding.py, experiment
 --sr-dir each draft is also written as a DICOM SR (report_<input>_<k>.sr.dcm; `sr` in the
 JSON).
 
-Threads and precision follow the app (app.py --decode-threads / --precision): by default one
-core fewer than the machine has (1 on a 2-core machine: on a loaded machine torch's default of
-every core made one draft take 14-44 s against 0.7 s on one thread) and the LoRA folded into
-the weights as int8 with bf16 activations (int8-weights; README, Speed). Environment: MRG_DECODE_THREADS,
-MRG_PRECISION.
+Threads and precision follow the app (app.py --decode-threads / --precision): by default every
+core, for the one thread that loads and runs the models (mrg_core/model_thread.py: a second
+thread with torch work of its own made each small kernel pay a thread wake-up), and the LoRA
+folded into the weights as int8 with bf16 activations (int8-weights; README, Speed).
+Environment: MRG_DECODE_THREADS, MRG_PRECISION.
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     ap.add_argument("--threads", type=_threads,
                     default=os.environ.get("MRG_DECODE_THREADS") or "auto",
-                    help="torch CPU threads (env MRG_DECODE_THREADS; default auto: one core "
-                         "fewer than the machine has, at least 1, as in the app)")
+                    help="torch CPU threads (env MRG_DECODE_THREADS; default auto: every "
+                         "core, as in the app)")
     ap.add_argument("--precision", choices=PRECISIONS, type=str.lower,
                     default=(os.environ.get("MRG_PRECISION") or "int8-weights").lower(),
                     help="inference form of the report language model (env MRG_PRECISION; "
@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from mrg_core.engine import Engine, EngineSettings, NoModelForStudy, resolve_threads
+    from mrg_core.model_thread import ModelThread
     from mrg_core.io import StudyLoadError, load_studies
     from mrg_core.models import GenerationSettings, ReportModel
     from mrg_core.models.quantize import apply_precision, model_precision
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> int:
         print(f"error: no model folder at {args.model} (expected config.json)", file=sys.stderr)
         return 2
     threads = resolve_threads(args.threads)
-    torch.set_num_threads(threads)  # the whole run: image model and decoding
+    runner = ModelThread(threads)  # loads and runs every model: one torch thread team
     extra_dirs = [] if args.only else (args.extra_models if args.extra_models is not None
                                        else EngineSettings.from_env().extra_model_dirs)
     extra_dirs = [d for d in extra_dirs if Path(d).resolve() != args.model.resolve()]
@@ -107,10 +108,11 @@ def main(argv: list[str]) -> int:
             print(f"error: no model folder at {d} (expected config.json)", file=sys.stderr)
             return 2
     t0 = time.perf_counter()
-    models = [ReportModel.from_pretrained(d, device=args.device) for d in [args.model, *extra_dirs]]
+    models = [runner.run(ReportModel.from_pretrained, d, device=args.device)
+              for d in [args.model, *extra_dirs]]
     try:
         for m in models:
-            apply_precision(m, args.precision)
+            runner.run(apply_precision, m, args.precision)
     except ValueError as err:  # e.g. int8 on a GPU
         print(f"error: --precision {args.precision}: {err}", file=sys.stderr)
         return 2
@@ -119,7 +121,7 @@ def main(argv: list[str]) -> int:
     status = 0
     # the app's study-level logic and routing (--only: every study to --model)
     engine = Engine(models[0], None, decode_threads=threads,
-                    extra_models=None if args.only else models[1:])
+                    extra_models=None if args.only else models[1:], runner=runner)
     for index, path in enumerate(args.files, 1):
         try:
             t1 = time.perf_counter()
@@ -181,7 +183,7 @@ def main(argv: list[str]) -> int:
                 # the model that read it (routed by the domain) and why, in words
                 model={"name": a.model.get("name"), "version": a.model.get("version")},
                 routing=a.routing or None,
-                run={"threads": torch.get_num_threads(),
+                run={"threads": engine.model_thread.run(torch.get_num_threads),  # as decoded
                      "precision": model_precision(engine.route(study)[0])},
                 timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})
