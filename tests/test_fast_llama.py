@@ -85,6 +85,30 @@ def test_guidance_over_prompts_of_unequal_length_joins_them_exactly():
         assert torch.allclose(sj, sa, atol=1e-4)
 
 
+def test_int8_weight_projections_step_as_one_call_with_the_same_logits():
+    """int8-weights layers: q, k, v (and gate, up) of a step go through one joined kernel
+    call; the logits equal those of the separate layer calls bit for bit, and the joined
+    weights are the layers' own storage (each layer keeps a view: no memory added)."""
+    from mrg_core.models.quantize import quantize_linear_int8_weights
+
+    lm = _llama(seed=5).to(torch.bfloat16)
+    quantize_linear_int8_weights(lm.model)
+    joined = FastLlamaDecoder(lm)
+    separate = FastLlamaDecoder(lm)
+    separate._joined = [(None, None)] * len(lm.model.layers)  # each layer called on its own
+    assert all(q is not None and g is not None for q, g in joined._joined)
+    att = lm.model.layers[1].self_attn
+    assert att.q_proj.weight_int8.untyped_storage().data_ptr() == \
+        att.v_proj.weight_int8.untyped_storage().data_ptr()
+    embeds = torch.randn(2, 6, 64)
+    with torch.inference_mode():
+        (lj, cj), (ls, cs) = joined.prefill(embeds), separate.prefill(embeds)
+        for _ in range(4):
+            tok = lj.argmax(-1)
+            (lj, cj), (ls, cs) = joined.step(tok, cj), separate.step(tok, cs)
+            assert torch.equal(lj, ls)
+
+
 def test_restricted_head_scores_only_its_rows():
     lm = _llama()
     keep = [3, 17, 42, 299]

@@ -6,7 +6,9 @@ weights, 21 % of the model). On 2 CPU cores a token costs the weight reads plus 
 around ~600 small calls, so this decoder
 - keeps keys and values in tensors preallocated for the prefix plus the report,
 - calls each layer's projections as modules, so the same code runs on float32 (LoRA merged),
-  bfloat16 and dynamically quantised int8 layers (models/quantize.py),
+  bfloat16 and dynamically quantised int8 layers (models/quantize.py); int8-weights layers
+  that read the same input (q, k, v; gate, up) step as one joined kernel call (joined_int8),
+- decodes rows of different lengths together (LlamaKV: a guided pair, several users' drafts),
 - computes the prefix (visual tokens, prompt, stated decision) once, with the same code,
 - optionally scores only `head_ids` (the token ids that occur in the training reports, saved in
   the model config as `head_vocab`): every other logit is set to -1e9. Greedy and beam drafts
@@ -91,6 +93,35 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def joined_int8(parent, names: tuple[str, ...]):
+    """The int8-weights projections `names` of `parent` that read the same input (q, k, v;
+    gate, up) as one kernel call: (fn(x2d) -> joined outputs, their sizes), or None where they
+    are not all bias-free Int8WeightLinear layers (inference-only, so changing their storage
+    cannot touch training). Their weights are joined once, in place: each layer keeps a view
+    of its rows, so no memory is added and transformers' own forward reads the same numbers."""
+    from mrg_core.models.quantize import Int8WeightLinear
+
+    key = "_joined_" + "_".join(names)
+    hit = parent.__dict__.get(key)
+    if hit is not None:
+        return hit
+    mods = [getattr(parent, n) for n in names]
+    if not all(type(m) is Int8WeightLinear and m.bias is None for m in mods):
+        return None
+    w = torch.cat([m.weight_int8 for m in mods]).contiguous()
+    scales = torch.cat([m.scales for m in mods]).contiguous()
+    sizes, start = [m.out_features for m in mods], 0
+    for m, n in zip(mods, sizes):
+        m.weight_int8, m.scales = w[start:start + n], scales[start:start + n]
+        start += n
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scales)
+
+    parent.__dict__[key] = hit = (fn, sizes)  # not a submodule: plain attribute
+    return hit
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -114,6 +145,11 @@ class FastLlamaDecoder:
             w = w[self.head_ids]
         self.head_w = w.detach().contiguous()
         self._cos = self._sin = None
+        # one-token steps of int8-weights layers: q, k, v in one kernel call, gate and up in
+        # another (7 calls a layer become 4)
+        self._joined = [(joined_int8(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                         joined_int8(layer.mlp, ("gate_proj", "up_proj")))
+                        for layer in self.model.layers]
 
     def _rope_tables(self, n: int):
         if self._cos is None or self._cos.shape[0] < n:
@@ -156,10 +192,15 @@ class FastLlamaDecoder:
             cos, sin = cos_t[start:start + t], sin_t[start:start + t]  # [T, D]
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
+            qkv, gate_up = self._joined[i] if t == 1 else (None, None)
             h = _rms(x, layer.input_layernorm.weight, self.eps)
-            q = att.q_proj(h).view(b, t, h_q, d).transpose(1, 2)  # [B, H, T, D]
-            k = att.k_proj(h).view(b, t, h_kv, d).transpose(1, 2)
-            v = att.v_proj(h).view(b, t, h_kv, d).transpose(1, 2)
+            if qkv is not None:
+                q, k, v = qkv[0](h.view(b, -1)).split(qkv[1], dim=-1)
+            else:
+                q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+            q = q.reshape(b, t, h_q, d).transpose(1, 2)  # [B, H, T, D]
+            k = k.reshape(b, t, h_kv, d).transpose(1, 2)
+            v = v.reshape(b, t, h_kv, d).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if ragged:
@@ -181,7 +222,11 @@ class FastLlamaDecoder:
             x = x + att.o_proj(y)
             h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            if gate_up is not None:
+                gate, up = gate_up[0](h.view(b, -1)).split(gate_up[1], dim=-1)
+                x = x + mlp.down_proj((F.silu(gate) * up).view(b, t, -1))
+            else:
+                x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         cache.lengths = [n + t for n in cache.lengths]
         return _rms(x[:, -1], self.model.norm.weight, self.eps)
 
