@@ -78,6 +78,24 @@ def test_app_load_clients_drive_the_page(model_dir, tmp_path):
         engine.store.close()
 
 
+def test_concurrent_drafts_bench_runs_users_together_and_one_after_another(tmp_path):
+    """bench/concurrent_drafts.py on a tiny Llama MedVLM (the lean decoder, so drafts share
+    steps): both timings for each user count, and the drafts per shared step."""
+    from bench import concurrent_drafts
+
+    d = tmp_path / "llama"
+    tiny_model(method="medvlm", family="llama", seed=1).save_pretrained(d)
+    out = tmp_path / "concurrent.json"
+    assert concurrent_drafts.main(["--model", str(d), "--users", "1", "3", "--precision",
+                                   "fp32-merged", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for n in (1, 3):
+        r = res[f"users_{n}"]
+        assert r["together_s"] > 0 and r["one_after_another_s"] > 0 and r["user_max_s"] > 0
+    assert res["users_1"]["drafts_per_step"] == 1.0
+    assert res["users_3"]["drafts_per_step"] > 1.0  # the three drafts shared steps
+
+
 def test_timing_limits_measures_what_the_tests_no_longer_assert(tmp_path):
     """bench/timing_limits.py runs (its figures are compared with their targets there)."""
     from bench import timing_limits
