@@ -178,7 +178,8 @@ def main(argv=None) -> None:
              "%.2f s, page %.2f s); bench/startup.py measures it", time.perf_counter() - STARTED,
              t_imports - STARTED, t_engine - t_imports, time.perf_counter() - t_engine)
     # The warm-up (first analysis and draft: ~0.5 s) runs once the page answers; a request that
-    # comes meanwhile waits for the model lock, never for the whole start-up.
+    # comes meanwhile waits on the model thread for the job in progress, never for the whole
+    # start-up.
     threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
     demo.block_thread()
 

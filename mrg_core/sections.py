@@ -30,7 +30,7 @@ def with_sections(model, pieces: Iterator[str], study, decision: int | None = No
     """The language model's text as the Findings, then the decision as the Impression: the
     study's own, or `decision` (0/1, a series'); unchanged for a model that writes its own
     sections. The decision is read when the Impression is due, by whoever drives the draft
-    (the engine does so under its model lock)."""
+    (the engine: from the study's cached features, which it computes before the draft)."""
     if not writes_impression(model):
         yield from pieces
         return

@@ -244,13 +244,15 @@ def test_engine_model_work_runs_on_the_model_thread(llama_engine, monkeypatch):
     import mrg_core.models.report_model as rm
 
     for owner, name in ((type(llama_engine.model), "analyze"), (Fast, "prefill"),
-                        (Fast, "step"), (rm, "sample_tokens")):
+                        (Fast, "step"), (rm, "sample_tokens"),
+                        (type(llama_engine.model), "_remember")):  # image features computed
         spy(owner, name)
-    study = _studies(1)[0]
+    study, unseen = _studies(2)
     llama_engine.analyze(study)
     text = "".join(llama_engine.stream_report(study))
-    assert text
+    assert text and "".join(llama_engine.stream_report(unseen))  # a draft before its analysis
     assert where["analyze"] == where["prefill"] == where["step"] == {"mrg-model"}
+    assert where["_remember"] == {"mrg-model"}
     assert where["sample_tokens"] == {"mrg-decode"} and where["search threads"] == {1}
 
 

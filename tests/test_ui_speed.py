@@ -142,8 +142,9 @@ def test_background_decode_frees_the_model_on_close(engine, session):
 
 def test_another_users_analysis_waits_for_one_decode_step_not_the_whole_draft(
         engine, session, monkeypatch):
-    """The model lock is held for a slice of the decode (at least one step): a draft of 10
-    steps of 0.3 s (3 s) lets an analysis run after at most one step."""
+    """A draft that cannot share steps (this GPT-2 model) runs on the model thread in slices
+    (at least one step): a draft of 10 steps of 0.3 s (3 s) lets an analysis run after at most
+    one step."""
     def slow(study, settings=None, **kw):
         for i in range(10):
             time.sleep(0.3)  # the step's computation, under the lock
