@@ -11,7 +11,6 @@ many drafts shared a decode step (the model's StepBatcher).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.common import emit  # noqa: E402
 
 
 def _user(engine, source: str) -> float:
@@ -79,11 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="auto")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    res = bench(a.model, tuple(a.users), a.precision, a.threads)
-    print(json.dumps(res, indent=2))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2))
+    emit(bench(a.model, tuple(a.users), a.precision, a.threads), a.json)
     return 0
 
 

@@ -256,6 +256,24 @@ def test_engine_model_work_runs_on_the_model_thread(llama_engine, monkeypatch):
     assert where["sample_tokens"] == {"mrg-decode"} and where["search threads"] == {1}
 
 
+def test_engine_grounds_each_statement_on_the_model_thread(llama_engine, monkeypatch):
+    """Sentence maps: the prediction and each statement's attribution are model-thread jobs
+    (other users' drafts run between two statements)."""
+    from captum.attr import LayerGradientXActivation
+
+    where: list[str] = []
+    real = LayerGradientXActivation.attribute
+
+    def attribute(*a, **kw):
+        where.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(LayerGradientXActivation, "attribute", attribute)
+    study = _studies(1, offset=80)[0]
+    _view, found = llama_engine.ground(study, "Patchy shadow in the left lung. No effusion.")
+    assert len(found) == 2 and where == ["mrg-model", "mrg-model"]
+
+
 def test_engine_drafts_that_overlap_share_steps_and_write_what_they_write_alone(llama_engine):
     studies = _studies(3, offset=20)
     alone = ["".join(llama_engine.stream_report(s)) for s in studies]

@@ -122,6 +122,7 @@ def main(argv: list[str]) -> int:
     # the app's study-level logic and routing (--only: every study to --model)
     engine = Engine(models[0], None, decode_threads=threads,
                     extra_models=None if args.only else models[1:], runner=runner)
+    threads_used = runner.run(torch.get_num_threads)  # as the models run
     for index, path in enumerate(args.files, 1):
         try:
             t1 = time.perf_counter()
@@ -183,7 +184,7 @@ def main(argv: list[str]) -> int:
                 # the model that read it (routed by the domain) and why, in words
                 model={"name": a.model.get("name"), "version": a.model.get("version")},
                 routing=a.routing or None,
-                run={"threads": engine.model_thread.run(torch.get_num_threads),  # as decoded
+                run={"threads": threads_used,
                      "precision": model_precision(engine.route(study)[0])},
                 timings_s={"model_load": round(load_s, 3), "load_study": round(load_s_study, 3),
                            "probability": round(t3 - t2, 3), "report": round(t4 - t3, 3)})

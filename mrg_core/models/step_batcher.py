@@ -58,10 +58,8 @@ class StepBatcher:
         self._used: set[int] = set()
         # what the steps did, for benchmarks and tests
         self.steps = 0
-        self.rows_stepped = 0
-        self.most_drafts_in_a_step = 0
         self.drafts_stepped = 0
-        self.step_s = 0.0  # time inside the steps
+        self.most_drafts_in_a_step = 0
 
     def decoder(self) -> BatchedDecoder:
         """A decoder for one draft (the KVDecoder interface), stepping through this batcher."""
@@ -154,10 +152,7 @@ class StepBatcher:
 
     def _locked_step(self, batch):
         with self._pool_lock:
-            t0 = time.perf_counter()
-            out = self._step(batch)
-            self.step_s += time.perf_counter() - t0
-            return out
+            return self._step(batch)
 
     @torch.inference_mode()
     def _step(self, batch: dict[_Member, torch.Tensor]) -> dict[_Member, torch.Tensor]:
@@ -177,7 +172,6 @@ class StepBatcher:
             for r in m.rows:
                 pool.lengths[r] = view.lengths[r]
         self.steps += 1
-        self.rows_stepped += high
         self.drafts_stepped += len(batch)
         self.most_drafts_in_a_step = max(self.most_drafts_in_a_step, len(batch))
         return {m: logits[m.rows] for m in batch}
