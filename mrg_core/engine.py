@@ -20,7 +20,7 @@ import numpy as np
 
 from mrg_core.finding_chips import finding_chips
 from mrg_core.io import LoadLimits, load_studies, load_study
-from mrg_core.model_thread import ModelThread, one_torch_thread
+from mrg_core.model_thread import ModelThread, ProcessExiting, one_torch_thread, start_worker
 from mrg_core.models.quantize import model_precision
 from mrg_core.sections import findings_span, with_sections
 from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, REPO_ROOT
@@ -564,6 +564,8 @@ class Engine:
             finally:
                 try:  # a batched draft gives its rows back; a sliced one closes on the model
                     it.close() if batcher is not None else self.model_thread.run(it.close)
+                except ProcessExiting:  # nothing left to close for
+                    pass
                 finally:
                     pieces.put(_END)
                     with self._drafts_lock:
@@ -571,7 +573,7 @@ class Engine:
 
         with self._drafts_lock:
             self._drafts_running += 1
-        threading.Thread(target=decode, name="mrg-decode", daemon=True).start()
+        start_worker(decode, "mrg-decode")
         try:
             while (item := pieces.get()) is not _END:
                 if isinstance(item, _Failed):

@@ -11,15 +11,35 @@ torch keep it at one thread (no team). Jobs run in arrival order: another user's
 waits for the job in progress (one decode step), never for a whole draft.
 
 The thread ends after `idle_s` without work (its team with it) and starts again on demand.
+
+At interpreter exit the model threads and the workers started with `start_worker` are let
+finish what they are doing (new jobs raise `ProcessExiting`) before Python finalizes. A daemon
+thread still inside a torch call then would abort the process ("terminate called without an
+active exception", exit 134): torch releases the GIL inside its C++ calls, and a daemon thread
+that takes it back during finalization is ended by a forced unwind that a noexcept destructor
+turns into std::terminate (pytorch/pytorch#38228).
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 IDLE_S = 30.0
+EXIT_WAIT_S = 60.0  # at most this long at exit for model jobs and workers to end
+
+_exiting = threading.Event()
+_model_threads: weakref.WeakSet = weakref.WeakSet()
+_workers: set[threading.Thread] = set()
+_workers_lock = threading.Lock()
+
+
+class ProcessExiting(RuntimeError):
+    """Model work asked for while the interpreter exits."""
 
 
 class _Job:
@@ -44,6 +64,7 @@ class ModelThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # the thread's start and end
         self._thread: threading.Thread | None = None
+        _model_threads.add(self)
 
     def run(self, fn: Callable, /, *args, **kwargs):
         """fn(*args, **kwargs) on the model thread, after the jobs that came before; its
@@ -53,6 +74,8 @@ class ModelThread:
             return fn(*args, **kwargs)
         job = _Job(fn, args, kwargs)
         with self._lock:
+            if _exiting.is_set():
+                raise ProcessExiting("the process is exiting: no new model work")
             self._jobs.put(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
@@ -75,12 +98,57 @@ class ModelThread:
                         self._thread = None
                         return
                 continue
+            if job is None:  # put by _finish_at_exit after the last job it lets in
+                return
             try:
                 job.result = job.fn(*job.args, **job.kwargs)
             except BaseException as exc:  # raised again in the caller's thread
                 job.error = exc
             finally:
                 job.done.set()
+
+
+    def _end_for_exit(self) -> threading.Thread | None:
+        """Let the jobs already queued run, then end the thread; the thread to join."""
+        with self._lock:
+            thread = self._thread
+            if thread is not None:
+                self._jobs.put(None)
+        return thread
+
+
+def start_worker(target: Callable, name: str, *args) -> threading.Thread:
+    """A daemon thread that does torch work outside the model thread (a draft's search); at
+    exit the interpreter waits for it (EXIT_WAIT_S at most): its model calls raise
+    ProcessExiting then, so it ends soon."""
+    def work():
+        try:
+            target(*args)
+        finally:
+            with _workers_lock:
+                _workers.discard(threading.current_thread())
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    with _workers_lock:
+        _workers.add(thread)
+    thread.start()
+    return thread
+
+
+def exiting() -> bool:
+    return _exiting.is_set()
+
+
+@atexit.register
+def _finish_at_exit(wait_s: float = EXIT_WAIT_S) -> None:
+    # atexit runs before finalization starts, while daemon threads still run normally.
+    _exiting.set()
+    deadline = time.monotonic() + wait_s
+    threads = [t for mt in list(_model_threads) if (t := mt._end_for_exit()) is not None]
+    with _workers_lock:
+        threads += list(_workers)
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 def one_torch_thread() -> None:
