@@ -4,9 +4,11 @@
         --json bench/results/chip_following_val_model2.json
 
 For each study and each finding the model states in words: flip that chip (tick it when the
-model did not predict it, untick it when it did), draft again, and read the draft with the
-rule-based finding extractor (mrg_core.evaluation.clinical.extract_findings). Reported per
-finding and overall:
+model did not predict it, untick it when it did), draft again, make the edit the page and the
+CLI make (the unflipped draft with the flipped chips' clauses changed:
+mrg_core.finding_chips.follow_chips), and read both with the rule-based finding extractor
+(mrg_core.evaluation.clinical.extract_findings). Reported per finding and overall, for the
+edit and (`redraft`) for the model's redraft alone:
 - followed: the flipped finding is asserted after ticking / no longer asserted after unticking;
 - others kept: the other findings the extractor reads are those of the unflipped draft (a chip
   changes its finding, not the rest of the report).
@@ -30,8 +32,10 @@ from mrg_core.paths import DEFAULT_MODEL_DIR  # noqa: E402
 
 
 def flip_one(model, study, settings, names=None) -> list[dict]:
-    """One row per finding: the unflipped and flipped drafts' extracted findings."""
-    from mrg_core.evaluation.clinical import extract_findings
+    """One row per finding: the unflipped draft, the redraft and the edit, and whether they
+    follow the flip."""
+    from mrg_core.evaluation.clinical import LOBE_NAMES, extract_findings
+    from mrg_core.finding_chips import follow_chips
 
     pred = model.predict(study)
     base_stated = set(pred.findings)
@@ -41,13 +45,17 @@ def flip_one(model, study, settings, names=None) -> list[dict]:
     for name in names or model.finding_names:
         on = name not in base_stated
         stated = base_stated | {name} if on else base_stated - {name}
-        text = "".join(model.stream_report(study, settings, findings=stated))
-        read = extract_findings(text)
-        followed = (name in read) if on else (name not in read)
-        others = lambda r: {x for x in r if x not in (name, "normal")}  # noqa: E731
-        rows.append({"finding": name, "ticked": on, "followed": followed,
-                     "others_kept": others(read) == others(base_read),
-                     "draft": text, "unflipped": base})
+        redraft = "".join(model.stream_report(study, settings, findings=stated))
+        text = follow_chips(base, base_stated, redraft, stated, model.finding_names,
+                            model.config.finding_phrases,
+                            [n for n in model.finding_names if n not in LOBE_NAMES])
+        row = {"finding": name, "ticked": on}
+        for key, t in (("", text), ("redraft_", redraft)):
+            read = extract_findings(t)
+            others = lambda r: {x for x in r if x not in (name, "normal")}  # noqa: E731
+            row.update({f"{key}followed": (name in read) if on else (name not in read),
+                        f"{key}others_kept": others(read) == others(base_read)})
+        rows.append({**row, "draft": text, "redraft": redraft, "unflipped": base})
     return rows
 
 
@@ -55,9 +63,9 @@ def summary(rows: list[dict]) -> dict:
     out = {}
     for key, sel in (("tick", True), ("untick", False)):
         part = [r for r in rows if r["ticked"] == sel]
-        out[key] = {"n": len(part),
-                    "followed": sum(r["followed"] for r in part) / max(len(part), 1),
-                    "others_kept": sum(r["others_kept"] for r in part) / max(len(part), 1)}
+        out[key] = {"n": len(part), **{
+            k: round(sum(r[k] for r in part) / max(len(part), 1), 4)
+            for k in ("followed", "others_kept", "redraft_followed", "redraft_others_kept")}}
     per = {}
     for r in rows:
         d = per.setdefault(r["finding"], {"tick_n": 0, "tick_followed": 0,

@@ -454,6 +454,27 @@ class Engine:
         _index, drafted, decision = self._drafted(study)
         return drafted, decision
 
+    def follow_chips(self, study: Study, text: str, findings, previous: str,
+                     previous_findings) -> str:
+        """A chip redraft as an edit of the draft the radiologist had: `previous` (written
+        with the chips `previous_findings`) with the clauses of flipped chips changed, new
+        ones taken from `text` (the draft written with the chips `findings`), the rest word
+        for word (finding_chips.follow_chips); the Impression is `text`'s. `text` itself when
+        there is no previous draft or the model states no findings."""
+        from mrg_core.evaluation.clinical import LOBE_NAMES
+        from mrg_core.finding_chips import follow_chips
+
+        model = self.route(study)[0]
+        a, b = findings_span(model, text)
+        pa, pb = findings_span(model, previous or "")
+        if not model.finding_names or not previous[pa:pb].strip():
+            return text
+        names = model.finding_names
+        edited = follow_chips(previous[pa:pb], previous_findings, text[a:b], findings, names,
+                              model.config.finding_phrases,
+                              [n for n in names if n not in LOBE_NAMES])
+        return text[:a] + edited + text[b:]
+
     def _drafted(self, study: Study) -> tuple[int, Study, int | None]:
         """drafted_study, with the index of the view it is."""
         if len(study.views) == 1:

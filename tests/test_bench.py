@@ -210,3 +210,28 @@ def test_series_rule_takes_raw_probabilities_as_they_are(tmp_path):
     raw = np.array([r["probability"] for r in rows])
     assert min(abs(raw - out[True])) < 1e-9  # the max of a series: one slice's own value
     assert out[True] != pytest.approx(out[False])
+
+
+def test_chip_following_scores_the_edit_and_the_redraft():
+    """bench/chip_following.py flips each chip of a study: the edit (what the page shows)
+    states every ticked finding and keeps the unflipped draft's clauses; the model's redraft
+    alone is scored beside it."""
+    from bench.chip_following import flip_one, summary
+    from mrg_core.finding_chips import _clauses
+    from mrg_core.io import load_study
+    from mrg_core.models import GenerationSettings
+    from tests.test_finding_chips import finding_model, set_thresholds
+
+    model = finding_model()
+    set_thresholds(model, {"RLL"})  # stated: a lobe only; ticking a finding places it there
+    rows = flip_one(model, load_study(SAMPLES_DIR / "ct_phantom_covid.dcm"),
+                    GenerationSettings(max_new_tokens=12))
+    assert [r["finding"] for r in rows] == model.finding_names
+    for r in rows:
+        assert "redraft_followed" in r and r["redraft"]
+        if r["ticked"]:  # findings are stated, the unflipped draft's clauses stay
+            assert r["followed"], r
+            assert all(c.strip(" ,.") in r["draft"] for c in _clauses(r["unflipped"])), r
+    res = summary(rows)
+    assert res["tick"]["n"] == 2 and res["tick"]["followed"] == 1.0
+    assert res["untick"]["n"] == 1

@@ -130,6 +130,12 @@ def test_report_cli_finding_chips_with_the_shipped_model():
     assert all(c["stated"] == c["predicted"] for n, c in chips.items() if n != "ground_glass")
     assert 0 <= chips["ground_glass"]["probability"] < 0.5
     assert "ground_glass" in extract_findings(row["report"]), row["report"]
+    # the tick edits the model's own draft: each of its clauses is kept word for word
+    own = subprocess.run(run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    own = json.loads(own.stdout.splitlines()[-1])["sections"]["findings"]
+    clauses = [c.strip(" ,.") for c in own.split(", ")]
+    assert all(c in row["sections"]["findings"] for c in clauses), (own, row["report"])
+    assert row["sections"]["findings"] != own
     # the sections, kept apart: the LM's Findings, the decision in words as the Impression
     phrases = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["impression_phrases"]
     assert row["sections"]["impression"] == phrases[row["label"]]

@@ -149,19 +149,29 @@ def test_chip_state_and_flips():
         parse_finding_args(["a"])
 
 
-def test_redraft_keeps_the_users_edits_and_save_stores_the_chips(engine, session, tmp_path):
+def test_redraft_keeps_the_users_edits_and_save_stores_the_chips(engine, tmp_path):
+    from mrg_core.evaluation.clinical import extract_findings
+    from mrg_core.finding_chips import _clauses
+
     model = engine.model
+    set_thresholds(model, {"ground_glass", "RLL"})
+    session = Session()
+    assert h.load_files(engine, session, [str(CT_SAMPLE)]).ok
+    h.analyze(engine, session)
     ups = list(h.stream_draft(engine, session, ""))
     first = session.draft
     assert ups[-1].editor == first
     mine = first.rstrip() + "\nCompare with the prior CT."  # the user's own line
     predicted = [c.name for c in session.analysis.chips if c.predicted]
+    assert predicted == ["ground_glass", "RLL"]
     ticked = sorted(set(predicted) ^ {"consolidation"})  # flip one chip
     ups = list(h.redraft_with_findings(engine, session, mine, ticked))
     assert ups[-1].done and "with your own edits kept" in ups[-1].notice
+    assert all(u.editor in (None, mine) for u in ups[:-1])  # the editor waits for the edit
     new = session.draft
-    assert new == "".join(model.stream_report(session.study, findings=ticked))
-    assert new != first  # the flip changed the draft
+    # the flip edits the first draft: its clauses stay, and the tick is stated
+    assert all(c.strip(" .,") in new for c in _clauses(first)), (first, new)
+    assert "consolidation" in extract_findings(new) and new != first
     assert ups[-1].editor == new + "\nCompare with the prior CT."
     assert session.draft_findings == {"stated": list(model.chosen_findings(ticked)),
                                       "flipped": ["consolidation"]}
@@ -181,6 +191,20 @@ def test_redraft_keeps_the_users_edits_and_save_stores_the_chips(engine, session
     assert f"Findings changed by the reviewer: consolidation → {want}" in hist
     ex = engine.store.iter_corrections()[0]
     assert ex.findings == state  # fine-tuning sees the reviewed chips
+
+
+def test_a_stopped_redraft_leaves_the_editor_and_the_draft_as_they_were(engine, session):
+    list(h.stream_draft(engine, session, ""))
+    first, findings = session.draft, session.draft_findings
+    mine = first + " My words."
+    ticked = sorted({c.name for c in session.analysis.chips if c.predicted} ^ {"consolidation"})
+    ups = []
+    for u in h.redraft_with_findings(engine, session, mine, ticked):
+        ups.append(u)
+        if len(ups) == 1:
+            h.stop_message(session)
+    assert ups[-1].done and ups[-1].editor == mine and "stopped" in ups[-1].notice
+    assert session.draft == first and session.draft_findings == findings
 
 
 def test_untouched_chips_are_kept_but_not_taught(engine, session):

@@ -623,8 +623,10 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     edit still arrive during a stream (note_edit), the stream leaves the editor at once.
 
     `findings` (finding names: the reader's chips, `flips` those they changed) conditions the
-    draft on them; it then streams into the editor with the user's own edits of the previous
-    draft kept in place (redraft_with_findings).
+    draft on them (redraft_with_findings). The result edits the previous draft: only the
+    clauses of the flipped chips change (Engine.follow_chips), and the user's own edits of the
+    previous draft are kept in place (keep_user_edits). The editor keeps its text while the
+    new clauses are written, then shows the edited draft.
 
     `update_every_s` coalesces pieces: the first piece is shown at once, later ones at most
     every `update_every_s` seconds, and the last update always carries the whole text (0 = one
@@ -649,6 +651,11 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     # are merged into the new one (keep_user_edits), never overwritten.
     previous, users, into_editor_at_start = session.draft, editor_text or "", into_editor
     into_editor = into_editor or findings is not None
+    chips = getattr(session.analysis, "chips", ()) or ()
+    previous_findings = ((session.draft_findings or {}).get("stated") if session.draft_findings
+                         else [c.name for c in chips if c.predicted])
+    previous_record = (session.draft, session.draft_findings, session.draft_settings,
+                       session.draft_timings)
 
     def shown(draft: str) -> str:
         """What the editor shows: the draft, with the user's edits kept on a chip redraft."""
@@ -672,8 +679,9 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     stopped = False
     try:
         if into_editor:
-            # a chip redraft over the user's edits shows their text until the first words come
-            session.editor_shadow = "" if into_editor_at_start else users
+            # a chip redraft edits the text in the editor, which stays until the edit is made
+            session.editor_shadow = users if findings is not None or not into_editor_at_start \
+                else ""
             yield StreamUpdate(session.editor_shadow, None, LOCKED_NOTICE, editor_locked=True)
         else:
             yield StreamUpdate(None, "", f"Generating draft… {KEPT_NOTICE}")
@@ -695,12 +703,18 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
             if n > 1 and now - last_sent < update_interval(engine, update_every_s):
                 continue  # coalesced: shown with a later piece or the final update
             sent, last_sent = text, now
-            if into_editor:
+            if findings is not None and into_editor:  # the edit is made from the whole draft
+                yield StreamUpdate(None, None, f"Redrafting with these findings… "
+                                               f"{len(text.split())} words written")
+            elif into_editor:
                 session.editor_shadow = shown(text)
                 yield StreamUpdate(session.editor_shadow, None, LOCKED_NOTICE)
             else:
                 session.latest = text
                 yield StreamUpdate(None, text, f"Generating draft… {KEPT_NOTICE}")
+        if findings is not None and not stopped:
+            text = engine.follow_chips(session.study, text, findings, previous or "",
+                                       previous_findings)
         finished = True
     except Exception as exc:
         log_failure("draft generation", exc)
@@ -718,6 +732,9 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
                 "stated": list(findings), "flipped": list(flips)}
             session.draft_timings = {"generate_s": round(time.perf_counter() - t0, 3),
                                      "first_piece_s": round(first or 0.0, 3), "pieces": n}
+            if findings is not None and (stopped or not finished):  # no edit was made
+                (session.draft, session.draft_findings, session.draft_settings,
+                 session.draft_timings) = previous_record
     if session.stream_count != me:
         return  # a newer draft owns the editor and the notice now: no last word from this one
     state = "stopped" if stopped else "ready"
@@ -726,6 +743,11 @@ def stream_draft(engine: Engine, session: Session, editor_text: str = "",
     where = "in the editor" if into_editor else "in Latest draft (your text was kept)"
     if findings is not None and not into_editor_at_start and into_editor:
         where = "in the editor, with your own edits kept"
+    if stopped and findings is not None and into_editor:
+        session.editor_shadow = users
+        yield StreamUpdate(users, None, "Redraft stopped: the editor is as it was.", done=True,
+                           editor_locked=False)
+        return
     if stopped and not text.strip():  # nothing was written: no "0 words in 0.1 s"
         yield StreamUpdate(None, None, "Draft stopped before the model wrote anything. "
                                        "Generate again, or write the report by hand.",

@@ -159,6 +159,10 @@ def main(argv: list[str]) -> int:
                       flush=True)
                 continue
             text = "".join(engine.stream_report(study, settings, findings=stated))
+            if stated is not None:  # as the page: the flips edit the model's own draft
+                own = "".join(engine.stream_report(study, settings))
+                text = engine.follow_chips(study, text, stated, own,
+                                           [c.name for c in a.chips if c.predicted])
             t4 = time.perf_counter()
             record.update(
                 n_views=len(study.views), modality=study.modality,

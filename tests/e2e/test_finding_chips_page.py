@@ -1,6 +1,6 @@
 """Finding chips in the browser (issue 21), with the shipped default model: the chips show the
-findings and their probabilities; ticking one and redrafting writes it into the draft while
-the radiologist's own line stays; Save keeps the chips and the flip."""
+findings and their probabilities; ticking one and redrafting writes it into the draft (an
+edit of the draft: the other clauses stay) while the radiologist's own line stays; Save keeps the chips and the flip."""
 import contextlib
 import json
 import sqlite3
@@ -34,6 +34,7 @@ def ct_sample_page(browser, db, height: int = 1200):
 
 def test_tick_a_finding_redraft_keep_my_line_and_save_the_flip(browser, tmp_path, artifacts):
     from mrg_core.evaluation.clinical import extract_findings
+    from mrg_core.finding_chips import _clauses
 
     db = tmp_path / "r.db"
     with ct_sample_page(browser, db) as (page, engine):
@@ -58,6 +59,8 @@ def test_tick_a_finding_redraft_keep_my_line_and_save_the_flip(browser, tmp_path
         wait_text(page, "#draft-notice", "with your own edits kept")
         text = editor.input_value()
         assert "ground_glass" in extract_findings(text), text  # the draft follows the chip
+        # ... by an edit of the first draft: each of its clauses is still there
+        assert all(c.strip(" ,.") in text for c in _clauses(first)), (first, text)
         assert text.rstrip().endswith("\n" + MINE)  # on its own line, as written
         page.screenshot(path=str(artifacts / "finding_chips.png"))
 
