@@ -291,20 +291,25 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
 
         # Draft streaming: the editor is read-only while a draft streams into it (server updates
         # would race keystrokes); a draft over the user's own text goes to "Latest draft".
+        # Each output given as gr.update(...) costs the server a new component and its config
+        # (Gradio rebuilds the block to apply the update); a plain value is only postprocessed.
+        # A streamed update sends the text as a plain value, and the stale exports are cleared
+        # once, by the click itself (clear_on_draft), not with every update.
         def stream(s, text, settings=None, inner=None):
-            stale = clear_stale(s)  # a new draft: the old one's saved/exported notices go
             inner = inner or h.stream_draft(engine, s, text, settings,
                                             update_every_s=h.UPDATE_EVERY_S)
             try:
                 for u in inner:
-                    ed = {} if u.editor is None else {"value": u.editor}
-                    if u.editor_locked is not None:
-                        ed["interactive"] = not u.editor_locked
-                    yield (gr.update(**ed),
+                    if u.editor_locked is None and u.editor is not None:
+                        ed = u.editor
+                    else:
+                        ed = gr.update(**({} if u.editor is None else {"value": u.editor}),
+                                       **({} if u.editor_locked is None else
+                                          {"interactive": not u.editor_locked}))
+                    yield (ed,
                            gr.update() if u.latest is None else u.latest,
                            gr.update() if u.latest is None else gr.update(visible=True),
-                           u.notice, *stale)
-                    stale = keep_stale
+                           u.notice)
             finally:
                 inner.close()
 
@@ -315,7 +320,9 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
             yield from stream(s, text, inner=h.redraft_with_findings(
                 engine, s, text, ticked, update_every_s=h.UPDATE_EVERY_S))
 
-        stream_outputs = [editor, latest, latest_box, notice, *stale_outputs]
+        stream_outputs = [editor, latest, latest_box, notice]
+        # a new draft: the previous one's saved/exported notices and files go
+        clear_on_draft = dict(fn=clear_stale, inputs=session, outputs=stale_outputs, queue=False)
 
         def ground(s):
             g = h.ground_draft(engine, s)
@@ -333,6 +340,7 @@ def build_app(engine: Engine, auth=None, model_roots=None, admin_open: bool = Fa
                             (regen_btn, regenerate, {}), (redraft_btn, redraft,
                                                           {"api_name": "redraft"})):
             btn.click(**hide_maps)
+            btn.click(**clear_on_draft)
             inputs = [session, editor, chips] if btn is redraft_btn else [session, editor]
             btn.click(fn, inputs, stream_outputs, show_progress="hidden",
                       concurrency_id="model", concurrency_limit=MODEL_EVENTS, **kw)
