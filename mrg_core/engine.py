@@ -464,9 +464,9 @@ class Engine:
         from mrg_core.evaluation.clinical import LOBE_NAMES
         from mrg_core.finding_chips import follow_chips
 
-        model = self.route(study)[0]
+        model, previous = self.route(study)[0], previous or ""
         a, b = findings_span(model, text)
-        pa, pb = findings_span(model, previous or "")
+        pa, pb = findings_span(model, previous)
         if not model.finding_names or not previous[pa:pb].strip():
             return text
         names = model.finding_names

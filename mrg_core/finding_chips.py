@@ -91,11 +91,6 @@ def _read(clause: str, chips: set[str]) -> set[str]:
     return extract_findings(clause) & chips
 
 
-def _body(clause: str) -> str:
-    """The clause without its closing punctuation and space."""
-    return re.sub(r"[.;,:!?]?\s*$", "", clause)
-
-
 def _plural(phrases: list[str]) -> bool:
     last = phrases[-1].split()[-1]
     return len(phrases) > 1 or (last.endswith("s") and not last.endswith("ss"))
@@ -179,6 +174,8 @@ def follow_chips(previous: str, previous_stated, text: str, stated, chip_names,
                  default=max(len(units) - 1, 0))
     for words in reversed(added):
         if at > 0:  # the new clause takes the place's punctuation; a comma before it
+            if words[1:2].islower():  # a sentence's first word, now inside one
+                words = words[:1].lower() + words[1:]
             units.insert(at, [words, units[at - 1][1]])
             units[at - 1][1] = ", "
         else:

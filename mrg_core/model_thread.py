@@ -107,7 +107,6 @@ class ModelThread:
             finally:
                 job.done.set()
 
-
     def _end_for_exit(self) -> threading.Thread | None:
         """Let the jobs already queued run, then end the thread; the thread to join."""
         with self._lock:

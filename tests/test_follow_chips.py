@@ -96,6 +96,13 @@ def test_an_unticked_lobe_moves_its_finding_to_the_lobes_left():
     assert "patchy shadow was seen in the upper lobe of the left lung" in out
 
 
+def test_a_sentence_taken_from_the_new_draft_continues_the_clause_before_it():
+    new = "Nodular shadow was seen in the upper lobe of the right lung. " + HEAD + TAIL
+    out = edit(new, PREDICTED | {"nodule"})
+    assert "blurred margins, nodular shadow was seen in the upper lobe of the right lung, " \
+           "the bronchi" in out
+
+
 def test_a_new_clause_never_states_a_chip_that_is_off():
     new = HEAD + "nodule and cavity were seen in the upper lobe of the right lung, " + TAIL
     out = edit(new, PREDICTED | {"nodule"})  # the model's clause also says cavity: not taken
