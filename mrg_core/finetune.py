@@ -293,6 +293,7 @@ def train_model(model, items: list[tuple], cfg: FinetuneConfig, desc: str = "fin
                 ) -> list[dict]:
     """Plain loop (one process, a few dozen studies): AdamW, linear decay, clipping.
     Reuses training.LossModule / collate so the loss is the one the model was trained with."""
+    from mrg_core.model_thread import ProcessExiting, exiting
     from mrg_core.preprocess import augment_batch
     from mrg_core.training import LossModule, collate
 
@@ -315,6 +316,8 @@ def train_model(model, items: list[tuple], cfg: FinetuneConfig, desc: str = "fin
         order = torch.randperm(len(items), generator=gen).tolist()
         losses = []
         for b in range(per_epoch):
+            if exiting():  # the app is closing: stop at a batch boundary (model_thread.py)
+                raise ProcessExiting("the process is exiting: fine-tuning stopped")
             pix, reports, labels = collate([items[i] for i in order[b::per_epoch]])
             if cfg.augment:
                 pix = augment_batch(pix, generator=gen)

@@ -226,19 +226,34 @@ def search():  # a draft's own thread, busy in torch at exit (ending its token f
     except ProcessExiting:
         print("worker refused", flush=True)
 
+def tune():  # the page's fine-tune, training when the app closes: it stops at a batch
+    from mrg_core.finetune import FinetuneConfig, train_model
+    from mrg_core.models.factory import tiny_model
+
+    items = [(torch.rand(1, 1, 64, 64), "the lungs are clear .", 1.0)] * 4
+    try:
+        train_model(tiny_model("medvlm", family="gpt2"), items,
+                    FinetuneConfig(epochs=10 ** 6, batch_size=1, augment=False))
+    except ProcessExiting:
+        print("fine-tune stopped", flush=True)
+
 if sys.argv[1] == "job":  # asked for by a plain daemon thread (a web server's)
     threading.Thread(target=runner.run, args=(job,), daemon=True).start()
-else:
+elif sys.argv[1] == "worker":
     start_worker(search, "search")
+else:
+    start_worker(tune, "mrg-finetune")
+    time.sleep(5)  # the tiny model is built and training
 time.sleep(0.3)
 """
 
 
-@pytest.mark.parametrize("busy, says", [("job", "job finished"), ("worker", "worker refused")])
+@pytest.mark.parametrize("busy, says", [("job", "job finished"), ("worker", "worker refused"),
+                                        ("finetune", "fine-tune stopped")])
 def test_the_process_exits_cleanly_while_model_work_runs(busy, says):
-    """Exit mid-work, on the model thread or in a draft's own thread (CI's pytest once ended
-    in exit 134, 'terminate called without an active exception': a daemon thread inside torch
-    while Python finalized)."""
+    """Exit mid-work: on the model thread, in a draft's own thread, or while fine-tuning (CI's
+    pytest once ended in exit 134, 'terminate called without an active exception': a daemon
+    thread inside torch while Python finalized)."""
     import subprocess
     import sys
     from pathlib import Path

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mrg_core.engine import Engine
+from mrg_core.model_thread import start_worker
 
 from .handlers import _md, log_failure
 
@@ -121,9 +122,8 @@ def finetune(engine: Engine, out_dir=None, cfg=None, poll_s: float = 2.0) -> Ite
             _finetune_busy.release()
 
     t0 = time.monotonic()
-    worker = threading.Thread(target=work, name="mrg-finetune", daemon=True)
-    try:
-        worker.start()
+    try:  # a worker the interpreter waits for at exit (it stops at its next batch)
+        worker = start_worker(work, "mrg-finetune")
     except BaseException:
         _finetune_busy.release()
         raise
