@@ -129,8 +129,11 @@ def make_studies(n: int) -> list:
 
 
 def bench_model(model_dir: Path, n_studies: int, settings: GenerationSettings,
-                precision: str = "fp32", decode_threads: int | None = None) -> dict:
+                precision: str = "fp32", decode_threads: int | None = None,
+                full_length: bool = False) -> dict:
     model, load_s = load_model(model_dir, precision)
+    if full_length:  # the end token suppressed: every draft is max_new_tokens long
+        model.suppress_ids = [*model.suppress_ids, model.tokenizer.eos_token_id]
     out: dict = {"load_s": load_s, "precision": precision,
                  "decode_threads": decode_threads or torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="only compare every precision × decode-thread setting, back to back")
     ap.add_argument("--rounds", type=int, default=3, help="--sweep rounds")
+    ap.add_argument("--full-length", action="store_true",
+                    help="never end a draft early (untrained models, per-token speed only)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
         res["sweep"] = sweep(args.model, args.studies, settings, args.rounds)
     else:
         res.update(bench_model(args.model, args.studies, settings, args.precision,
-                               args.decode_threads))
+                               args.decode_threads, args.full_length))
     res["machine"]["load_average_at_end"] = _loadavg()
     if not (args.quick or args.sweep):
         from bench.app_load import bench_app

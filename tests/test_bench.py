@@ -235,3 +235,42 @@ def test_chip_following_scores_the_edit_and_the_redraft():
     res = summary(rows)
     assert res["tick"]["n"] == 2 and res["tick"]["followed"] == 1.0
     assert res["untick"]["n"] == 1
+
+
+def test_full_length_drafts_run_to_the_token_limit(tmp_path, monkeypatch):
+    """--full-length suppresses the end token: the timed drafts are --max-new-tokens long,
+    even from a model that would stop early (an untrained candidate)."""
+    from bench import run
+    from mrg_core.models import tiny_model
+
+    d = tmp_path / "model"
+    tiny_model(method="medvlm", family="llama", seed=0).save_pretrained(d)
+    loaded = []
+    load = run.load_model
+    monkeypatch.setattr(run, "load_model", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    for full in (True, False):
+        out = tmp_path / f"q{full}.json"
+        args = ["--model", str(d), "--quick", "--studies", "1", "--max-new-tokens", "12",
+                "--json", str(out)] + (["--full-length"] if full else [])
+        assert run.main(args) == 0
+        model = loaded[-1][0]
+        assert (model.tokenizer.eos_token_id in model.suppress_ids) is full
+        if full:
+            assert json.loads(out.read_text())["draft_tokens"] == 12
+
+
+def test_candidate_speed_builds_a_candidate_as_training_does(tmp_path):
+    """bench/candidate_speed.py: the candidate from its config (the packaged frozen LLM, the
+    restricted output layer from the training reports), measured with run.py --quick."""
+    from bench import candidate_speed
+    from mrg_core.paths import data_dir
+    from tests.conftest import require
+
+    require((data_dir() / "covctr" / "images").is_dir(), "shared COV-CTR folder is absent")
+    out = tmp_path / "speed.json"
+    assert candidate_speed.main(["--configs", "medvlm_smollm2_lora_findings_q256_cv",
+                                 "--studies", "1", "--max-new-tokens", "6",
+                                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["candidates"]["medvlm_smollm2_lora_findings_q256_cv"]
+    assert row["draft_tokens"] == 6 and row["tokens_per_s"] > 0
+    assert 50 < row["lm_weight_mb"] < 150  # SmolLM2 in int8 with the restricted output layer
