@@ -8,9 +8,9 @@ trainable parts at their initial values, the output layer restricted to the trai
 tokens where the config says so), saved to a temporary folder, and measured with
 `bench/run.py --quick` in the app's precision. What a draft costs per token depends on the
 architecture (the LLM, the prefix length, the adapters folded in or not, one row or two for
-label guidance), not on the values of the trained weights; the length of a draft does, so every
-draft runs to --max-new-tokens (`run.py --full-length`: the end token suppressed) and the table
-reports first token and tokens/s.
+label guidance), not on the values of the trained weights; the length of a draft does, so no
+draft ends at the end token (`run.py --full-length`) and the table reports first token and
+tokens/s.
 """
 from __future__ import annotations
 
