@@ -272,5 +272,6 @@ def test_candidate_speed_builds_a_candidate_as_training_does(tmp_path):
                                  "--studies", "1", "--max-new-tokens", "6",
                                  "--json", str(out)]) == 0
     row = json.loads(out.read_text())["candidates"]["medvlm_smollm2_lora_findings_q256_cv"]
-    assert row["draft_tokens"] == 6 and row["tokens_per_s"] > 0
+    # (draft_tokens re-tokenizes the lower-cased text: it may read fewer than were written)
+    assert 0 < row["draft_tokens"] <= 6 and row["tokens_per_s"] > 0
     assert 50 < row["lm_weight_mb"] < 150  # SmolLM2 in int8 with the restricted output layer
