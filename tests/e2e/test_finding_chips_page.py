@@ -135,8 +135,10 @@ def test_each_sentence_of_the_draft_shows_its_own_map(browser, tmp_path, artifac
         options.nth(other).click()
         page.wait_for_function("src => document.querySelector('#viewer img').src !== src",
                                arg=first_map, timeout=WAIT_MS)
+        other_map = page.locator("#viewer img").first.get_attribute("src")
         options.nth(0).click()  # back to the decision's Grad-CAM
+        # (the src compared with is read before the click: read after it, a render that landed
+        # in between was the value waited away from, and the wait never ended; CI once)
         page.wait_for_function("src => document.querySelector('#viewer img').src !== src",
-                               arg=page.locator("#viewer img").first.get_attribute("src"),
-                               timeout=WAIT_MS)
+                               arg=other_map, timeout=WAIT_MS)
         assert "experimental" in page.locator("#grounding-note").inner_text()
