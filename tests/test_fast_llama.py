@@ -85,28 +85,70 @@ def test_guidance_over_prompts_of_unequal_length_joins_them_exactly():
         assert torch.allclose(sj, sa, atol=1e-4)
 
 
-def test_int8_weight_projections_step_as_one_call_with_the_same_logits():
-    """int8-weights layers: q, k, v (and gate, up) of a step go through one joined kernel
-    call; the logits equal those of the separate layer calls bit for bit, and the joined
-    weights are the layers' own storage (each layer keeps a view: no memory added)."""
+def test_guidance_computes_the_prompts_common_beginning_once():
+    """A guided pair whose prompts begin alike (the image and the instruction; they differ in
+    the stated decision): the lean decoder computes the 5 common positions once and the two
+    ends (3 and 2) as one batch; the guided scores are those of the prompts decoded apart."""
+    from mrg_core.models.generation import GuidedDecoder, shared_length
+
+    class Lockstep:  # the lean decoder without `join` or `prefill_shared`
+        def __init__(self, dec):
+            self.prefill, self.step = dec.prefill, dec.step
+
+    dec = FastLlamaDecoder(_llama(seed=4))
+    common = torch.randn(1, 5, 64)
+    cond = torch.cat([common, torch.randn(1, 3, 64)], 1)
+    contrast = torch.cat([common, torch.randn(1, 2, 64)], 1)
+    assert shared_length(cond, contrast) == 5
+    assert shared_length(cond, cond) == 7  # each prompt keeps a position of its own
+    assert shared_length(cond.expand(2, -1, -1), contrast.expand(2, -1, -1)) == 0  # beams
+    calls, own = [], dec.prefill_shared
+    dec.prefill_shared = lambda c, ends: (calls.append((c.shape[1], [e.shape[1] for e in ends])),
+                                          own(c, ends))[1]
+    shared, apart = GuidedDecoder(dec, contrast, 1.5), GuidedDecoder(Lockstep(dec), contrast, 1.5)
+    with torch.inference_mode():
+        (ss, cs), (sa, ca) = shared.prefill(cond), apart.prefill(cond)
+        assert calls == [(5, [3, 2])] and cs.both.lengths == [8, 7]
+        for _ in range(4):
+            assert torch.allclose(ss, sa, atol=1e-4)
+            tok = ss.argmax(-1)
+            (ss, cs), (sa, ca) = shared.step(tok, cs), apart.step(tok, ca)
+        assert torch.allclose(ss, sa, atol=1e-4)
+
+
+@pytest.mark.parametrize("lengths", [(6, 6), (4, 9)], ids=["same length", "ragged"])
+def test_int8_weight_steps_run_as_torchscript_with_the_same_logits(lengths):
+    """int8-weights layers: a one-token step is one TorchScript call through every layer, with
+    q, k, v (and gate, up) in one joined kernel call; the logits equal those of the layers
+    called one by one in Python bit for bit, for rows of the same and of different lengths,
+    and the joined weights are the layers' own storage (each layer keeps a view: no memory
+    added)."""
+    from mrg_core.models.fast_llama import token_step
     from mrg_core.models.quantize import quantize_linear_int8_weights
 
     lm = _llama(seed=5).to(torch.bfloat16)
     quantize_linear_int8_weights(lm.model)
     joined = FastLlamaDecoder(lm)
     separate = FastLlamaDecoder(lm)
-    separate._joined = [(None, None)] * len(lm.model.layers)  # each layer called on its own
-    assert all(q is not None and g is not None for q, g in joined._joined)
+    separate._int8 = None  # each layer called on its own, in Python
+    assert joined._int8 is not None
+    assert isinstance(token_step(), torch.jit.ScriptFunction)
     att = lm.model.layers[1].self_attn
     assert att.q_proj.weight_int8.untyped_storage().data_ptr() == \
         att.v_proj.weight_int8.untyped_storage().data_ptr()
-    embeds = torch.randn(2, 6, 64)
+    prefixes = [torch.randn(1, n, 64) for n in lengths]
+
+    def prefill(dec):
+        parts = [dec.prefill(e) for e in prefixes]
+        return torch.cat([lg for lg, _ in parts]), dec.join(*[c for _, c in parts])
+
     with torch.inference_mode():
-        (lj, cj), (ls, cs) = joined.prefill(embeds), separate.prefill(embeds)
+        (lj, cj), (ls, cs) = prefill(joined), prefill(separate)
         for _ in range(4):
             tok = lj.argmax(-1)
             (lj, cj), (ls, cs) = joined.step(tok, cj), separate.step(tok, cs)
             assert torch.equal(lj, ls)
+    assert cj.lengths == [n + 4 for n in lengths]
 
 
 def test_restricted_head_scores_only_its_rows():
@@ -214,3 +256,32 @@ def test_fine_tuning_lets_a_restricted_head_write_the_corrections_words():
     items = [(torch.rand(1, 1, 64, 64), text, 1.0)]
     train_model(m, items, FinetuneConfig(epochs=1, batch_size=1, augment=False))
     assert new <= set(m.config.head_vocab)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-weights"])
+def test_prompts_with_a_shared_beginning_compute_it_once(precision):
+    """Two prompts that begin alike (a guided draft's pair): the beginning is computed once,
+    the two ends as one batch (the shorter padded); each row's logits and its next steps are
+    those of its own prompt prefilled alone, and each row keeps its own length (the cache
+    grows on the way)."""
+    from mrg_core.models.quantize import quantize_linear_int8_weights
+
+    lm = _llama(seed=6)
+    if precision == "int8-weights":
+        lm = lm.to(torch.bfloat16)
+        quantize_linear_int8_weights(lm.model)
+    dec = FastLlamaDecoder(lm, room=2)
+    common, ends = torch.randn(1, 5, 64), [torch.randn(1, 3, 64), torch.randn(1, 1, 64)]
+    tol = 1e-5 if precision == "fp32" else 0.0
+    with torch.inference_mode():
+        logits, shared = dec.prefill_shared(common, ends)
+        apart = [dec.prefill(torch.cat([common, e], 1)) for e in ends]
+        assert shared.lengths == [8, 6]
+        joined = dec.join(*[c for _, c in apart])
+        ref = torch.cat([lg for lg, _ in apart])
+        toks = torch.tensor([7, 7])
+        for _ in range(4):
+            assert torch.allclose(logits, ref, atol=tol, rtol=0)
+            (logits, shared), (ref, joined) = dec.step(toks, shared), dec.step(toks, joined)
+            toks = ref.argmax(-1)
+    assert shared.lengths == [12, 10]

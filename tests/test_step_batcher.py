@@ -95,6 +95,32 @@ def test_drafts_in_one_step_see_the_logits_of_their_own_decode():
     assert batcher._used == set()  # every draft gave its rows back
 
 
+def test_a_guided_pair_that_begins_alike_is_one_prefill_job_and_steps_as_alone():
+    """A guided draft whose two prompts share their beginning: one model job prefills both
+    (the beginning once), its two rows join the pool, and its guided scores step for step are
+    those of the same pair decoded alone on the lean decoder."""
+    from mrg_core.models.generation import GuidedDecoder
+
+    dec = FastLlamaDecoder(_llama(seed=3), room=2)
+    jobs = []
+    batcher = StepBatcher(dec, run=lambda fn: (jobs.append(fn), fn())[1])
+    common = torch.randn(1, 5, 64)
+    cond = torch.cat([common, torch.randn(1, 4, 64)], 1)
+    contrast = torch.cat([common, torch.randn(1, 2, 64)], 1)
+    pooled = GuidedDecoder(batcher.decoder(), contrast, 1.5)
+    alone = GuidedDecoder(dec, contrast, 1.5)
+    with torch.inference_mode():
+        (sp, cp), (sa, ca) = pooled.prefill(cond), alone.prefill(cond)
+        assert len(jobs) == 1 and len(cp.both.rows) == 2
+        for _ in range(4):
+            assert torch.allclose(sp, sa, atol=1e-5)
+            tok = sa.argmax(-1)
+            (sp, cp), (sa, ca) = pooled.step(tok, cp), alone.step(tok, ca)
+        assert torch.allclose(sp, sa, atol=1e-5)
+    pooled.close()
+    assert batcher._used == set()
+
+
 def test_a_draft_joining_midway_takes_free_rows_and_decodes_as_alone():
     """Draft A decodes 5 steps alone and leaves; B starts, then C joins B mid-draft: the pool
     keeps its rows (B and C reuse A's), and B and C get their own logits."""

@@ -6,8 +6,9 @@ weights, 21 % of the model). On 2 CPU cores a token costs the weight reads plus 
 around ~600 small calls, so this decoder
 - keeps keys and values in tensors preallocated for the prefix plus the report,
 - calls each layer's projections as modules, so the same code runs on float32 (LoRA merged),
-  bfloat16 and dynamically quantised int8 layers (models/quantize.py); int8-weights layers
-  that read the same input (q, k, v; gate, up) step as one joined kernel call (joined_int8),
+  bfloat16 and dynamically quantised int8 layers (models/quantize.py); with int8-weights
+  layers a one-token step is one TorchScript call through every layer (int8_token_step), in
+  which the projections that read the same input (q, k, v; gate, up) are one kernel call,
 - decodes rows of different lengths together (LlamaKV: a guided pair, several users' drafts),
 - computes the prefix (visual tokens, prompt, stated decision) once, with the same code,
 - optionally scores only `head_ids` (the token ids that occur in the training reports, saved in
@@ -20,6 +21,9 @@ or prefix tuning keeps the transformers path). tests/test_fast_llama.py checks t
 against transformers.
 """
 from __future__ import annotations
+
+import warnings
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +96,22 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def joined_int8(parent, names: tuple[str, ...]):
+class JoinedInt8(NamedTuple):
+    """Int8-weights projections that read the same input, as one weight and one scale row."""
+    weight: torch.Tensor
+    scales: torch.Tensor
+    sizes: list[int]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
+
+
+def joined_int8(parent, names: tuple[str, ...]) -> JoinedInt8 | None:
     """The int8-weights projections `names` of `parent` that read the same input (q, k, v;
-    gate, up) as one kernel call: (fn(x2d) -> joined outputs, their sizes), or None where they
-    are not all bias-free Int8WeightLinear layers (inference-only, so changing their storage
-    cannot touch training). Their weights are joined once, in place: each layer keeps a view
-    of its rows, so no memory is added and transformers' own forward reads the same numbers."""
+    gate, up) as one kernel call, or None where they are not all bias-free Int8WeightLinear
+    layers (inference-only, so changing their storage cannot touch training). Their weights
+    are joined once, in place: each layer keeps a view of its rows, so no memory is added and
+    transformers' own forward reads the same numbers."""
     from mrg_core.models.quantize import Int8WeightLinear
 
     key = "_joined_" + "_".join(names)
@@ -113,12 +127,31 @@ def joined_int8(parent, names: tuple[str, ...]):
     for m, n in zip(mods, sizes):
         m.weight_int8, m.scales = w[start:start + n], scales[start:start + n]
         start += n
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scales)
-
-    parent.__dict__[key] = hit = (fn, sizes)  # not a submodule: plain attribute
+    parent.__dict__[key] = hit = JoinedInt8(w, scales, sizes)  # not a submodule: plain attribute
     return hit
+
+
+def int8_layer_weights(model) -> list[list[torch.Tensor]] | None:
+    """Every layer's weights for `int8_token_step`, as lists over the layers: the two norms,
+    the joined q/k/v and gate/up projections and o/down, each as (int8 weight, scales). None
+    unless every projection of every layer is a bias-free int8-weights layer."""
+    from mrg_core.models.quantize import Int8WeightLinear
+
+    out: list[list[torch.Tensor]] = [[] for _ in range(10)]
+    for layer in model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        qkv = joined_int8(att, ("q_proj", "k_proj", "v_proj"))
+        gate_up = joined_int8(mlp, ("gate_proj", "up_proj"))
+        if qkv is None or gate_up is None or not all(
+                type(m) is Int8WeightLinear and m.bias is None
+                for m in (att.o_proj, mlp.down_proj)):
+            return None
+        for lst, t in zip(out, (
+                layer.input_layernorm.weight, qkv.weight, qkv.scales,
+                att.o_proj.weight_int8, att.o_proj.scales, layer.post_attention_layernorm.weight,
+                gate_up.weight, gate_up.scales, mlp.down_proj.weight_int8, mlp.down_proj.scales)):
+            lst.append(t.detach())
+    return out
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -128,6 +161,67 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     no faster than the chunk/neg/cat form, and no slower)."""
     half = x.shape[-1] // 2
     return x * cos + x.unflatten(-1, (2, half)).flip(-2).flatten(-2) * sin_signed
+
+
+def int8_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                    pos: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                    mask: Optional[torch.Tensor], ln1: List[torch.Tensor],
+                    qkv_w: List[torch.Tensor], qkv_s: List[torch.Tensor],
+                    o_w: List[torch.Tensor], o_s: List[torch.Tensor], ln2: List[torch.Tensor],
+                    gate_up_w: List[torch.Tensor], gate_up_s: List[torch.Tensor],
+                    down_w: List[torch.Tensor], down_s: List[torch.Tensor], eps: float,
+                    h_q: int, h_kv: int, d: int, inter: int) -> torch.Tensor:
+    """One token per row through every int8-weights layer: the arithmetic of
+    FastLlamaDecoder's layer loop (x [B, 1, C] bf16; keys/values the cache's [L, B, H_kv,
+    capacity, D]; `pos` each row's position when rows differ in length, else all at `start`).
+    Run as TorchScript (token_step()): one call per step instead of ~1,200 Python dispatches,
+    and the GIL is free while it runs, so the web server's threads do not stall the model."""
+    b = x.shape[0]
+    group = h_q // h_kv
+    rows = torch.arange(b, device=x.device)
+    for i in range(len(ln1)):
+        h = ln1[i] * F.rms_norm(x.float(), [x.shape[-1]], eps=eps).to(x.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(h.view(b, -1), qkv_w[i], qkv_s[i])
+        # q and k side by side, rotated in one go (see _rope)
+        qk = out[:, :(h_q + h_kv) * d].view(b, h_q + h_kv, 1, d)
+        qk = qk * cos + qk.unflatten(-1, [2, d // 2]).flip(-2).flatten(-2) * sin
+        q, k = qk[:, :h_q], qk[:, h_q:]  # [B, H, 1, D]
+        v = out[:, (h_q + h_kv) * d:].view(b, h_kv, 1, d)
+        if pos is None:
+            keys[i, :, :, start:start + 1] = k
+            values[i, :, :, start:start + 1] = v
+        else:
+            keys[i, rows, :, pos] = k[:, :, 0]
+            values[i, rows, :, pos] = v[:, :, 0]
+        ks, vs = keys[i, :, :, :start + 1], values[i, :, :, :start + 1]
+        s = torch.matmul(q.reshape(b, h_kv, group, d), ks.transpose(-1, -2)).float() * d ** -0.5
+        if mask is not None:
+            s = s + mask
+        w = torch.softmax(s, dim=-1)
+        y = torch.matmul(w.to(vs.dtype), vs).reshape(b, h_q * d)
+        x = x + torch.ops.aten._weight_int8pack_mm(y, o_w[i], o_s[i]).view(b, 1, -1)
+        h = ln2[i] * F.rms_norm(x.float(), [x.shape[-1]], eps=eps).to(x.dtype)
+        gate_up = torch.ops.aten._weight_int8pack_mm(h.view(b, -1), gate_up_w[i], gate_up_s[i])
+        m = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        x = x + torch.ops.aten._weight_int8pack_mm(m, down_w[i], down_s[i]).view(b, 1, -1)
+    return x
+
+
+_TOKEN_STEP = None
+
+
+def token_step():
+    """int8_token_step as TorchScript (scripted once per process), or the plain function where
+    scripting fails: the same numbers either way (tests/test_fast_llama.py), only slower."""
+    global _TOKEN_STEP
+    if _TOKEN_STEP is None:
+        try:
+            with warnings.catch_warnings():  # torch 2.13 deprecates jit.script; torch is pinned
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _TOKEN_STEP = torch.jit.script(int8_token_step)
+        except Exception:  # a torch without TorchScript: the Python loop
+            _TOKEN_STEP = int8_token_step
+    return _TOKEN_STEP
 
 
 class FastLlamaDecoder:
@@ -148,11 +242,10 @@ class FastLlamaDecoder:
             w = w[self.head_ids]
         self.head_w = w.detach().contiguous()
         self._cos = self._sin = None
-        # one-token steps of int8-weights layers: q, k, v in one kernel call, gate and up in
-        # another (7 calls a layer become 4)
-        self._joined = [(joined_int8(layer.self_attn, ("q_proj", "k_proj", "v_proj")),
-                         joined_int8(layer.mlp, ("gate_proj", "up_proj")))
-                        for layer in self.model.layers]
+        # one-token steps of int8-weights layers: one TorchScript call for all layers, with
+        # q, k, v in one kernel call and gate, up in another (7 calls a layer become 4)
+        self._int8 = int8_layer_weights(self.model)
+        self._inter = self.model.layers[0].mlp.gate_proj.out_features
 
     def _rope_tables(self, n: int):
         if self._cos is None or self._cos.shape[0] < n:
@@ -174,15 +267,19 @@ class FastLlamaDecoder:
         return full
 
     @torch.inference_mode()
-    def _forward(self, x: torch.Tensor, cache: LlamaKV) -> torch.Tensor:
-        """x [B, T, C] after each row's filled positions; fills the cache; last hidden state.
-        T > 1 (a prefix) only into an empty cache; T == 1 (one token per row) at each row's
-        own position when the rows differ in length."""
+    def _forward(self, x: torch.Tensor, cache: LlamaKV, real: list[int] | None = None
+                 ) -> torch.Tensor:
+        """x [B, T, C] after each row's filled positions; fills the cache; the hidden state of
+        each row's last position. T == 1 (one token per row) at each row's own position when
+        the rows differ in length; T > 1 (a prompt, or the rest of prompts after a shared
+        beginning) after rows of equal length. `real`: each row's number of real positions
+        when rows of a T > 1 call are padded on the right (the cache keeps only those)."""
         b, t, _ = x.shape
         start = cache.length
         ragged = t == 1 and min(cache.lengths) != start
-        if t > 1 and start:
-            raise ValueError("a prefix goes into an empty cache")
+        if t > 1 and min(cache.lengths) != start:
+            raise ValueError("a prompt goes after rows of equal length")
+        real = real or [t] * b
         h_q, h_kv, d = self.n_head, self.n_kv, self.head_dim
         group = h_q // h_kv
         cos_t, sin_t = self._rope_tables(start + t)
@@ -195,20 +292,23 @@ class FastLlamaDecoder:
                 hidden, float("-inf"))[:, None, None]  # [B, 1, 1, T]
         else:
             cos, sin = cos_t[start:start + t], sin_t[start:start + t]  # [T, D]
+        if t == 1 and self._int8 is not None:
+            x = token_step()(x, cache.k, cache.v, start, pos if ragged else None, cos, sin,
+                             mask if ragged else None, *self._int8, self.eps, h_q, h_kv, d,
+                             self._inter)
+            cache.lengths = [n + t for n in cache.lengths]
+            return _rms(x[:, -1], self.model.norm.weight, self.eps)
+        # a prompt after `start` shared positions: each position sees the shared ones and the
+        # prompt's own up to itself (from 0, plain causal attention)
+        causal = None if not start or t == 1 else torch.ones(
+            t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
-            qkv, gate_up = self._joined[i] if t == 1 else (None, None)
             h = _rms(x, layer.input_layernorm.weight, self.eps)
-            if qkv is not None:  # one token: q and k side by side, rotated in one go
-                out = qkv[0](h.view(b, -1))
-                qk = _rope(out[:, :(h_q + h_kv) * d].view(b, h_q + h_kv, 1, d), cos, sin)
-                q, k = qk[:, :h_q], qk[:, h_q:]  # [B, H, 1, D]
-                v = out[:, (h_q + h_kv) * d:].view(b, h_kv, 1, d)
-            else:
-                q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
-                q = _rope(q.reshape(b, t, h_q, d).transpose(1, 2), cos, sin)  # [B, H, T, D]
-                k = _rope(k.reshape(b, t, h_kv, d).transpose(1, 2), cos, sin)
-                v = v.reshape(b, t, h_kv, d).transpose(1, 2)
+            q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+            q = _rope(q.reshape(b, t, h_q, d).transpose(1, 2), cos, sin)  # [B, H, T, D]
+            k = _rope(k.reshape(b, t, h_kv, d).transpose(1, 2), cos, sin)
+            v = v.reshape(b, t, h_kv, d).transpose(1, 2)
             if ragged:
                 cache.k[i, rows, :, pos] = k[:, :, 0]
                 cache.v[i, rows, :, pos] = v[:, :, 0]
@@ -224,26 +324,43 @@ class FastLlamaDecoder:
                 s = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5
                 w = torch.softmax(s + mask if ragged else s, dim=-1)
                 y = (w.to(vals.dtype) @ vals).reshape(b, 1, h_q * d)
-            else:  # the prefix, from position 0: plain causal attention
+            else:  # a prompt
                 y = F.scaled_dot_product_attention(
                     q, keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1),
-                    is_causal=True).transpose(1, 2).reshape(b, t, h_q * d)
+                    attn_mask=causal, is_causal=causal is None
+                ).transpose(1, 2).reshape(b, t, h_q * d)
             x = x + att.o_proj(y)
             h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
-            if gate_up is not None:
-                gate, up = gate_up[0](h.view(b, -1)).split(gate_up[1], dim=-1)
-                x = x + mlp.down_proj((F.silu(gate) * up).view(b, t, -1))
-            else:
-                x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-        cache.lengths = [n + t for n in cache.lengths]
-        return _rms(x[:, -1], self.model.norm.weight, self.eps)
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        cache.lengths = [n + r for n, r in zip(cache.lengths, real)]
+        last = x[torch.arange(b, device=x.device), torch.tensor(real, device=x.device) - 1]
+        return _rms(last, self.model.norm.weight, self.eps)
 
     def prefill(self, embeds: torch.Tensor):
         b, t, _ = embeds.shape
         cache = LlamaKV.empty(len(self.model.layers), b, self.n_kv, t + self.room, self.head_dim,
                               embeds.new_zeros((), dtype=self.dtype))
         return self._logits(self._forward(embeds.to(self.dtype), cache)), cache
+
+    def prefill_shared(self, common: torch.Tensor, ends: list[torch.Tensor]):
+        """Prompts that all begin with `common` [1, Tc, C] and end in `ends` (each [1, Ti, C],
+        Ti >= 1): the beginning is computed once, then every prompt's end as one batch
+        (padded on the right; a row's padding stays beyond its length). A guided draft's two
+        prompts share the visual tokens and most of the instruction (41 of 47 and 45
+        positions with the shipped model): a third of the prefill work. Logits [N, V] of
+        each prompt's last position, and one cache with a row per prompt."""
+        lens = [e.shape[1] for e in ends]
+        if common.shape[0] != 1 or min(lens) < 1:
+            raise ValueError("one shared beginning, and at least one position of each end")
+        tc, n, tmax = common.shape[1], len(ends), max(lens)
+        one = LlamaKV.empty(len(self.model.layers), 1, self.n_kv, tc + tmax + self.room,
+                            self.head_dim, common.new_zeros((), dtype=self.dtype))
+        self._forward(common.to(self.dtype), one)
+        cache = LlamaKV(one.k.expand(-1, n, -1, -1, -1).clone(),
+                        one.v.expand(-1, n, -1, -1, -1).clone(), [tc] * n)
+        x = torch.cat([F.pad(e, (0, 0, 0, tmax - e.shape[1])) for e in ends]).to(self.dtype)
+        return self._logits(self._forward(x, cache, real=lens)), cache
 
     @staticmethod
     def join(*caches: LlamaKV) -> LlamaKV:

@@ -114,14 +114,26 @@ class PairCache:
             self.b.reorder_cache(idx)
 
 
+def shared_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading positions two single-row prompts [1, T, C] have in common, leaving
+    each at least one of its own (0 for a batch: beam search's rows)."""
+    if a.shape[0] != 1 or b.shape[0] != 1:
+        return 0
+    n = min(a.shape[1], b.shape[1]) - 1
+    differ = (a[0, :n] != b[0, :n]).any(-1).nonzero()
+    return int(differ[0]) if len(differ) else max(n, 0)
+
+
 class GuidedDecoder:
     """Label guidance over two prompts that differ only in the stated decision.
 
     prefill() takes the conditional prompt; the contrast prompt is given at construction.
     Prompts of equal length run as one batch of two (one weight read per step: about the cost
-    of one sequence on a memory-bound CPU). Prompts of unequal length are prefilled apart and
-    then joined into one batch when the decoder can `join` caches of different lengths (the
-    lean Llama decoder); otherwise they decode as two caches in lockstep."""
+    of one sequence on a memory-bound CPU). A decoder with `prefill_shared` (the lean Llama
+    decoder) computes the prompts' common beginning once and their ends as one batch. Without
+    it, prompts of unequal length are prefilled apart and then joined into one batch when the
+    decoder can `join` caches of different lengths; otherwise they decode as two caches in
+    lockstep."""
 
     def __init__(self, dec: KVDecoder, contrast: torch.Tensor, scale: float,
                  plausible: float = 0.0):
@@ -141,6 +153,11 @@ class GuidedDecoder:
 
     def prefill(self, embeds: torch.Tensor):
         c = self.contrast.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        shared = getattr(self.dec, "prefill_shared", None)
+        n = shared_length(embeds, c)
+        if shared is not None and n:  # the common beginning (image, instruction) once
+            logits, cache = shared(embeds[:, :n], [embeds[:, n:], c[:, n:]])
+            return self._mix(*logits.chunk(2)), PairCache(both=cache)
         if c.shape[1] == embeds.shape[1]:
             logits, cache = self.dec.prefill(torch.cat([embeds, c]))
             return self._mix(*logits.chunk(2)), PairCache(both=cache)

@@ -194,6 +194,15 @@ class BatchedDecoder:
         self._members.append(member)
         return logits, member
 
+    def prefill_shared(self, common: torch.Tensor, ends: list[torch.Tensor]):
+        def prefill():
+            logits, cache = self.batcher.dec.prefill_shared(common, ends)
+            return logits, self.batcher._admit(cache)
+
+        logits, member = self.batcher.run(prefill)
+        self._members.append(member)
+        return logits, member
+
     def join(self, *members: _Member) -> _Member:
         merged = self.batcher._merge(members)
         self._members = [m for m in self._members if m not in members] + [merged]
