@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import (LogitsProcessor, LogitsProcessorList, NoRepeatNGramLogitsProcessor,
+from transformers import (LogitsProcessor, NoRepeatNGramLogitsProcessor,
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
@@ -63,9 +63,19 @@ class SuppressIds(LogitsProcessor):
         return scores
 
 
+class Processors(list):
+    """Logits processors applied in order: transformers' LogitsProcessorList without its
+    per-call signature inspection (0.15 ms a token, on the drafts' threads)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for proc in self:
+            scores = proc(input_ids, scores)
+        return scores
+
+
 def make_processors(s: GenerationSettings, sampling: bool,
-                    suppress: list[int] | None = None) -> LogitsProcessorList:
-    procs = LogitsProcessorList()
+                    suppress: list[int] | None = None) -> Processors:
+    procs = Processors()
     if suppress:
         procs.append(SuppressIds(suppress))
     if s.repetition_penalty and s.repetition_penalty != 1.0:
