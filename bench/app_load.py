@@ -15,6 +15,8 @@ server's time plus up to ~50 ms per request of client wait; a browser has no suc
 `--client raw` makes the page's own calls (the viewer renders and the history too, which
 gradio_client does not run) over its queue protocol with httpx, messages read as they arrive:
 closer to a browser, and what the server alone costs.
+MRG_BENCH_APP_LOG=FILE appends the served app's own log (its errors) to FILE: a draft that
+fails ends early, and only its log tells it from a fast one.
 """
 from __future__ import annotations
 
@@ -48,10 +50,11 @@ def start_app(model_dir: Path, db_url: str, app_args=(), app: Path | None = None
     port = free_port()
     app = Path(app) if app else REPO / "app.py"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    log = os.environ.get("MRG_BENCH_APP_LOG")  # the app's own log (errors), appended here
+    err = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the app's lifetime)
     proc = subprocess.Popen([sys.executable, str(app), "--port", str(port),
                              "--model-dir", str(model_dir), "--db-url", db_url, *app_args],
-                            cwd=app.parent, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            cwd=app.parent, env=env, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:

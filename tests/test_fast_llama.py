@@ -151,6 +151,27 @@ def test_int8_weight_steps_run_as_torchscript_with_the_same_logits(lengths):
     assert cj.lengths == [n + 4 for n in lengths]
 
 
+def test_the_step_is_scripted_from_the_file_it_was_imported_from(tmp_path):
+    """TorchScript reads a function's source from its file. A file replaced under a running
+    process (an upgrade in place) must not change what the step compiles to: compiled at
+    first use, it once compiled the function that had moved to those lines, and every draft
+    failed at its first step."""
+    import importlib.util
+    import shutil
+
+    from mrg_core.models import fast_llama
+
+    copy = tmp_path / "fast_llama_copy.py"
+    shutil.copy(fast_llama.__file__, copy)
+    spec = importlib.util.spec_from_file_location("fast_llama_copy", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copy.write_text("# replaced in place\n" * 3 + copy.read_text())
+    step = module.token_step()
+    assert isinstance(step, torch.jit.ScriptFunction)
+    assert "_weight_int8pack_mm" in step.code and "gate_up_w" in step.code
+
+
 def test_restricted_head_scores_only_its_rows():
     lm = _llama()
     keep = [3, 17, 42, 299]

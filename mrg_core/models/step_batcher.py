@@ -1,8 +1,8 @@
 """Several users' drafts in one decode step.
 
 On a CPU a decode step of a 135M-parameter LM costs mostly the read of its weights, whatever
-the number of rows: with SmolLM2 in int8-weights on 2 cores, one step takes 11 ms for 2 rows
-and 25 ms for 16 (bench/results). Drafts that overlap in time therefore share their steps:
+the number of rows: with SmolLM2 in int8-weights on 2 cores, one step takes 7.5 ms for 2 rows
+and 20 ms for 16 (README, Speed). Drafts that overlap in time therefore share their steps:
 each draft keeps its own search (greedy or sampled tokens, label guidance, logits processors)
 in its own thread, and hands its next tokens to the StepBatcher, which runs one lean-decoder
 step (models/fast_llama.py) for every draft waiting, then gives each its logits back.
@@ -10,6 +10,7 @@ step (models/fast_llama.py) for every draft waiting, then gives each its logits 
 - The rows of all drafts live in one pool cache (LlamaKV, rows of different lengths). A draft
   is admitted after its own prefill (its prefix computed once) into free rows, and leaves when
   its generator closes (end of draft, Stop); a row left free is reused by the next draft.
+- A guided pair whose prompts begin alike is prefilled as one job (`prefill_shared`).
 - A step runs as soon as every admitted draft is waiting, or `gather_s` after the first one
   started waiting: a slow draft (its thread busy in Python) delays the others by at most that.
 - Each step and each prefill runs through `run` (the engine's model thread, jobs in arrival
