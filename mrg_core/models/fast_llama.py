@@ -103,10 +103,6 @@ class JoinedInt8(NamedTuple):
     """Int8-weights projections that read the same input, as one weight and one scale row."""
     weight: torch.Tensor
     scales: torch.Tensor
-    sizes: list[int]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
 
 
 def joined_int8(parent, names: tuple[str, ...]) -> JoinedInt8 | None:
@@ -130,7 +126,7 @@ def joined_int8(parent, names: tuple[str, ...]) -> JoinedInt8 | None:
     for m, n in zip(mods, sizes):
         m.weight_int8, m.scales = w[start:start + n], scales[start:start + n]
         start += n
-    parent.__dict__[key] = hit = JoinedInt8(w, scales, sizes)  # not a submodule: plain attribute
+    parent.__dict__[key] = hit = JoinedInt8(w, scales)  # not a submodule: plain attribute
     return hit
 
 
