@@ -186,23 +186,21 @@ class BatchedDecoder:
         self.batcher = batcher
         self._members: list[_Member] = []
 
-    def prefill(self, embeds: torch.Tensor):
-        def prefill():
-            logits, cache = self.batcher.dec.prefill(embeds)
+    def _admitted(self, prefill: Callable):
+        """`prefill()` -> (logits, cache) as one model job, its rows admitted to the pool."""
+        def job():
+            logits, cache = prefill()
             return logits, self.batcher._admit(cache)
 
-        logits, member = self.batcher.run(prefill)
+        logits, member = self.batcher.run(job)
         self._members.append(member)
         return logits, member
+
+    def prefill(self, embeds: torch.Tensor):
+        return self._admitted(lambda: self.batcher.dec.prefill(embeds))
 
     def prefill_shared(self, common: torch.Tensor, ends: list[torch.Tensor]):
-        def prefill():
-            logits, cache = self.batcher.dec.prefill_shared(common, ends)
-            return logits, self.batcher._admit(cache)
-
-        logits, member = self.batcher.run(prefill)
-        self._members.append(member)
-        return logits, member
+        return self._admitted(lambda: self.batcher.dec.prefill_shared(common, ends))
 
     def join(self, *members: _Member) -> _Member:
         merged = self.batcher._merge(members)
