@@ -2,7 +2,8 @@
 
     python app.py [--host 127.0.0.1] [--port 7860] [--model-dir assets/model]
                   [--db-url sqlite:///mrg_studio.db] [--auth-file users.txt]
-                  [--max-upload-mb 256] [--precision fp32|fp32-merged|bf16|int8|int8-weights]
+                  [--max-upload-mb 256]
+                  [--precision fp32|fp32-merged|bf16|int8|int8-weights|int4-weights]
                   [--decode-threads auto|N] [--admin-open]
 
 Every flag has an environment variable (MRG_HOST, MRG_PORT or GRADIO_SERVER_PORT, MRG_MODEL_DIR,
@@ -65,12 +66,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=float(env("MRG_MAX_UPLOAD_MB") or 256),
                    help="largest file accepted, in MiB; the upload and the loader use the same "
                         "limit (env MRG_MAX_UPLOAD_MB; default 256)")
-    p.add_argument("--precision", choices=["fp32", "fp32-merged", "bf16", "int8", "int8-weights"],
+    p.add_argument("--precision", choices=["fp32", "fp32-merged", "bf16", "int8", "int8-weights",
+                                          "int4-weights"],
                    default=(env("MRG_PRECISION") or "int8-weights").lower(),
                    help="inference form of the report language model (env MRG_PRECISION; "
                         "default int8-weights: LoRA folded in, int8 weights with bf16 "
                         "activations, 2.6x faster drafts than fp32-merged and no worse on "
-                        "COV-CTR val; bf16 on a GPU); speed and val scores of each: README, Speed")
+                        "COV-CTR val; bf16 on a GPU; int4-weights: the layers LoRA did not "
+                        "adapt in int4, a step 1.1-1.3x faster); speed and val scores of each: "
+                        "README, Speed")
     p.add_argument("--decode-threads", type=decode_threads,
                    default=decode_threads(env("MRG_DECODE_THREADS") or "auto"),
                    help="torch threads of the one thread that runs the model (analysis, "

@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="only compare every precision × decode-thread setting, back to back")
     ap.add_argument("--rounds", type=int, default=3, help="--sweep rounds")
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                    help="--sweep: these precisions only (the first is the text reference)")
     ap.add_argument("--full-length", action="store_true",
                     help="never end a draft early (untrained models, per-token speed only)")
     args = ap.parse_args(argv)
@@ -239,7 +241,8 @@ def main(argv=None) -> int:
                        else None,
                        "load_average_at_start": _loadavg()}}
     if args.sweep:
-        res["sweep"] = sweep(args.model, args.studies, settings, args.rounds)
+        res["sweep"] = sweep(args.model, args.studies, settings, args.rounds,
+                             tuple(args.precisions))
     else:
         res.update(bench_model(args.model, args.studies, settings, args.precision,
                                args.decode_threads, args.full_length))

@@ -49,7 +49,7 @@ class EngineSettings:
     # trained on) and extra_model_dirs is ignored; True: studies are routed, unreadable ones
     # refused (Engine: extra_models)
     route: bool = True
-    precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8, int8-weights
+    precision: str = "fp32"  # the LM for drafts: fp32, fp32-merged, bf16, int8, int8-/int4-weights
     # (models/quantize; the app and the report CLI default to int8-weights)
     # torch threads of the model thread (analysis, drafts): None = what the creating thread
     # uses, "auto" = every core torch uses, a number = that many
@@ -289,13 +289,13 @@ class Engine:
 
     def _with_precision(self, model):
         """The model with the engine's inference precision applied (fp32: unchanged)."""
-        from mrg_core.models.quantize import apply_precision, check_precision
+        from mrg_core.models.quantize import CPU_ONLY, apply_precision, check_precision
 
         self.precision = check_precision(self.precision)
         if model is None or self.precision == "fp32":
             return model
         precision = self.precision
-        if precision.startswith("int8") and model.device.type != "cpu":
+        if precision in CPU_ONLY and model.device.type != "cpu":
             log.warning("%s is a CPU form: the model on %s decodes in bf16", precision,
                         model.device.type)
             precision = "bf16"

@@ -45,7 +45,7 @@ def test_run_sweep_compares_every_setting(model_dir, tmp_path):
                      "--max-new-tokens", "8", "--json", str(out)]) == 0
     sweep = json.loads(out.read_text())["sweep"]
     assert {v["precision"] for v in sweep.values()} == {"fp32", "fp32-merged", "bf16", "int8",
-                                                        "int8-weights"}
+                                                        "int8-weights", "int4-weights"}
     assert {v["decode_threads"] for v in sweep.values()} >= {1}
     fp32 = [v for v in sweep.values() if v["precision"] == "fp32"]
     assert all(v["same_text_as_first_precision"] == 1.0 for v in fp32)

@@ -9,11 +9,11 @@ import torch
 from mrg_core.models.fast_llama import MASKED, FastLlamaDecoder, supports_fast_llama
 
 
-def _llama(seed: int = 0):
+def _llama(seed: int = 0, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256, tie_word_embeddings=True,
                       rope_theta=10000.0)
@@ -116,27 +116,36 @@ def test_guidance_computes_the_prompts_common_beginning_once():
         assert torch.allclose(ss, sa, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4 but q, k, v int8"])
 @pytest.mark.parametrize("lengths", [(6, 6), (4, 9)], ids=["same length", "ragged"])
-def test_int8_weight_steps_run_as_torchscript_with_the_same_logits(lengths):
-    """int8-weights layers: a one-token step is one TorchScript call through every layer, with
-    q, k, v (and gate, up) in one joined kernel call; the logits equal those of the layers
-    called one by one in Python bit for bit, for rows of the same and of different lengths,
-    and the joined weights are the layers' own storage (each layer keeps a view: no memory
-    added)."""
+def test_quantized_weight_steps_run_as_torchscript_with_the_same_logits(lengths, kind):
+    """int8- and int4-weights layers, and the mix int4-weights makes of a LoRA model: a
+    one-token step is one TorchScript call through every layer, with q, k, v (and gate, up) in
+    one joined kernel call; the logits equal those of the layers called one by one in Python
+    bit for bit, for rows of the same and of different lengths, and the joined weights are the
+    layers' own storage (each layer keeps a view: no memory added). (int4: sizes in whole
+    blocks of the kernel's 64 packed rows.)"""
     from mrg_core.models.fast_llama import token_step
-    from mrg_core.models.quantize import quantize_linear_int8_weights
+    from mrg_core.models.quantize import (Int4WeightLinear, Int8WeightLinear,
+                                          quantize_linear_weights)
 
-    lm = _llama(seed=5).to(torch.bfloat16)
-    quantize_linear_int8_weights(lm.model)
+    layer = Int8WeightLinear if kind == "int8" else Int4WeightLinear
+    width = 64 if kind == "int8" else 128
+    lm = _llama(seed=5, hidden=width).to(torch.bfloat16)
+    qkv_int8 = {f"layers.{i}.self_attn.{n}_proj" for i in range(3) for n in "qkv"}
+    quantize_linear_weights(lm.model, layer, keep_int8=qkv_int8 if "but" in kind else ())
     joined = FastLlamaDecoder(lm)
     separate = FastLlamaDecoder(lm)
-    separate._int8 = None  # each layer called on its own, in Python
-    assert joined._int8 is not None
+    separate._quantized = None  # each layer called on its own, in Python
+    groups = {"int8": [0] * 4, "int4": [32] * 4, "int4 but q, k, v int8": [0, 32, 32, 32]}
+    assert joined._quantized is not None and joined._quantized[1] == groups[kind]
     assert isinstance(token_step(), torch.jit.ScriptFunction)
     att = lm.model.layers[1].self_attn
-    assert att.q_proj.weight_int8.untyped_storage().data_ptr() == \
-        att.v_proj.weight_int8.untyped_storage().data_ptr()
-    prefixes = [torch.randn(1, n, 64) for n in lengths]
+    assert type(att.o_proj) is layer
+    w = "weight_int8" if type(att.q_proj) is Int8WeightLinear else "weight_int4"
+    assert getattr(att.q_proj, w).untyped_storage().data_ptr() == \
+        getattr(att.v_proj, w).untyped_storage().data_ptr()
+    prefixes = [torch.randn(1, n, width) for n in lengths]
 
     def prefill(dec):
         parts = [dec.prefill(e) for e in prefixes]
@@ -149,6 +158,29 @@ def test_int8_weight_steps_run_as_torchscript_with_the_same_logits(lengths):
             (lj, cj), (ls, cs) = joined.step(tok, cj), separate.step(tok, cs)
             assert torch.equal(lj, ls)
     assert cj.lengths == [n + 4 for n in lengths]
+
+
+def test_int4_projections_join_only_in_whole_packed_blocks():
+    """torch packs int4 weights in blocks of 64 rows: k and v of 32 rows each cannot be joined
+    with q (joined, they gave other numbers). Such layers stay apart, and the decoder still
+    gives transformers' logits on the same int4 layers."""
+    from mrg_core.models.fast_llama import joined_weights
+    from mrg_core.models.quantize import Int4WeightLinear, quantize_linear_weights
+
+    lm = _llama(seed=6, hidden=64).to(torch.bfloat16)  # q 64 rows, k and v 32 each
+    quantize_linear_weights(lm.model, Int4WeightLinear)
+    dec = FastLlamaDecoder(lm)
+    assert joined_weights(lm.model.layers[0].self_attn, ("q_proj", "k_proj", "v_proj")) is None
+    assert dec._quantized is None
+    embeds = torch.randn(1, 5, 64)
+    with torch.inference_mode():
+        logits, cache = dec.prefill(embeds)
+        ref = lm(inputs_embeds=embeds.to(torch.bfloat16), use_cache=True)
+        assert torch.allclose(logits, ref.logits[:, -1].float(), atol=0.05)
+        tok = logits.argmax(-1)
+        logits, cache = dec.step(tok, cache)
+        ref = lm(input_ids=tok[:, None], past_key_values=ref.past_key_values, use_cache=True)
+        assert torch.allclose(logits, ref.logits[:, -1].float(), atol=0.05)
 
 
 def test_the_step_is_scripted_from_the_file_it_was_imported_from(tmp_path):
@@ -169,7 +201,7 @@ def test_the_step_is_scripted_from_the_file_it_was_imported_from(tmp_path):
     copy.write_text("# replaced in place\n" * 3 + copy.read_text())
     step = module.token_step()
     assert isinstance(step, torch.jit.ScriptFunction)
-    assert "_weight_int8pack_mm" in step.code and "gate_up_w" in step.code
+    assert "_qmm" in step.code and "gate_up_w" in step.code
 
 
 def test_restricted_head_scores_only_its_rows():

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--precision", default="fp32",
                     help="the LM's inference form (models/quantize.py: fp32 as trained, "
-                         "fp32-merged, bf16, int8, int8-weights); the probability is fp32's")
+                         "fp32-merged, bf16, int8, int8-weights, int4-weights); the "
+                         "probability is fp32's")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,5 +1,6 @@
 """python -m mrg_core report FILE... [--model DIR] [--extra-model DIR]... [--only] [--jsonl]
-                               [--threads auto|N] [--precision fp32|fp32-merged|bf16|int8|int8-weights]
+                               [--threads auto|N]
+                               [--precision fp32|fp32-merged|bf16|int8|int8-weights|int4-weights]
 
 Studies are routed as in the app: each goes to the model whose card matches what it looks like
 (DICOM tags, else the pixels), and a study no model reads is refused (error
@@ -36,7 +37,7 @@ from mrg_core.paths import DEFAULT_MODEL_DIR
 
 # models.quantize.PRECISIONS, spelled here so that --help needs no torch import (a test checks
 # that the two agree)
-PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8", "int8-weights")
+PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8", "int8-weights", "int4-weights")
 
 
 def main(argv: list[str]) -> int:

@@ -6,9 +6,10 @@ weights, 21 % of the model). On 2 CPU cores a token costs the weight reads plus 
 kernel calls around them, so this decoder
 - keeps keys and values in tensors preallocated for the prefix plus the report,
 - calls each layer's projections as modules, so the same code runs on float32 (LoRA merged),
-  bfloat16 and dynamically quantised int8 layers (models/quantize.py); with int8-weights
-  layers a one-token step is one TorchScript call through every layer (int8_token_step), in
-  which the projections that read the same input (q, k, v; gate, up) are one kernel call,
+  bfloat16 and dynamically quantised int8 layers (models/quantize.py); with int8- or
+  int4-weights layers a one-token step is one TorchScript call through every layer
+  (quantized_token_step), in which the projections that read the same input (q, k, v;
+  gate, up) are one kernel call,
 - decodes rows of different lengths together (LlamaKV: a guided pair, several users' drafts),
 - computes the prefix (visual tokens, prompt, stated decision) once, with the same code, and
   the common beginning of prompts that begin alike once (prefill_shared: a guided pair),
@@ -31,6 +32,9 @@ from typing import List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from mrg_core.models.quantize import SHARED_INPUT
+
+QKV, GATE_UP = SHARED_INPUT  # projections called as one kernel (and quantised alike)
 MASKED = -1e9  # finite, so label guidance's difference of two log-softmaxes stays finite
 
 
@@ -99,58 +103,86 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-class JoinedInt8(NamedTuple):
-    """Int8-weights projections that read the same input, as one weight and one scale row."""
+class Joined(NamedTuple):
+    """Weight-only quantised projections that read the same input, as one packed weight and
+    one scale table (int8: a scale per output row; int4: (scale, zero) per group and row)."""
     weight: torch.Tensor
     scales: torch.Tensor
 
 
-def joined_int8(parent, names: tuple[str, ...]) -> JoinedInt8 | None:
-    """The int8-weights projections `names` of `parent` that read the same input (q, k, v;
-    gate, up) as one kernel call, or None where they are not all bias-free Int8WeightLinear
-    layers (inference-only, so changing their storage cannot touch training). Their weights
-    are joined once, in place: each layer keeps a view of its rows, so no memory is added and
-    transformers' own forward reads the same numbers."""
-    from mrg_core.models.quantize import Int8WeightLinear
+INT4_ROW_BLOCK = 64  # torch's CPU int4 packing interleaves rows in blocks of 64
 
+
+def _packed(m) -> tuple[str, str, int, int] | None:
+    """(weight attribute, scale attribute, output-row axis of the scales, int4 group or 0)
+    of a bias-free weight-only quantised layer, else None."""
+    from mrg_core.models.quantize import Int4WeightLinear, Int8WeightLinear
+
+    if getattr(m, "bias", 0) is not None:
+        return None
+    if type(m) is Int8WeightLinear:
+        return "weight_int8", "scales", 0, 0
+    if type(m) is Int4WeightLinear:
+        return "weight_int4", "scales_zeros", 1, m.GROUP
+    return None
+
+
+def joined_weights(parent, names: tuple[str, ...]) -> Joined | None:
+    """The weight-only quantised projections `names` of `parent` that read the same input
+    (q, k, v; gate, up) as one kernel call, or None where they are not all bias-free layers of
+    one kind (inference-only, so changing their storage cannot touch training). Their weights
+    are joined once, in place: each layer keeps a view of its rows, so no memory is added and
+    transformers' own forward reads the same numbers (both kernels compute each output row
+    from its own weight row and scales alone). Int4 weights join only in whole blocks of
+    INT4_ROW_BLOCK rows, and each layer keeps contiguous scales: the int4 kernel ignores
+    strides (a strided view of the scales gave wrong numbers, silently)."""
     key = "_joined_" + "_".join(names)
     hit = parent.__dict__.get(key)
     if hit is not None:
         return hit
     mods = [getattr(parent, n) for n in names]
-    if not all(type(m) is Int8WeightLinear and m.bias is None for m in mods):
+    kinds = {_packed(m) for m in mods}
+    if len(kinds) != 1 or None in kinds:
         return None
-    w = torch.cat([m.weight_int8 for m in mods]).contiguous()
-    scales = torch.cat([m.scales for m in mods]).contiguous()
-    sizes, start = [m.out_features for m in mods], 0
-    for m, n in zip(mods, sizes):
-        m.weight_int8, m.scales = w[start:start + n], scales[start:start + n]
+    w_name, s_name, s_axis, group = kinds.pop()
+    if group and any(m.out_features % INT4_ROW_BLOCK for m in mods):
+        return None
+    w = torch.cat([getattr(m, w_name) for m in mods]).contiguous()
+    scales = torch.cat([getattr(m, s_name) for m in mods], s_axis).contiguous()
+    start = 0
+    for m in mods:
+        n = m.out_features
+        setattr(m, w_name, w[start:start + n])
+        setattr(m, s_name, scales.narrow(s_axis, start, n).contiguous())
         start += n
-    parent.__dict__[key] = hit = JoinedInt8(w, scales)  # not a submodule: plain attribute
+    parent.__dict__[key] = hit = Joined(w, scales)  # not a submodule: plain attribute
     return hit
 
 
-def int8_layer_weights(model) -> list[list[torch.Tensor]] | None:
-    """Every layer's weights for `int8_token_step`, as lists over the layers: the two norms,
-    the joined q/k/v and gate/up projections and o/down, each as (int8 weight, scales). None
-    unless every projection of every layer is a bias-free int8-weights layer."""
-    from mrg_core.models.quantize import Int8WeightLinear
-
+def quantized_layer_weights(model) -> tuple[list[list[torch.Tensor]], list[int]] | None:
+    """Every layer's weights for `quantized_token_step`, as lists over the layers: the two
+    norms, the joined q/k/v and gate/up projections and o/down, each as (packed weight,
+    scales); and the int4 group size of q/k/v, o, gate/up and down (0: int8), each alike in
+    every layer. None unless every projection is a bias-free weight-only quantised layer."""
     out: list[list[torch.Tensor]] = [[] for _ in range(10)]
+    forms = set()
     for layer in model.layers:
         att, mlp = layer.self_attn, layer.mlp
-        qkv = joined_int8(att, ("q_proj", "k_proj", "v_proj"))
-        gate_up = joined_int8(mlp, ("gate_proj", "up_proj"))
-        if qkv is None or gate_up is None or not all(
-                type(m) is Int8WeightLinear and m.bias is None
-                for m in (att.o_proj, mlp.down_proj)):
+        qkv, gate_up = joined_weights(att, QKV), joined_weights(mlp, GATE_UP)
+        kinds = [_packed(m) for m in (att.q_proj, att.o_proj, mlp.gate_proj, mlp.down_proj)]
+        if qkv is None or gate_up is None or None in kinds:
             return None
+        (_, _, _, g_qkv), (o_w, o_s, _, g_o), (_, _, _, g_gu), (d_w, d_s, _, g_d) = kinds
+        forms.add((g_qkv, g_o, g_gu, g_d))
         for lst, t in zip(out, (
                 layer.input_layernorm.weight, qkv.weight, qkv.scales,
-                att.o_proj.weight_int8, att.o_proj.scales, layer.post_attention_layernorm.weight,
-                gate_up.weight, gate_up.scales, mlp.down_proj.weight_int8, mlp.down_proj.scales)):
+                getattr(att.o_proj, o_w), getattr(att.o_proj, o_s),
+                layer.post_attention_layernorm.weight, gate_up.weight, gate_up.scales,
+                getattr(mlp.down_proj, d_w), getattr(mlp.down_proj, d_s))):
             lst.append(t.detach())
-    return out
+    if len(forms) != 1:
+        return None
+    return out, list(forms.pop())
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -162,25 +194,36 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + x.unflatten(-1, (2, half)).flip(-2).flatten(-2) * sin_signed
 
 
-def int8_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
-                    pos: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                    mask: Optional[torch.Tensor], ln1: List[torch.Tensor],
-                    qkv_w: List[torch.Tensor], qkv_s: List[torch.Tensor],
-                    o_w: List[torch.Tensor], o_s: List[torch.Tensor], ln2: List[torch.Tensor],
-                    gate_up_w: List[torch.Tensor], gate_up_s: List[torch.Tensor],
-                    down_w: List[torch.Tensor], down_s: List[torch.Tensor], eps: float,
-                    h_q: int, h_kv: int, d: int, inter: int) -> torch.Tensor:
-    """One token per row through every int8-weights layer: the arithmetic of
-    FastLlamaDecoder's layer loop (x [B, 1, C] bf16; keys/values the cache's [L, B, H_kv,
-    capacity, D]; `pos` each row's position when rows differ in length, else all at `start`).
-    Run as TorchScript (token_step()), so the GIL is free while it runs and the web server's
-    threads do not stall the model between kernels."""
+def _qmm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, int4_group: int
+         ) -> torch.Tensor:
+    """x @ w.T for a weight-only quantised w: int8 per output row (int4_group 0) or int4."""
+    if int4_group == 0:
+        return torch.ops.aten._weight_int8pack_mm(x, w, scales)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, int4_group, scales)
+
+
+def quantized_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         start: int, pos: Optional[torch.Tensor], cos: torch.Tensor,
+                         sin: torch.Tensor, mask: Optional[torch.Tensor],
+                         ln1: List[torch.Tensor], qkv_w: List[torch.Tensor],
+                         qkv_s: List[torch.Tensor], o_w: List[torch.Tensor],
+                         o_s: List[torch.Tensor], ln2: List[torch.Tensor],
+                         gate_up_w: List[torch.Tensor], gate_up_s: List[torch.Tensor],
+                         down_w: List[torch.Tensor], down_s: List[torch.Tensor],
+                         int4_groups: List[int], eps: float, h_q: int, h_kv: int, d: int,
+                         inter: int) -> torch.Tensor:
+    """One token per row through every weight-only quantised layer (the int4 group size of
+    q/k/v, o, gate/up and down in `int4_groups`; 0: int8): the arithmetic of
+    FastLlamaDecoder's layer loop (x [B, 1, C] bf16;
+    keys/values the cache's [L, B, H_kv, capacity, D]; `pos` each row's position when rows
+    differ in length, else all at `start`). Run as TorchScript (token_step()), so the GIL is
+    free while it runs and the web server's threads do not stall the model between kernels."""
     b = x.shape[0]
     group = h_q // h_kv
     rows = torch.arange(b, device=x.device)
     for i in range(len(ln1)):
         h = ln1[i] * F.rms_norm(x.float(), [x.shape[-1]], eps=eps).to(x.dtype)
-        out = torch.ops.aten._weight_int8pack_mm(h.view(b, -1), qkv_w[i], qkv_s[i])
+        out = _qmm(h.view(b, -1), qkv_w[i], qkv_s[i], int4_groups[0])
         # q and k side by side, rotated in one go (see _rope)
         qk = out[:, :(h_q + h_kv) * d].view(b, h_q + h_kv, 1, d)
         qk = qk * cos + qk.unflatten(-1, [2, d // 2]).flip(-2).flatten(-2) * sin
@@ -198,11 +241,11 @@ def int8_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
             s = s + mask
         w = torch.softmax(s, dim=-1)
         y = torch.matmul(w.to(vs.dtype), vs).reshape(b, h_q * d)
-        x = x + torch.ops.aten._weight_int8pack_mm(y, o_w[i], o_s[i]).view(b, 1, -1)
+        x = x + _qmm(y, o_w[i], o_s[i], int4_groups[1]).view(b, 1, -1)
         h = ln2[i] * F.rms_norm(x.float(), [x.shape[-1]], eps=eps).to(x.dtype)
-        gate_up = torch.ops.aten._weight_int8pack_mm(h.view(b, -1), gate_up_w[i], gate_up_s[i])
+        gate_up = _qmm(h.view(b, -1), gate_up_w[i], gate_up_s[i], int4_groups[2])
         m = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        x = x + torch.ops.aten._weight_int8pack_mm(m, down_w[i], down_s[i]).view(b, 1, -1)
+        x = x + _qmm(m, down_w[i], down_s[i], int4_groups[3]).view(b, 1, -1)
     return x
 
 
@@ -221,11 +264,11 @@ def _scripted(fn):
 # its file, and a file replaced under a running process (an upgrade in place) would otherwise
 # compile whatever then sits at those lines (seen once: another function, so every draft
 # failed at its first step).
-_TOKEN_STEP = _scripted(int8_token_step)
+_TOKEN_STEP = _scripted(quantized_token_step)
 
 
 def token_step():
-    """int8_token_step as it runs: TorchScript (one call instead of ~1,200 Python dispatches,
+    """quantized_token_step as it runs: TorchScript (one call instead of ~1,200 Python dispatches,
     the GIL free meanwhile) or, where scripting failed, the plain function."""
     return _TOKEN_STEP
 
@@ -248,9 +291,9 @@ class FastLlamaDecoder:
             w = w[self.head_ids]
         self.head_w = w.detach().contiguous()
         self._cos = self._sin = None
-        # one-token steps of int8-weights layers: one TorchScript call for all layers, with
-        # q, k, v in one kernel call and gate, up in another (7 calls a layer become 4)
-        self._int8 = int8_layer_weights(self.model)
+        # one-token steps of int8- or int4-weights layers: one TorchScript call for all
+        # layers, with q, k, v in one kernel call and gate, up in another (7 calls become 4)
+        self._quantized = quantized_layer_weights(self.model)
         self._inter = self.model.layers[0].mlp.gate_proj.out_features
 
     def _rope_tables(self, n: int):
@@ -298,10 +341,11 @@ class FastLlamaDecoder:
                 hidden, float("-inf"))[:, None, None]  # [B, 1, 1, T]
         else:
             cos, sin = cos_t[start:start + t], sin_t[start:start + t]  # [T, D]
-        if t == 1 and self._int8 is not None:
+        if t == 1 and self._quantized is not None:
+            weights, groups = self._quantized
             x = token_step()(x, cache.k, cache.v, start, pos if ragged else None, cos, sin,
-                             mask if ragged else None, *self._int8, self.eps, h_q, h_kv, d,
-                             self._inter)
+                             mask if ragged else None, *weights, groups, self.eps, h_q, h_kv,
+                             d, self._inter)
             cache.lengths = [n + t for n in cache.lengths]
             return _rms(x[:, -1], self.model.norm.weight, self.eps)
         # a prompt after `start` shared positions: each position sees the shared ones and the

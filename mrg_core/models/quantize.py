@@ -20,6 +20,10 @@ bridge stay fp32, so the probability and the Grad-CAM map are exactly those of f
   activations with torch's weight-only kernel (_weight_int8pack_mm): a quarter of fp32's bytes
   per token like "int8", without quantising the activations (SmolLM2's outlier features make
   that change drafts). The output layer stays bf16 (restrict it with head_vocab). CPU only.
+- "int4-weights": as "int8-weights", but the layers that LoRA did not adapt keep int4 weights
+  in groups of 32 (torch's _weight_int4pack_mm_for_cpu). The adapted ones (SmolLM2: q, v),
+  and the projections that share their input (k), stay int8: the adapter's change is smaller
+  than int4's rounding, and with q and v in int4 the shipped model wrote nonsense. CPU only.
 
 The result is for drafting only: do not train, fine-tune or save a model changed here (the
 engine fine-tunes from the model folder on disk, never from the live model). Quality and speed
@@ -32,7 +36,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8", "int8-weights")
+PRECISIONS = ("fp32", "fp32-merged", "bf16", "int8", "int8-weights", "int4-weights")
+CPU_ONLY = ("int8", "int8-weights", "int4-weights")  # torch's weight-only kernels are CPU ones
 
 
 def check_precision(precision: str | None) -> str:
@@ -57,19 +62,21 @@ def apply_precision(model, precision: str | None = "fp32"):
         raise ValueError(f"this model is already {current}: load it again for {p}")
     if p == "fp32":
         return model
-    if p.startswith("int8") and model.device.type != "cpu":
-        raise ValueError("int8 runs on the CPU only; use bf16 on a GPU")
+    if p in CPU_ONLY and model.device.type != "cpu":
+        raise ValueError(f"{p} runs on the CPU only; use bf16 on a GPU")
     model.eval()
+    adapted = lora_adapted(model)
     merge_lora(model)
     lm = model.base_lm
     if p == "fp32-merged":
         pass
-    elif p in ("bf16", "int8-weights"):
+    elif p in ("bf16", "int8-weights", "int4-weights"):
         model.lm.to(torch.bfloat16)
         _cast_embeds_on_entry(lm, torch.bfloat16)
-        if p == "int8-weights":
+        if p != "bf16":
             replace_conv1d(lm)
-            quantize_linear_int8_weights(lm.base_model)
+            quantize_linear_weights(lm.base_model, Int8WeightLinear if p == "int8-weights"
+                                    else Int4WeightLinear, keep_int8=adapted)
     else:
         replace_conv1d(lm)
         quantize_linear_int8(lm.base_model)  # the blocks; lm_head (tied to the embedding) stays
@@ -77,6 +84,29 @@ def apply_precision(model, precision: str | None = "fp32"):
         prm.requires_grad_(False)
     model.inference_precision = p
     return model
+
+
+# Projections that read the same input; the lean decoder calls each set as one kernel, so a
+# set is quantised alike.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def lora_adapted(model) -> set[str]:
+    """Names, under the causal LM's transformer (lm.base_model once merged), of the Linear
+    layers LoRA adapts, with the projections that share their input: empty without LoRA."""
+    from peft import PeftModel
+
+    lm = model.lm
+    if not isinstance(lm, PeftModel):
+        return set()
+    inner = lm.get_base_model().base_model
+    names = {n for n, m in inner.named_modules() if hasattr(m, "lora_A")}
+    for n in list(names):
+        parent, _, leaf = n.rpartition(".")
+        for group in SHARED_INPUT:
+            if leaf in group:
+                names.update(f"{parent}.{g}" if parent else g for g in group)
+    return names
 
 
 def merge_lora(model) -> bool:
@@ -155,14 +185,72 @@ class Int8WeightLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_linear_int8_weights(module: nn.Module) -> int:
-    """Replace every nn.Linear under `module` by an Int8WeightLinear; returns how many."""
+class Int4WeightLinear(nn.Module):
+    """nn.Linear with int4 weights and bfloat16 activations: per group of GROUP input weights
+    of an output channel, w = q * scale + min with q in 0..15 (asymmetric, as torchao's int4
+    weight-only form), through torch's CPU kernel (_weight_int4pack_mm_for_cpu). Half the
+    bytes of int8 per token. Layers whose input width is not a multiple of GROUP stay int8."""
+
+    GROUP = 32
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        w = lin.weight.detach().float()
+        n, k = w.shape
+        g = self.GROUP
+        groups = w.reshape(n, k // g, g)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = (hi - lo).clamp(min=1e-6) / 15
+        q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+        self.in_features, self.out_features = k, n
+        # the kernel's layout: two weights a byte, and per group (scale, zero) with the
+        # weight read as (q - 8) * scale + zero, so zero = min + 8 * scale
+        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.reshape(n, k).to(torch.int32), 1))
+        self.register_buffer("scales_zeros", torch.stack([scale, lo + 8 * scale], -1)
+                             .transpose(0, 1).contiguous().to(torch.bfloat16))  # [k/g, n, 2]
+        self.register_buffer("bias", None if lin.bias is None
+                             else lin.bias.detach().to(torch.bfloat16))
+
+    @classmethod
+    def fits(cls, lin: nn.Linear) -> bool:
+        return lin.in_features % cls.GROUP == 0
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights as bfloat16 [out, in] (the kernel has no backward)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.weight_int4.device)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.weight_int4, self.GROUP, self.scales_zeros).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if torch.is_grad_enabled() and flat.requires_grad:  # as Int8WeightLinear
+            y = flat @ self.dequantized().t()
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, self.GROUP,
+                                                           self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linear_weights(module: nn.Module, kind=None, keep_int8=frozenset()) -> int:
+    """Replace every nn.Linear under `module` by a weight-only quantised layer of `kind`
+    (Int8WeightLinear by default; Int4WeightLinear where the width fits its groups and the name
+    is not in `keep_int8`, else Int8WeightLinear); returns how many."""
+    kind = kind or Int8WeightLinear
     todo = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
     for name, lin in todo:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, Int8WeightLinear(lin))
+        fits = getattr(kind, "fits", lambda _: True)(lin) and name not in keep_int8
+        setattr(parent, attr, (kind if fits else Int8WeightLinear)(lin))
     return len(todo)
+
+
+def quantize_linear_int8_weights(module: nn.Module) -> int:
+    """Replace every nn.Linear under `module` by an Int8WeightLinear; returns how many."""
+    return quantize_linear_weights(module, Int8WeightLinear)
 
 
 def _cast_embeds_on_entry(lm: nn.Module, dtype: torch.dtype) -> None:
@@ -187,7 +275,7 @@ def weight_bytes(module: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     for m in module.modules():
-        if isinstance(m, Int8WeightLinear):
+        if isinstance(m, (Int8WeightLinear, Int4WeightLinear)):
             total += sum(b.numel() * b.element_size() for b in m.buffers())
         packed = getattr(m, "_packed_params", None)
         if packed is not None and callable(getattr(m, "weight", None)):
