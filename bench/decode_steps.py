@@ -29,13 +29,13 @@ from mrg_core.paths import DEFAULT_MODEL_DIR  # noqa: E402
 def step_times(decoders: dict, rows: tuple[int, ...], rounds: int, steps: int,
                prompt: int = 60) -> dict:
     """Median milliseconds of one step, per (precision, rows), the precisions in turn."""
-    width = next(iter(decoders.values())).model.embed_tokens.weight.shape[1]
+    vocab, width = next(iter(decoders.values())).model.embed_tokens.weight.shape
     times: dict = {(p, r): [] for p in decoders for r in rows}
     gen = torch.Generator().manual_seed(0)
     for _ in range(rounds):
         for r in rows:
             embeds = torch.randn(r, prompt, width, generator=gen) * 0.02
-            tokens = torch.randint(0, 1000, (r,), generator=gen)
+            tokens = torch.randint(0, vocab, (r,), generator=gen)
             for p, dec in decoders.items():
                 _, cache = dec.prefill(embeds)
                 dec.step(tokens, cache)  # first call: allocations

@@ -275,3 +275,17 @@ def test_candidate_speed_builds_a_candidate_as_training_does(tmp_path):
     # (draft_tokens re-tokenizes the lower-cased text: it may read fewer than were written)
     assert 0 < row["draft_tokens"] <= 6 and row["tokens_per_s"] > 0
     assert 50 < row["lm_weight_mb"] < 150  # SmolLM2 in int8 with the restricted output layer
+
+
+def test_decode_steps_times_each_precision_and_row_count(tmp_path):
+    from bench import decode_steps
+
+    model = tmp_path / "llama"
+    tiny_model(method="medvlm", family="llama", seed=0).save_pretrained(model)
+    out = tmp_path / "steps.json"
+    assert decode_steps.main(["--model", str(model), "--rows", "1", "3", "--rounds", "1",
+                              "--steps", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    keys = {f"{p}/rows={r}" for p in ("int8-weights", "int4-weights") for r in (1, 3)}
+    assert set(res["step_ms"]) == keys and all(v > 0 for v in res["step_ms"].values())
+    assert res["speedup_over_int8-weights"]["int8-weights/rows=3"] == 1.0
