@@ -62,7 +62,7 @@ def test_int4_weights_round_each_group_of_32_to_16_levels_between_its_min_and_ma
     """Int4WeightLinear, read back through torch's int4 kernel: every group of 32 input weights
     of an output row takes at most 16 values, keeps its smallest and largest weight, and
     lies within half a step ((max - min) / 15 / 2) of the float weights; the layer multiplies
-    by exactly those weights."""
+    by exactly those weights, and with a gradient asked for as a plain matmul autograd follows."""
     from mrg_core.models.quantize import Int4WeightLinear
 
     torch.manual_seed(0)
@@ -81,7 +81,14 @@ def test_int4_weights_round_each_group_of_32_to_16_levels_between_its_min_and_ma
     assert max(len(g.unique()) for g in back.reshape(-1, 32)) <= 16
     x = torch.randn(5, 96)
     ref = x.to(torch.bfloat16).float() @ back.reshape(128, 96).t()
-    assert torch.allclose(layer(x).float(), ref, atol=0.02, rtol=0.02)
+    with torch.no_grad():
+        fast = layer(x)
+    assert torch.allclose(fast.float(), ref, atol=0.02, rtol=0.02)
+    xg = x.clone().requires_grad_(True)  # sentence grounding: a gradient through the LM
+    slow = layer(xg)
+    assert torch.allclose(slow.float(), fast.float(), atol=0.02, rtol=0.02)
+    slow.float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("precision", ["int8", "int8-weights", "int4-weights", "bf16",

@@ -212,12 +212,12 @@ def quantized_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                          down_w: List[torch.Tensor], down_s: List[torch.Tensor],
                          int4_groups: List[int], eps: float, h_q: int, h_kv: int, d: int,
                          inter: int) -> torch.Tensor:
-    """One token per row through every weight-only quantised layer (the int4 group size of
-    q/k/v, o, gate/up and down in `int4_groups`; 0: int8): the arithmetic of
-    FastLlamaDecoder's layer loop (x [B, 1, C] bf16;
-    keys/values the cache's [L, B, H_kv, capacity, D]; `pos` each row's position when rows
-    differ in length, else all at `start`). Run as TorchScript (token_step()), so the GIL is
-    free while it runs and the web server's threads do not stall the model between kernels."""
+    """One token per row through every weight-only quantised layer: the arithmetic of
+    FastLlamaDecoder's layer loop (x [B, 1, C] bf16; keys/values the cache's [L, B, H_kv,
+    capacity, D]; `pos` each row's position when rows differ in length, else all at `start`;
+    `int4_groups` the int4 group size of q/k/v, o, gate/up and down, 0 for int8). Run as
+    TorchScript (token_step()), so the GIL is free while it runs and the web server's threads
+    do not stall the model between kernels."""
     b = x.shape[0]
     group = h_q // h_kv
     rows = torch.arange(b, device=x.device)
@@ -268,8 +268,8 @@ _TOKEN_STEP = _scripted(quantized_token_step)
 
 
 def token_step():
-    """quantized_token_step as it runs: TorchScript (one call instead of ~1,200 Python dispatches,
-    the GIL free meanwhile) or, where scripting failed, the plain function."""
+    """quantized_token_step as it runs: TorchScript (one call instead of ~1,200 Python
+    dispatches, the GIL free meanwhile) or, where scripting failed, the plain function."""
     return _TOKEN_STEP
 
 
