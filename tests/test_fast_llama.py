@@ -183,6 +183,45 @@ def test_int4_projections_join_only_in_whole_packed_blocks():
         assert torch.allclose(logits, ref.logits[:, -1].float(), atol=0.05)
 
 
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+def test_extend_checks_several_tokens_with_the_logits_of_one_token_steps(kind):
+    """Speculative decoding's pass: rows of different lengths (a joined pair) take 5 tokens
+    each in one pass; every position's logits are those of five one-token steps, bit for bit
+    with int8/int4 weights (so speculation changes no draft, and only there it is on), to
+    float rounding in fp32. rewind() then forgets the proposals not taken: the next step
+    equals one from a cache that never saw them."""
+    from mrg_core.models.quantize import (Int4WeightLinear, Int8WeightLinear,
+                                          quantize_linear_weights)
+
+    lm = _llama(seed=3, hidden=128)
+    if kind != "fp32":
+        lm = lm.to(torch.bfloat16)
+        quantize_linear_weights(lm.model, Int8WeightLinear if kind == "int8"
+                                else Int4WeightLinear)
+    dec = FastLlamaDecoder(lm, room=3)  # the pass outgrows the room: the cache grows
+    assert dec.can_extend == (kind != "fp32")
+    prefixes = [torch.randn(1, n, 128) for n in (5, 9)]
+    toks = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        stepped = dec.join(*[dec.prefill(e)[1] for e in prefixes])
+        one_by_one = torch.stack([dec.step(toks[:, j], stepped)[0] for j in range(5)], 1)
+        passed = dec.join(*[dec.prefill(e)[1] for e in prefixes])
+        every, passed = dec.extend(toks, passed)
+        assert passed.lengths == stepped.lengths == [10, 14]
+        if kind == "fp32":
+            assert torch.allclose(every, one_by_one, atol=1e-5)
+        else:
+            assert torch.equal(every, one_by_one)
+        kept = dec.join(*[dec.prefill(e)[1] for e in prefixes])
+        for j in range(2):
+            dec.step(toks[:, j], kept)
+        dec.rewind(passed, 3)  # two of five kept
+        assert passed.lengths == kept.lengths == [7, 11]
+        nxt = torch.tensor([7, 8])
+        a, b = dec.step(nxt, passed)[0], dec.step(nxt, kept)[0]
+        assert torch.equal(a, b) if kind != "fp32" else torch.allclose(a, b, atol=1e-5)
+
+
 def test_the_step_is_scripted_from_the_file_it_was_imported_from(tmp_path):
     """TorchScript reads a function's source from its file. A file replaced under a running
     process (an upgrade in place) must not change what the step compiles to: compiled at

@@ -387,6 +387,69 @@ class FastLlamaDecoder:
         last = x[torch.arange(b, device=x.device), torch.tensor(real, device=x.device) - 1]
         return _rms(last, self.model.norm.weight, self.eps)
 
+    @torch.inference_mode()
+    def _forward_many(self, x: torch.Tensor, cache: LlamaKV) -> torch.Tensor:
+        """x [B, T, C]: T positions per row, each row after its own filled positions (rows of
+        different lengths), with the arithmetic of the one-token step at every position (the
+        same formulas, keys beyond a position masked), so that each position's logits are
+        those of T one-token steps (tests/test_fast_llama.py). The final norm of every
+        position [B, T, C]; the cache keeps all T (rewind() drops the ones not wanted)."""
+        b, t, _ = x.shape
+        h_q, h_kv, d = self.n_head, self.n_kv, self.head_dim
+        group = h_q // h_kv
+        dev = x.device
+        pos = torch.tensor(cache.lengths, device=dev)[:, None] + torch.arange(t, device=dev)
+        need = int(pos.max()) + 1
+        if need > cache.capacity:
+            cache.grow(max(2 * cache.capacity, need))
+        cos_t, sin_t = self._rope_tables(need)
+        cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]  # [B, 1, T, D]
+        hidden = torch.arange(need, device=dev)[None, None] > pos[:, :, None]  # [B, T, S]
+        mask = torch.zeros(hidden.shape, device=dev).masked_fill_(hidden, float("-inf"))
+        mask = mask[:, None, None].expand(b, 1, group, t, need).reshape(b, 1, group * t, need)
+        rows = torch.arange(b, device=dev)[:, None]
+        for i, layer in enumerate(self.model.layers):
+            att = layer.self_attn
+            h = _rms(x, layer.input_layernorm.weight, self.eps)
+            q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+            q = _rope(q.reshape(b, t, h_q, d).transpose(1, 2), cos, sin)  # [B, H, T, D]
+            k = _rope(k.reshape(b, t, h_kv, d).transpose(1, 2), cos, sin)
+            v = v.reshape(b, t, h_kv, d).transpose(1, 2)
+            cache.k[i, rows, :, pos] = k.transpose(1, 2)  # [B, T, H_kv, D] at [row, pos]
+            cache.v[i, rows, :, pos] = v.transpose(1, 2)
+            keys, vals = cache.k[i, :, :, :need], cache.v[i, :, :, :need]
+            # the one-token step's grouped attention, T queries per group at once
+            qg = q.reshape(b, h_kv, group * t, d)
+            sc = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5
+            w = torch.softmax(sc + mask, dim=-1)
+            y = (w.to(vals.dtype) @ vals).reshape(b, h_q, t, d).transpose(1, 2)
+            x = x + att.o_proj(y.reshape(b, t, h_q * d))
+            h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
+            mlp = layer.mlp
+            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+        cache.lengths = [n + t for n in cache.lengths]
+        return _rms(x, self.model.norm.weight, self.eps)
+
+    def extend(self, tokens: torch.Tensor, cache: LlamaKV):
+        """tokens [B, T] after each row's own length: logits [B, T, V] of every position (a
+        speculative draft's proposals checked in one pass), the cache T longer per row."""
+        b, t = tokens.shape
+        x = self.model.embed_tokens.weight[tokens]
+        out = self._forward_many(x, cache)
+        return self._logits(out.reshape(b * t, -1)).reshape(b, t, -1), cache
+
+    @property
+    def can_extend(self) -> bool:
+        """extend() gives the one-token steps' logits bit for bit with weight-only quantised
+        layers (the same kernels per row; tests/test_fast_llama.py); in fp32 or bf16 only to
+        rounding, which could change a greedy draft, so speculation stays off there."""
+        return self._quantized is not None
+
+    @staticmethod
+    def rewind(cache: LlamaKV, drop: int) -> None:
+        """Forget the last `drop` positions of every row (proposals not taken)."""
+        cache.lengths = [n - drop for n in cache.lengths]
+
     def prefill(self, embeds: torch.Tensor):
         b, t, _ = embeds.shape
         cache = LlamaKV.empty(len(self.model.layers), b, self.n_kv, t + self.room, self.head_dim,

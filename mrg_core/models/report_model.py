@@ -29,8 +29,9 @@ from mrg_core.models.config import ReportModelConfig
 from mrg_core.models.encoder import EncoderOutput, VisualEncoder
 from mrg_core.models.fast_decode import FastGPT2Decoder, supports_fast_step
 from mrg_core.models.fast_llama import FastLlamaDecoder, supports_fast_llama
-from mrg_core.models.generation import (GenerationSettings, GuidedDecoder, KVDecoder, beam_search,
-                                        resolve_settings, sample_tokens)
+from mrg_core.models.generation import (DraftNgrams, GenerationSettings, GuidedDecoder,
+                                        KVDecoder, beam_search, resolve_settings,
+                                        sample_tokens)
 from mrg_core.models.language_model import build_lm, lm_hidden_size, lm_max_positions
 from mrg_core.models.medvlm import MedVLMBridge
 from mrg_core.models.prompts import PromptBridge
@@ -67,6 +68,7 @@ class ReportModel(nn.Module):
     def __init__(self, config: ReportModelConfig, tokenizer, lm: nn.Module):
         super().__init__()
         self.config, self.tokenizer = config, tokenizer
+        self.draft_ngrams = DraftNgrams()  # earlier drafts' continuations: speculative decoding
         n_labels, n_found = len(config.labels), len(self._finding_names(config))
         if config.labels[n_labels - n_found:] != self._finding_names(config):
             raise ValueError("finding labels (finding_phrases) must come after the others in "
@@ -559,13 +561,20 @@ class ReportModel(nn.Module):
         bos, eos = tok.bos_token_id, tok.eos_token_id
         suppress = [i for i in (tok.pad_token_id, bos, tok.unk_token_id)
                     if i is not None and i != eos] + self.suppress_ids
-        search = beam_search if settings.num_beams > 1 else sample_tokens
+        made: list[int] = []
         try:
-            yield from search(dec, embeds, settings, bos, eos, max_new, suppress)
+            if settings.num_beams > 1:
+                yield from beam_search(dec, embeds, settings, bos, eos, max_new, suppress)
+                return
+            for t in sample_tokens(dec, embeds, settings, bos, eos, max_new, suppress,
+                                   self.draft_ngrams):
+                made.append(t)
+                yield t
         finally:  # a batched draft gives its rows back (end of draft, or Stop)
             close = getattr(dec, "close", None)
             if close is not None:
                 close()
+            self.draft_ngrams.learn(made)  # later drafts' proposals (speculative decoding)
 
     @torch.inference_mode()
     def stream_report(self, study, settings: GenerationSettings | None = None, *,
