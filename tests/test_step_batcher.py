@@ -293,6 +293,49 @@ def test_the_process_exits_cleanly_while_model_work_runs(busy, says):
 
 
 # ---------------------------------------------------------------------------- the engine
+def _int8_llama(seed: int):
+    from mrg_core.models.quantize import quantize_linear_int8_weights
+
+    lm = _llama(seed).to(torch.bfloat16)
+    quantize_linear_int8_weights(lm.model)
+    return lm
+
+
+def test_a_speculative_pass_shares_a_step_and_each_draft_sees_its_own_logits():
+    """Draft A hands in 4 tokens (a speculative pass) while B hands in one, in the same step:
+    A gets the logits of its own pass alone, B those of its own step alone (int8 weights: bit
+    for bit), each row's length grows by what it handed in, and A's rewind keeps two of its
+    four positions: its next step is that of a decode that took only those two."""
+    dec = FastLlamaDecoder(_int8_llama(seed=6), room=2)  # the pass outgrows the pool's room
+    batcher = StepBatcher(dec, gather_s=30.0)  # the step waits for both
+    e_a, e_b = torch.randn(1, 5, 64), torch.randn(1, 8, 64)
+    a_dec, b_dec = batcher.decoder(), batcher.decoder()
+    (_, a), (_, b) = _admit(a_dec, e_a), _admit(b_dec, e_b)
+    assert not a_dec.can_extend  # B decodes too: no pass would be alone
+    seq, tok_b = torch.tensor([[11, 12, 13, 14]]), torch.tensor([40])
+    got = {}
+    with torch.inference_mode():
+        runs = [threading.Thread(target=lambda: got.setdefault("a", a_dec.extend(seq, a)[0])),
+                threading.Thread(target=lambda: got.setdefault("b", b_dec.step(tok_b, b)[0]))]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join(60)
+        assert batcher.steps == 1 and batcher.most_drafts_in_a_step == 2
+        own_a, cache_a = dec.extend(seq, dec.prefill(e_a)[1])
+        own_b, _ = dec.step(tok_b, dec.prefill(e_b)[1])
+        assert torch.equal(got["a"], own_a) and torch.equal(got["b"], own_b)
+        assert [batcher._pool.lengths[r] for r in a.rows + b.rows] == [9, 9]
+        a_dec.rewind(a, 2)
+        dec.rewind(cache_a, 2)
+        b_dec.close()
+        assert a_dec.can_extend  # alone now
+        nxt = torch.tensor([7])
+        assert torch.equal(a_dec.step(nxt, a)[0], dec.step(nxt, cache_a)[0])
+    a_dec.close()
+    assert batcher._used == set()
+
+
 @pytest.fixture
 def llama_engine(tmp_path):
     from mrg_core.engine import Engine
@@ -424,3 +467,40 @@ def test_engine_stop_ends_a_shared_draft_and_frees_its_rows(llama_engine):
     batcher = llama_engine._batcher(llama_engine.model)
     assert llama_engine.drafts_running() == 0 and batcher._used == set()
     assert batcher.steps < 100  # it stopped, not ran to the end
+
+
+def test_engine_drafts_speculate_alone_and_write_what_they_write_step_by_step(tmp_path,
+                                                                              monkeypatch):
+    """An int8-weights engine: a draft alone checks proposals from earlier drafts in shared
+    passes and writes the text of one-token steps; drafts that overlap write it too."""
+    from mrg_core.engine import Engine
+    from mrg_core.models import GenerationSettings, tiny_model
+    from mrg_core.models.quantize import apply_precision
+
+    passes = []
+    extend = FastLlamaDecoder.extend
+    monkeypatch.setattr(FastLlamaDecoder, "extend",
+                        lambda self, *a: passes.append(a[0].shape) or extend(self, *a))
+    model = apply_precision(tiny_model("medvlm", family="llama", seed=1), "int8-weights")
+    engine = Engine(model, None)
+    studies = _studies(3, offset=40)
+    kw = dict(max_new_tokens=30, repetition_penalty=1.0, no_repeat_ngram_size=3)
+    off, on = GenerationSettings(speculative_tokens=0, **kw), GenerationSettings(**kw)
+    ref = ["".join(engine.stream_report(s, off)) for s in studies]
+    assert all(ref) and not passes
+    assert ["".join(engine.stream_report(s, on)) for s in studies] == ref
+    assert passes  # the earlier drafts' words were proposed and checked
+    out = [None] * 3
+    go = threading.Barrier(3)
+
+    def user(i):
+        go.wait()
+        out[i] = "".join(engine.stream_report(studies[i], on))
+
+    users = [threading.Thread(target=user, args=(i,)) for i in range(3)]
+    for t in users:
+        t.start()
+    for t in users:
+        t.join(60)
+    assert out == ref
+    assert engine._batcher(model).most_drafts_in_a_step >= 2

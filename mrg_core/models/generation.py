@@ -266,8 +266,7 @@ def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, b
     gen = None
     if s.do_sample:
         gen = torch.Generator(device=embeds.device).manual_seed(int(s.seed))
-    speculate = (not s.do_sample and proposer is not None and s.speculative_tokens > 0
-                 and can_extend(dec))
+    speculate = not s.do_sample and proposer is not None and s.speculative_tokens > 0
     made = 0
     while made < max_new:
         scores = procs(ids, logits) if procs else logits
@@ -281,8 +280,8 @@ def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, b
         yield t
         made += 1
         ids = torch.cat([ids, tok[:, None]], dim=1)
-        proposal = proposer.propose(ids[0].tolist(), min(s.speculative_tokens,
-                                                         max_new - made)) if speculate else []
+        proposal = proposer.propose(ids[0].tolist(), min(s.speculative_tokens, max_new - made)
+                                    ) if speculate and can_extend(dec) else []
         if not proposal:
             logits, cache = dec.step(tok, cache)
             continue

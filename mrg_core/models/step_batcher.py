@@ -157,25 +157,47 @@ class StepBatcher:
 
     @torch.inference_mode()
     def _step(self, batch: dict[_Member, torch.Tensor]) -> dict[_Member, torch.Tensor]:
-        """One step for the pool's rows up to the highest in use. Rows not in `batch` (free,
-        or a draft not waiting) compute a throwaway token at their next position and keep
-        their length: their next real step writes that position again."""
+        """One step for the pool's rows up to the highest in use: one token per row, or, when
+        a draft hands in several per row (speculative decoding: [rows, T]), a pass of the
+        longest T for every row. Rows not in `batch` (free, or a draft not waiting), and a
+        draft's positions beyond its own T, are computed and thrown away: the lengths keep
+        only what each draft handed in, and its next pass writes those positions again."""
         pool = self._pool
         high = max(self._used) + 1
-        if max(pool.lengths[:high]) >= pool.capacity:
-            pool.grow(2 * pool.capacity)
-        tokens = torch.zeros(high, dtype=torch.long, device=pool.k.device)
+        width = max(t.shape[1] if t.dim() == 2 else 1 for t in batch.values())
+        need = max(pool.lengths[:high]) + width
+        if need > pool.capacity:
+            pool.grow(max(2 * pool.capacity, need))
+        tokens = torch.zeros(high, width, dtype=torch.long, device=pool.k.device)
         for m, t in batch.items():
-            tokens[m.rows] = t.to(tokens.device)
+            t = t.to(tokens.device)
+            tokens[m.rows, :t.shape[1] if t.dim() == 2 else 1] = t if t.dim() == 2 else t[:, None]
         view = LlamaKV(pool.k[:, :high], pool.v[:, :high], pool.lengths[:high])
-        logits, _ = self.dec.step(tokens, view)
-        for m in batch:
+        if width == 1:
+            logits, _ = self.dec.step(tokens[:, 0], view)
+        else:
+            logits, _ = self.dec.extend(tokens, view)
+        for m, t in batch.items():
             for r in m.rows:
-                pool.lengths[r] = view.lengths[r]
+                pool.lengths[r] += t.shape[1] if t.dim() == 2 else 1
         self.steps += 1
         self.drafts_stepped += len(batch)
         self.most_drafts_in_a_step = max(self.most_drafts_in_a_step, len(batch))
-        return {m: logits[m.rows] for m in batch}
+        if width == 1:
+            return {m: logits[m.rows] for m in batch}
+        return {m: logits[m.rows, :t.shape[1]] if t.dim() == 2 else logits[m.rows, 0]
+                for m, t in batch.items()}
+
+    def _rewind(self, member: _Member, drop: int) -> None:
+        with self._pool_lock:
+            for r in member.rows:
+                self._pool.lengths[r] -= drop
+
+    def alone(self, members) -> bool:
+        """Whether no other draft is decoding: a speculative pass then slows nobody (it
+        computes its T positions for every row of the step)."""
+        with self._cond:
+            return self._members <= set(members)
 
 
 class BatchedDecoder:
@@ -209,6 +231,20 @@ class BatchedDecoder:
 
     def step(self, tokens: torch.Tensor, member: _Member):
         return self.batcher._submit(member, tokens), member
+
+    def extend(self, tokens: torch.Tensor, member: _Member):
+        """tokens [rows, T]: logits [rows, T, V] (FastLlamaDecoder.extend, in a shared step)."""
+        return self.batcher._submit(member, tokens), member
+
+    def rewind(self, member: _Member, drop: int) -> None:
+        self.batcher._rewind(member, drop)
+
+    @property
+    def can_extend(self) -> bool:
+        """Exact passes (the lean decoder's own rule), and only while this draft decodes
+        alone: with other drafts in the step, a pass of T positions costs every row T."""
+        return bool(getattr(self.batcher.dec, "can_extend", False)) and \
+            self.batcher.alone(self._members)
 
     def close(self) -> None:
         for m in self._members:
