@@ -1,6 +1,8 @@
 """Speculative decoding of greedy drafts (models/generation.py: DraftNgrams, sample_tokens):
 proposals from earlier drafts, checked in one pass (FastLlamaDecoder.extend), change no token
 and save passes; wrong proposals cost nothing but the pass."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,16 @@ def test_draft_ngrams_keep_the_latest_continuation_and_a_bounded_table():
     assert ng.propose([1, 2], 4) == [7]  # the latest draft wins
     ng.learn([10, 11, 12, 13, 14, 15])
     assert len(ng._next) == 4 and ng.propose([1, 2], 4) == []  # the oldest runs went
+    copied = copy.deepcopy(ng)  # a model copied whole (fine-tuning an in-memory model)
+    assert copied.propose([10, 11], 3) == ng.propose([10, 11], 3) == [12, 13, 14]
+    copied.learn([10, 11, 99])
+    assert ng.propose([10, 11], 1) == [12]  # its own table
+
+
+def test_a_model_with_proposals_learned_can_be_copied_whole(study):
+    model = tiny_model(method="medvlm", family="llama", seed=4)
+    model.draft_ngrams.learn([5, 6, 7, 8, 9])
+    assert copy.deepcopy(model).draft_ngrams.propose([5, 6, 7], 2) == [8, 9]
 
 
 def test_the_shipped_model_ends_its_draft_where_it_would_without_proposals():

@@ -234,6 +234,12 @@ class DraftNgrams:
         self._next: OrderedDict[tuple[int, ...], tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __deepcopy__(self, memo) -> "DraftNgrams":  # a model copied whole (fine-tuning)
+        new = DraftNgrams(self.n, self.keep, self.max_entries)
+        with self._lock:
+            new._next = OrderedDict(self._next)
+        return new
+
     def propose(self, ids: list[int], k: int) -> list[int]:
         if k <= 0 or len(ids) < self.n:
             return []
