@@ -13,6 +13,8 @@ kernel calls around them, so this decoder
 - decodes rows of different lengths together (LlamaKV: a guided pair, several users' drafts),
 - computes the prefix (visual tokens, prompt, stated decision) once, with the same code, and
   the common beginning of prompts that begin alike once (prefill_shared: a guided pair),
+- checks several proposed tokens per row in one pass (extend, rewind: speculative decoding,
+  models/generation.py), each position with the one-token step's logits,
 - optionally scores only `head_ids` (the token ids that occur in the training reports, saved in
   the model config as `head_vocab`): every other logit is set to -1e9. Greedy and beam drafts
   are unchanged whenever the best token is a report token, which the decoder's training makes

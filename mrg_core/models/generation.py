@@ -286,8 +286,8 @@ def sample_tokens(dec: KVDecoder, embeds: torch.Tensor, s: GenerationSettings, b
         yield t
         made += 1
         ids = torch.cat([ids, tok[:, None]], dim=1)
-        proposal = proposer.propose(ids[0].tolist(), min(s.speculative_tokens, max_new - made)
-                                    ) if speculate and can_extend(dec) else []
+        k = min(s.speculative_tokens, max_new - made) if speculate and can_extend(dec) else 0
+        proposal = proposer.propose(ids[0].tolist(), k) if k else []
         if not proposal:
             logits, cache = dec.step(tok, cache)
             continue

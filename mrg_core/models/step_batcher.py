@@ -11,6 +11,9 @@ step (models/fast_llama.py) for every draft waiting, then gives each its logits 
   is admitted after its own prefill (its prefix computed once) into free rows, and leaves when
   its generator closes (end of draft, Stop); a row left free is reused by the next draft.
 - A guided pair whose prompts begin alike is prefilled as one job (`prefill_shared`).
+- A draft decoding alone may hand in several tokens per row (speculative decoding: proposals
+  from earlier drafts, models/generation.py); the step is then one pass of that many
+  positions (FastLlamaDecoder.extend), and rewind() drops the proposals not taken.
 - A step runs as soon as every admitted draft is waiting, or `gather_s` after the first one
   started waiting: a slow draft (its thread busy in Python) delays the others by at most that.
 - Each step and each prefill runs through `run` (the engine's model thread, jobs in arrival
@@ -164,28 +167,28 @@ class StepBatcher:
         only what each draft handed in, and its next pass writes those positions again."""
         pool = self._pool
         high = max(self._used) + 1
-        width = max(t.shape[1] if t.dim() == 2 else 1 for t in batch.values())
+        handed = {m: t if t.dim() == 2 else t[:, None] for m, t in batch.items()}  # [rows, T]
+        width = max(t.shape[1] for t in handed.values())
         need = max(pool.lengths[:high]) + width
         if need > pool.capacity:
             pool.grow(max(2 * pool.capacity, need))
         tokens = torch.zeros(high, width, dtype=torch.long, device=pool.k.device)
-        for m, t in batch.items():
-            t = t.to(tokens.device)
-            tokens[m.rows, :t.shape[1] if t.dim() == 2 else 1] = t if t.dim() == 2 else t[:, None]
+        for m, t in handed.items():
+            tokens[m.rows, :t.shape[1]] = t.to(tokens.device)
         view = LlamaKV(pool.k[:, :high], pool.v[:, :high], pool.lengths[:high])
         if width == 1:
             logits, _ = self.dec.step(tokens[:, 0], view)
+            logits = logits[:, None]
         else:
             logits, _ = self.dec.extend(tokens, view)
-        for m, t in batch.items():
+        for m, t in handed.items():
             for r in m.rows:
-                pool.lengths[r] += t.shape[1] if t.dim() == 2 else 1
+                pool.lengths[r] += t.shape[1]
         self.steps += 1
         self.drafts_stepped += len(batch)
         self.most_drafts_in_a_step = max(self.most_drafts_in_a_step, len(batch))
-        if width == 1:
-            return {m: logits[m.rows] for m in batch}
-        return {m: logits[m.rows, :t.shape[1]] if t.dim() == 2 else logits[m.rows, 0]
+        # each draft's logits in the shape it handed its tokens in
+        return {m: logits[m.rows, :handed[m].shape[1]] if t.dim() == 2 else logits[m.rows, 0]
                 for m, t in batch.items()}
 
     def _rewind(self, member: _Member, drop: int) -> None:
