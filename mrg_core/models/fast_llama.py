@@ -317,6 +317,23 @@ class FastLlamaDecoder:
         full[:, self.head_ids] = part
         return full
 
+    def _qkv(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """A layer's input norm, q/k/v projections and rotary embedding for x [B, T, C]:
+        q [B, H, T, D], k and v [B, H_kv, T, D]."""
+        b, t, _ = x.shape
+        att, d = layer.self_attn, self.head_dim
+        h = _rms(x, layer.input_layernorm.weight, self.eps)
+        q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
+        q = _rope(q.reshape(b, t, self.n_head, d).transpose(1, 2), cos, sin)
+        k = _rope(k.reshape(b, t, self.n_kv, d).transpose(1, 2), cos, sin)
+        return q, k, v.reshape(b, t, self.n_kv, d).transpose(1, 2)
+
+    def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """x plus the layer's MLP of its post-attention norm."""
+        mlp = layer.mlp
+        h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor, cache: LlamaKV, real: list[int] | None = None
                  ) -> torch.Tensor:
@@ -356,11 +373,7 @@ class FastLlamaDecoder:
             t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
-            h = _rms(x, layer.input_layernorm.weight, self.eps)
-            q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
-            q = _rope(q.reshape(b, t, h_q, d).transpose(1, 2), cos, sin)  # [B, H, T, D]
-            k = _rope(k.reshape(b, t, h_kv, d).transpose(1, 2), cos, sin)
-            v = v.reshape(b, t, h_kv, d).transpose(1, 2)
+            q, k, v = self._qkv(layer, x, cos, sin)
             if ragged:
                 cache.k[i, rows, :, pos] = k[:, :, 0]
                 cache.v[i, rows, :, pos] = v[:, :, 0]
@@ -381,10 +394,7 @@ class FastLlamaDecoder:
                     q, keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1),
                     attn_mask=causal, is_causal=causal is None
                 ).transpose(1, 2).reshape(b, t, h_q * d)
-            x = x + att.o_proj(y)
-            h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = self._mlp(layer, x + att.o_proj(y))
         cache.lengths = [n + r for n, r in zip(cache.lengths, real)]
         last = x[torch.arange(b, device=x.device), torch.tensor(real, device=x.device) - 1]
         return _rms(last, self.model.norm.weight, self.eps)
@@ -412,11 +422,7 @@ class FastLlamaDecoder:
         rows = torch.arange(b, device=dev)[:, None]
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
-            h = _rms(x, layer.input_layernorm.weight, self.eps)
-            q, k, v = att.q_proj(h), att.k_proj(h), att.v_proj(h)
-            q = _rope(q.reshape(b, t, h_q, d).transpose(1, 2), cos, sin)  # [B, H, T, D]
-            k = _rope(k.reshape(b, t, h_kv, d).transpose(1, 2), cos, sin)
-            v = v.reshape(b, t, h_kv, d).transpose(1, 2)
+            q, k, v = self._qkv(layer, x, cos, sin)
             cache.k[i, rows, :, pos] = k.transpose(1, 2)  # [B, T, H_kv, D] at [row, pos]
             cache.v[i, rows, :, pos] = v.transpose(1, 2)
             keys, vals = cache.k[i, :, :, :need], cache.v[i, :, :, :need]
@@ -425,10 +431,7 @@ class FastLlamaDecoder:
             sc = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5
             w = torch.softmax(sc + mask, dim=-1)
             y = (w.to(vals.dtype) @ vals).reshape(b, h_q, t, d).transpose(1, 2)
-            x = x + att.o_proj(y.reshape(b, t, h_q * d))
-            h = _rms(x, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = self._mlp(layer, x + att.o_proj(y.reshape(b, t, h_q * d)))
         cache.lengths = [n + t for n in cache.lengths]
         return _rms(x, self.model.norm.weight, self.eps)
 

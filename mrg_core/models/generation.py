@@ -189,22 +189,21 @@ class GuidedDecoder:
         if close is not None:
             close()
 
-    def step(self, tokens: torch.Tensor, cache: PairCache):
+    def _on_both(self, call, tokens: torch.Tensor, cache: PairCache):
+        """`call` (the decoder's step or extend) on both prompts' rows; their mixed logits."""
         if cache.both is not None:
-            logits, cache.both = self.dec.step(torch.cat([tokens, tokens]), cache.both)
+            logits, cache.both = call(torch.cat([tokens, tokens]), cache.both)
             return self._mix(*logits.chunk(2)), cache
-        la, cache.a = self.dec.step(tokens, cache.a)
-        lb, cache.b = self.dec.step(tokens, cache.b)
+        la, cache.a = call(tokens, cache.a)
+        lb, cache.b = call(tokens, cache.b)
         return self._mix(la, lb), cache
+
+    def step(self, tokens: torch.Tensor, cache: PairCache):
+        return self._on_both(self.dec.step, tokens, cache)
 
     def extend(self, tokens: torch.Tensor, cache: PairCache):
         """tokens [1, T]: the mixed logits of every position [1, T, V] (see step)."""
-        if cache.both is not None:
-            logits, cache.both = self.dec.extend(torch.cat([tokens, tokens]), cache.both)
-            return self._mix(*logits.chunk(2)), cache
-        la, cache.a = self.dec.extend(tokens, cache.a)
-        lb, cache.b = self.dec.extend(tokens, cache.b)
-        return self._mix(la, lb), cache
+        return self._on_both(self.dec.extend, tokens, cache)
 
     def rewind(self, cache: PairCache, drop: int) -> None:
         for c in (cache.both, cache.a, cache.b):
