@@ -60,10 +60,11 @@ def grouped_folds(examples: list[Example], k: int, seed: int = 0
 
 def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jpeg_cache,
                        device: str = "cpu", keep: str | Path | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, float]:
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Warm up a fresh encoder on `train` with the config's recipe; the held-out probabilities
     after every epoch: the decision's, [epochs, len(held)], and every label's (decision, findings,
-    lobes), [epochs, len(held), labels] (nothing held out: the last epoch is kept, no
+    lobes), [epochs, len(held), labels]; the share of each held-out slice's Grad-CAM mass in its
+    lungs, [epochs, len(held)] (NaN without a lung mask); seconds (nothing held out: the last epoch is kept, no
     probabilities). keep: write the encoder there (model.safetensors with encoder.* tensors,
     what init_encoder_from reads)."""
     from accelerate.utils import set_seed
@@ -92,9 +93,14 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
     held_loader = torch.utils.data.DataLoader(ExampleDataset(held, cache, mcfg.labels),
                                               batch_size=32, collate_fn=collate) if held else None
     label_rows: list[np.ndarray] = []
+    share_rows: list[np.ndarray] = []
+
+    def on_epoch(_epoch, every, shares):
+        label_rows.append(np.asarray(every, float))
+        share_rows.append(np.asarray(shares, float))
+
     t = time.time()
-    warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler,
-                   on_epoch=lambda _epoch, every: label_rows.append(np.asarray(every, float)))
+    warmup_encoder(model, train_loader, held_loader, cfg, accelerator, sampler, on_epoch=on_epoch)
     if keep is not None:
         from safetensors.torch import save_file
 
@@ -103,9 +109,9 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
                    for k, v in model.encoder.state_dict().items()},
                   str(Path(keep) / "model.safetensors"))
     if not label_rows:
-        return np.empty((0, 0)), np.empty((0, 0, 0)), time.time() - t
+        return np.empty((0, 0)), np.empty((0, 0, 0)), np.empty((0, 0)), time.time() - t
     every = np.stack(label_rows)
-    return every[:, :, _target_index(model)], every, time.time() - t
+    return every[:, :, _target_index(model)], every, np.stack(share_rows), time.time() - t
 
 
 def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],
@@ -135,6 +141,10 @@ def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],
             **{f: part(fmt == f) for f in sorted(set(formats))}}
 
 
+def _nanmean(x: np.ndarray) -> float | None:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
 def _caches(cfg, examples: list[Example]):
     """(decoded images, their JPEG re-encodings or None) as the recipe's training sees them."""
     from .data import ImageCache
@@ -160,18 +170,22 @@ def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
     n_labels = len(cfg.model.get("labels") or [None])
     oof = np.full((cfg.encoder_warmup_epochs, len(examples)), np.nan)
     oof_labels = np.full((cfg.encoder_warmup_epochs, len(examples), n_labels), np.nan)
+    oof_lung = np.full((cfg.encoder_warmup_epochs, len(examples)), np.nan)
     folds = []
     for i, (train_idx, held) in enumerate(grouped_folds(examples, k, seed)):
-        probs, label_probs, secs = fold_probabilities(
+        probs, label_probs, shares, secs = fold_probabilities(
             cfg, [examples[j] for j in train_idx], [examples[j] for j in held], cache,
             jpeg_cache, device)
         oof[:, held] = probs
         oof_labels[:, held] = label_probs
+        oof_lung[:, held] = shares
         folds.append({"fold": i, "n_held": int(len(held)),
                       "held_groups": len({source_group(examples[j].id) for j in held}),
                       "seconds": round(secs, 1)})
         log(f"fold {i + 1}/{k}: {len(held)} held out, {secs:.0f} s")
-    epochs = [{"epoch": e + 1, **summarise(oof[e], y, formats)} for e in range(len(oof))]
+    epochs = [{"epoch": e + 1, **summarise(oof[e], y, formats),
+               "lung_share_positive": _nanmean(oof_lung[e][y == 1]),
+               "lung_share": _nanmean(oof_lung[e])} for e in range(len(oof))]
     best = max(epochs, key=lambda r: r["all"]["auc"])
     return {"folds": folds, "epochs": epochs, "chosen_epoch": best["epoch"],
             "threshold": best["threshold"],
@@ -275,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "cv.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     for r in result["epochs"]:
         parts = "  ".join(f"{f} acc {r[f]['accuracy']:.3f} (n {r[f]['n']})"
-                          for f in r if f not in ("epoch", "threshold", "all"))
+                          for f in r if isinstance(r[f], dict) and f != "all")
+        lung = r.get("lung_share_positive")
+        lung = f"  Grad-CAM in lungs (positives) {lung:.3f}" if lung is not None else ""
         print(f"epoch {r['epoch']}: AUC {r['all']['auc']:.4f} acc {r['all']['accuracy']:.3f} "
-              f"at {r['threshold']:.3f}  {parts}")
+              f"at {r['threshold']:.3f}  {parts}{lung}")
     print(f"chosen: epoch {result['chosen_epoch']}, threshold {result['threshold']:.4f}")
     if a.refit_to:
         from .training import platt_scaling

@@ -127,6 +127,10 @@ class TrainConfig:
     # Shrink one image axis by up to this share (preprocess.augment_batch): sources squashed to
     # a square (cxr_pneumonia) are then also seen with the aspect ratios real radiographs keep.
     aspect_augment: float = 0.0
+    # Weight of the warm-up's lung-focus penalty (mrg_core/lung_focus.py): the share of the
+    # decision's Grad-CAM mass outside the lung fields, so the encoder cannot settle on the
+    # chest wall, the table or the image edge. 0: off (older recipes replay exactly).
+    lung_focus: float = 0.0
     # The report phase learns from report text alone, conditioned on its text class, when the
     # images have no reports (cxr_pneumonia): "iu_reports" (mrg_core.data.iu_reports). The
     # model needs visual_context false; `epochs` then counts passes over the text.
@@ -751,15 +755,21 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
     """Train the visual encoder and its classifier head on labels alone; restore the epoch with
     the best val AUC. A CNN trained from scratch learns to discriminate slowly when the LM loss
     dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features.
-    on_epoch(epoch, val_probabilities) sees every epoch's val probabilities of every head,
-    [n, labels] (grouped_cv keeps them as out-of-fold predictions). val_loader None: no evaluation, the last epoch is kept (a
+    on_epoch(epoch, val_probabilities, val_lung_shares) sees every epoch's val probabilities of
+    every head, [n, labels], and the share of each slice's Grad-CAM mass in its lungs, [n]
+    (grouped_cv keeps them as out-of-fold predictions). val_loader None: no evaluation, the last epoch is kept (a
     refit for an epoch count chosen elsewhere)."""
     import copy
 
     from sklearn.metrics import roc_auc_score
     from transformers import get_cosine_schedule_with_warmup
 
+    from .lung_focus import lung_focus_loss, lung_shares, tensor_lung_masks
+
     enc, t = model.encoder, _target_index(model)
+    pre = model.config.preprocess
+    if cfg.lung_focus and enc.n_members > 1:
+        raise ValueError("lung_focus needs a single encoder (members 1)")
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg.encoder_warmup_lr,
                             weight_decay=cfg.weight_decay)
     total = cfg.encoder_warmup_epochs * len(train_loader)
@@ -777,6 +787,10 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             with accelerator.autocast() if pix.is_cuda else contextlib.nullcontext():
                 out = enc(pix)  # fp32 on the CPU: cpu_bf16 is for the LLM's steps
             loss = model.encoder_loss(out, labels)
+            if cfg.lung_focus:
+                masks, valid = tensor_lung_masks(pix, pre.mean, pre.std)
+                loss = loss + cfg.lung_focus * lung_focus_loss(
+                    out.feature_map, enc.classifier[-1].weight[t], masks, valid)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(enc.parameters(), cfg.grad_clip or 1e9)
             opt.step()
@@ -790,8 +804,11 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
             every, y = encoder_probabilities(enc, ((pix, lab) for pix, _r, lab in val_loader), t,
                                              accelerator.device, every_label=True)
             p = every[:, t]
+            shares = lung_shares(enc, (pix for pix, _r, _l in val_loader), t, pre.mean, pre.std)
+            row["val_lung_share_positive"] = float(np.nanmean(shares[y == 1])) \
+                if np.isfinite(shares[y == 1]).any() else None
             if on_epoch is not None:
-                on_epoch(epoch + 1, every)
+                on_epoch(epoch + 1, every, shares)
             keep = ~np.isnan(y)
             row["val_auc"] = auc = float(roc_auc_score(y[keep].astype(int), p[keep]))
             if auc > best:

@@ -354,3 +354,23 @@ def save_tiny_versions(root, versions=(("1.0.0", 0), ("2.0.0", 1))):
         m.config.version = version
         m.save_pretrained(root / f"tiny-{version}")
     return root
+
+
+def lung_phantom(size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """CT-like slice: tissue ellipse on black air, two dark lungs with bright vessel dots, a
+    bright spine; returns (uint8 image, true lung mask)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(float)
+
+    def ellipse(cx, cy, ax, ay):
+        return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 < 1
+
+    img = np.zeros((size, size))
+    img[ellipse(128, 128, 115, 90)] = 170
+    lungs = ellipse(78, 120, 40, 62) | ellipse(178, 120, 40, 62)
+    img[lungs] = 40
+    img[ellipse(128, 190, 14, 14)] = 250  # spine
+    for y, x in np.argwhere(lungs)[rng.choice(int(lungs.sum()), 25, replace=False)]:
+        img[ellipse(x, y, 2, 2) & lungs] = 200  # vessels
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), lungs

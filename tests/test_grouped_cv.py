@@ -89,6 +89,8 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
     assert all(v[e][0] == pytest.approx(out["out_of_fold"][i][e], abs=1e-3)
                for i, v in out["out_of_fold_labels"].items() for e in range(2))
     assert sum(f["n_held"] for f in out["folds"]) == 18
+    # the held-out share of each epoch's Grad-CAM mass in the lungs (lung_focus.lung_shares)
+    assert all(0 <= r["lung_share"] <= 1 for r in out["epochs"])
     from mrg_core.data.covctr import load_covctr
 
     splits = load_covctr(data)
@@ -231,7 +233,7 @@ def test_fold_probabilities_are_the_held_out_slices_own(tmp_path):
     splits = load_covctr(data)
     train, held = splits["train"], splits["val"]
     cache, jpeg = _caches(cfg, train + held)
-    probs, every, _ = fold_probabilities(cfg, train, held, cache, jpeg, keep=tmp_path / "enc")
+    probs, every, shares, _ = fold_probabilities(cfg, train, held, cache, jpeg, keep=tmp_path / "enc")
     assert probs.shape == (1, len(held)) and every.shape[:2] == (1, len(held))
     model = tiny_model()
     init_encoder(model, tmp_path / "enc")

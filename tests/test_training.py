@@ -346,7 +346,7 @@ def test_warmup_scores_epochs_by_the_decision_head(tmp_path):
         ExampleDataset(exs, cache, mcfg.labels), batch_size=4, collate_fn=collate)
     seen = []
     rows = warmup_encoder(model, load(splits["train"]), load(splits["val"]), cfg,
-                          make_accelerator(cfg, "cpu"), on_epoch=lambda e, p: seen.append(p))
+                          make_accelerator(cfg, "cpu"), on_epoch=lambda e, p, s: seen.append(p))
     y = np.array([ex.label for ex in splits["val"]])
     assert [p.shape for p in seen] == [(len(y), 3)] * 2
     for row, p in zip(rows, seen):

@@ -32,6 +32,7 @@ class EncoderOutput:
     logits: torch.Tensor  # [B, n_labels]; an ensemble's classifier logits are the members' mean
     view_weights: torch.Tensor  # [B, V] fusion weights
     member_logits: torch.Tensor | None = None  # [B, K, n_classifier_labels] for K > 1 members
+    feature_map: torch.Tensor | None = None  # [B*V, C, h, w] the (first member's) Grad-CAM layer
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -149,4 +150,4 @@ class VisualEncoder(nn.Module):
             logits = members.mean(1)
         if self.token_classifier is not None:
             logits = torch.cat([logits, self.token_classifier(toks.detach().flatten(1))], dim=1)
-        return EncoderOutput(glob, toks, logits, w, members)
+        return EncoderOutput(glob, toks, logits, w, members, fmap)
