@@ -123,8 +123,11 @@ def test_each_sentence_of_the_draft_shows_its_own_map(browser, tmp_path, artifac
         assert labels[0].startswith("None")
         assert all("peak" in x and "in the lungs" in x for x in labels[1:])
         cam = page.locator("#viewer img").first.get_attribute("src")
-        # the sentence that names a finding and where it is
-        finding = next(i for i, x in enumerate(labels) if "lobe of the" in x)
+        # a sentence about the lungs (what the draft says depends on the shipped model: 2.1.0's
+        # fp32 draft of this phantom names no lobe)
+        finding = next((i for i, x in enumerate(labels[1:], 1)
+                        if "lung" in x.split("(peak")[0]), None)
+        assert finding is not None, "\n".join(labels)
         options.nth(finding).click()
         page.wait_for_function("src => document.querySelector('#viewer img').src !== src", arg=cam,
                                timeout=WAIT_MS)
