@@ -64,8 +64,8 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
     """Warm up a fresh encoder on `train` with the config's recipe; the held-out probabilities
     after every epoch: the decision's, [epochs, len(held)], and every label's (decision, findings,
     lobes), [epochs, len(held), labels]; the share of each held-out slice's Grad-CAM mass in its
-    lungs, [epochs, len(held)] (NaN without a lung mask); seconds (nothing held out: the last epoch is kept, no
-    probabilities). keep: write the encoder there (model.safetensors with encoder.* tensors,
+    lungs, [epochs, len(held)] (NaN without a lung mask); the seconds taken (nothing held out:
+    the last epoch is kept, no probabilities). keep: write the encoder there (model.safetensors with encoder.* tensors,
     what init_encoder_from reads)."""
     from accelerate.utils import set_seed
 

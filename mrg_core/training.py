@@ -757,8 +757,8 @@ def warmup_encoder(model, train_loader, val_loader, cfg: TrainConfig, accelerato
     dominates the gradient, and every later part (prompts, Grad-CAM) builds on these features.
     on_epoch(epoch, val_probabilities, val_lung_shares) sees every epoch's val probabilities of
     every head, [n, labels], and the share of each slice's Grad-CAM mass in its lungs, [n]
-    (grouped_cv keeps them as out-of-fold predictions). val_loader None: no evaluation, the last epoch is kept (a
-    refit for an epoch count chosen elsewhere)."""
+    (grouped_cv keeps them as out-of-fold predictions). val_loader None: no evaluation, the last
+    epoch is kept (a refit for an epoch count chosen elsewhere)."""
     import copy
 
     from sklearn.metrics import roc_auc_score
