@@ -69,7 +69,7 @@ def lung_shares(encoder, batches, target: int, mean: float, std: float) -> np.nd
     weight = encoder.classifier[-1].weight[target]
     out = []
     for pix in batches:
-        fmap = encoder.spatial(encoder._map(pix.flatten(0, 1)))
+        fmap = encoder(pix).feature_map
         masks, valid = tensor_lung_masks(pix, mean, std)
         cam = class_activation_map(fmap, weight)
         share = 1 - outside_share(cam, masks)

@@ -243,3 +243,9 @@ def test_fold_probabilities_are_the_held_out_slices_own(tmp_path):
         again = torch.sigmoid(model.encoder(x).logits.float()).numpy()
     np.testing.assert_allclose(every[0], again, atol=1e-5)
     np.testing.assert_allclose(probs[0], again[:, 0], atol=1e-5)
+    # and the held-out lung shares are those slices' own Grad-CAM shares
+    from mrg_core.lung_focus import lung_shares
+
+    pre = model.config.preprocess
+    np.testing.assert_allclose(shares[0], lung_shares(model.encoder, [x], 0, pre.mean, pre.std),
+                               atol=1e-5)
