@@ -26,6 +26,7 @@ import torch
 
 from .data import Example
 from .data.images import file_format
+from .operating_point import RULES, choose_threshold, threshold_spread
 
 _PAPER_PAGE = re.compile(r"-p\d+(?:-|$)")
 
@@ -115,14 +116,13 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
 
 
 def summarise(probs: np.ndarray, y: np.ndarray, formats: list[str],
-              threshold: float | None = None) -> dict:
-    """AUC, and accuracy / sensitivity / specificity at the threshold (Youden's J on these
-    probabilities when None), overall and by file format."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+              threshold: float | None = None, rule: str = "youden") -> dict:
+    """AUC, and accuracy / sensitivity / specificity at the threshold (`rule`'s operating point
+    on these probabilities when None), overall and by file format."""
+    from sklearn.metrics import roc_auc_score
 
     if threshold is None:
-        fpr, tpr, thr = roc_curve(y, probs)
-        threshold = float(min(max(thr[int(np.argmax(tpr - fpr))], 1e-4), 1 - 1e-4))
+        threshold = choose_threshold(probs, y, rule)
     pred = probs >= threshold
 
     def part(mask) -> dict:
@@ -163,7 +163,8 @@ def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
                    device: str = "cpu", log=print) -> dict:
     """Out-of-fold probabilities per epoch for the pooled examples, and a summary per epoch
     count. The chosen epoch count is the one with the best out-of-fold AUC; its threshold is
-    Youden's J on all out-of-fold probabilities at that epoch."""
+    the recipe's operating point (cfg.operating_point) on all out-of-fold probabilities at
+    that epoch."""
     cache, jpeg_cache = _caches(cfg, examples)
     y = np.array([ex.label for ex in examples])
     formats = [file_format(ex.image_paths[0]) for ex in examples]
@@ -183,12 +184,12 @@ def cross_validate(cfg, examples: list[Example], k: int = 5, seed: int = 0,
                       "held_groups": len({source_group(examples[j].id) for j in held}),
                       "seconds": round(secs, 1)})
         log(f"fold {i + 1}/{k}: {len(held)} held out, {secs:.0f} s")
-    epochs = [{"epoch": e + 1, **summarise(oof[e], y, formats),
+    epochs = [{"epoch": e + 1, **summarise(oof[e], y, formats, rule=cfg.operating_point),
                "lung_share_positive": _nanmean(oof_lung[e][y == 1]),
                "lung_share": _nanmean(oof_lung[e])} for e in range(len(oof))]
     best = max(epochs, key=lambda r: r["all"]["auc"])
     return {"folds": folds, "epochs": epochs, "chosen_epoch": best["epoch"],
-            "threshold": best["threshold"],
+            "threshold": best["threshold"], "operating_point": cfg.operating_point,
             "out_of_fold": {ex.id: [round(float(p), 5) for p in oof[:, j]]
                             for j, ex in enumerate(examples)},
             # every label's head (findings, lobes) per epoch: finding thresholds fitted out of
@@ -204,10 +205,11 @@ FINDING_MAX_RATE = 1.0
 
 
 def apply_operating_point(folder: str | Path, cv: dict, epoch: int, pooled: list[Example],
-                          val: list[Example], by_decision: bool = True) -> dict:
-    """Give a saved model the decision threshold (Youden's J) and the Platt scaling fitted on
-    the out-of-fold probabilities of `epoch` (its own warm-up epoch, same recipe) instead of
-    val's: 540 slices from every source in place of 72 with 9 JPEGs. The finding thresholds
+                          val: list[Example], by_decision: bool = True,
+                          rule: str | None = None) -> dict:
+    """Give a saved model the decision threshold (`rule`'s operating point; None: the one cv.json
+    holds for that epoch) and the Platt scaling fitted on the out-of-fold probabilities of
+    `epoch` (its own warm-up epoch, same recipe) instead of val's: 540 slices from every source in place of 72 with 9 JPEGs. The finding thresholds
     (shared, and for a negative decision) come from the out-of-fold finding heads too when cv
     has them: val's are in-sample for an encoder refitted on train + val, and thresholds fitted
     there state findings on most unseen slices. Those are F0.5-optimal and state no finding
@@ -226,7 +228,8 @@ def apply_operating_point(folder: str | Path, cv: dict, epoch: int, pooled: list
     probs = np.array([oof[i][epoch - 1] for i in ids])
     y = np.array([by_id[i].label for i in ids], dtype=float)
     model = ReportModel.from_pretrained(folder)
-    model.config.threshold = float(row["threshold"])
+    model.config.threshold = float(row["threshold"]) if rule is None else \
+        choose_threshold(probs, y, rule)
     model.config.calibration = platt_scaling(probs, y)
     source = None
     if model.finding_names and cv.get("out_of_fold_labels"):
@@ -245,7 +248,8 @@ def apply_operating_point(folder: str | Path, cv: dict, epoch: int, pooled: list
     card = (folder / "README.md").read_text(encoding="utf-8") \
         if (folder / "README.md").is_file() else None
     model.save_pretrained(folder, card=card)
-    return {"threshold": model.config.threshold, "calibration": model.config.calibration,
+    return {"threshold": model.config.threshold, "rule": rule or cv.get("operating_point"),
+            "calibration": model.config.calibration,
             "epoch": epoch, "out_of_fold": row, "finding_thresholds_from": source,
             "label_thresholds": model.config.label_thresholds,
             "negative_label_thresholds": model.config.negative_label_thresholds}
@@ -295,25 +299,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epoch {r['epoch']}: AUC {r['all']['auc']:.4f} acc {r['all']['accuracy']:.3f} "
               f"at {r['threshold']:.3f}  {parts}{lung}")
     print(f"chosen: epoch {result['chosen_epoch']}, threshold {result['threshold']:.4f}")
+    epoch = a.epoch or result["chosen_epoch"]
+    y = np.array([ex.label for ex in pooled], dtype=float)
+    oof = np.array([result["out_of_fold"][ex.id][epoch - 1] for ex in pooled])
+    groups = [source_group(ex.id) for ex in pooled]
+    for rule in RULES:  # how steady each rule's threshold is (the recipe's is used)
+        spread = threshold_spread(oof, y, groups, rule)
+        print(f"epoch {epoch}, {rule}: threshold {choose_threshold(oof, y, rule):.4f}; over "
+              f"{spread['resamples']} resamples of sources: median {spread['p50']:.3f}, "
+              f"quartiles {spread['p25']:.3f}-{spread['p75']:.3f}, "
+              f"10-90 % {spread['p10']:.3f}-{spread['p90']:.3f}")
     if a.refit_to:
         from .training import platt_scaling
 
-        epoch = a.epoch or result["chosen_epoch"]
         cfg.encoder_warmup_epochs = epoch
         cache, jpeg_cache = _caches(cfg, pooled)
         fold_probabilities(cfg, pooled, [], cache, jpeg_cache, a.device, keep=a.refit_to)
         row = next(r for r in result["epochs"] if r["epoch"] == epoch)
-        y = np.array([ex.label for ex in pooled], dtype=float)
-        oof = np.array([result["out_of_fold"][ex.id][epoch - 1] for ex in pooled])
-        point = {"epochs": epoch, "threshold": row["threshold"],
+        point = {"epochs": epoch, "threshold": choose_threshold(oof, y, cfg.operating_point),
+                 "operating_point": cfg.operating_point,
                  "calibration": platt_scaling(oof, y), "out_of_fold": row,
                  "trained_on": "train + val", "config": a.config}
         Path(a.refit_to, "operating_point.json").write_text(json.dumps(point, indent=1))
         print(f"refit encoder ({epoch} epochs, train + val) in {a.refit_to}")
     if a.apply_to:
-        epoch = a.epoch or result["chosen_epoch"]
-        done = apply_operating_point(a.apply_to, result, epoch, pooled, splits["val"])
-        print(f"{a.apply_to}: threshold {done['threshold']:.4f}, calibration "
+        done = apply_operating_point(a.apply_to, result, epoch, pooled, splits["val"],
+                                     rule=cfg.operating_point)
+        print(f"{a.apply_to}: threshold {done['threshold']:.4f} ({cfg.operating_point}), "
+              f"calibration "
               f"{done['calibration']} (out-of-fold, epoch {epoch}); finding thresholds from "
               f"{done['finding_thresholds_from']}")
     return 0

@@ -115,8 +115,12 @@ class TrainConfig:
     # A saved model folder whose encoder (and classifier head) initialises this run's encoder,
     # instead of the warm-up: reuse one warmed-up encoder across report-phase experiments.
     init_encoder_from: str | None = None
-    # Pick the decision threshold on val (Youden's J) and store it in the saved model's config.
+    # Pick the decision threshold on val and store it in the saved model's config.
     calibrate_threshold: bool = False
+    # How the threshold is picked, on val or out of fold (mrg_core/operating_point.py):
+    # "youden" (best sensitivity + specificity) or "equal_error" (where they cross: steadier
+    # when Youden's J is flat).
+    operating_point: str = "youden"
     # Finding thresholds maximise F-beta on val: beta < 1 weighs precision more, so a draft
     # states fewer findings the image model is unsure of (a wrongly stated finding is written as
     # fact; a missed one the radiologist adds).
@@ -145,6 +149,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         d = dict(d)
+        from .operating_point import RULES
+
+        if d.get("operating_point", "youden") not in RULES:  # before hours of training
+            raise ValueError(f"operating_point {d['operating_point']!r}: expected one of "
+                             f"{', '.join(RULES)}")
         d["data"] = DataConfig(**d.get("data", {}))
         d["lm_pretrain"] = LMPretrainConfig(**d.get("lm_pretrain", {}))
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -658,7 +667,8 @@ def train(cfg: TrainConfig, resume: bool = False, device: str = "auto") -> dict:
         history["threshold"] = calibrate_threshold(out / "best", val_ex, cache,
                                                    accelerator.device,
                                                    cfg.finding_threshold_beta,
-                                                   cfg.finding_thresholds_by_decision)
+                                                   cfg.finding_thresholds_by_decision,
+                                                   rule=cfg.operating_point)
         accelerator.print(f"val-selected threshold: {history['threshold']}")
     history["seconds_this_run"] = round(time.time() - t0, 1)
     if main:
@@ -853,14 +863,14 @@ def platt_scaling(probs: np.ndarray, y: np.ndarray) -> list[float] | None:
 
 @torch.no_grad()
 def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, device,
-                        finding_beta: float = 1.0, by_decision: bool = False) -> dict:
-    """Set the saved model's threshold to the val point with the best Youden's J
-    (sensitivity + specificity - 1): a from-scratch classifier's probabilities are seldom
-    centred on 0.5. Also fit the Platt scaling of the probability shown to users. Val only:
-    test never chooses anything."""
-    from sklearn.metrics import roc_curve
-
+                        finding_beta: float = 1.0, by_decision: bool = False,
+                        rule: str = "youden") -> dict:
+    """Set the saved model's threshold to val's operating point (`rule`, see
+    operating_point.py): a from-scratch classifier's probabilities are seldom centred on 0.5.
+    Also fit the Platt scaling of the probability shown to users. Val only: test never chooses
+    anything."""
     from .models import ReportModel
+    from .operating_point import choose_threshold
 
     model = ReportModel.from_pretrained(folder, device=device)
     keep = [ex for ex in val_ex if ex.label in (0, 1)]
@@ -868,9 +878,7 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
                 torch.tensor([float(ex.label) for ex in keep[i:i + 32]]))
                for i in range(0, len(keep), 32))
     probs, y = encoder_probabilities(model.encoder, batches, _target_index(model), model.device)
-    fpr, tpr, thr = roc_curve(y.astype(int), probs)
-    best = int(np.argmax(tpr - fpr))
-    threshold = float(min(max(thr[best], 1e-4), 1 - 1e-4))
+    threshold = choose_threshold(probs, y, rule)
     # not rounded: near-duplicate slices can sit 1e-5 apart on either side of the threshold
     model.config.threshold = threshold
     model.config.calibration = platt_scaling(probs, y)
@@ -881,8 +889,9 @@ def calibrate_threshold(folder: Path, val_ex: list[Example], cache: ImageCache, 
         else None
     model.save_pretrained(folder, card=card)
     return {"threshold": model.config.threshold, "calibration": model.config.calibration,
-            "val_sensitivity": float(tpr[best]),
-            "val_specificity": float(1 - fpr[best]),
+            "rule": rule,
+            "val_sensitivity": float((probs[y == 1] >= threshold).mean()),
+            "val_specificity": float((probs[y == 0] < threshold).mean()),
             "finding_thresholds": model.config.label_thresholds,
             "negative_finding_thresholds": model.config.negative_label_thresholds}
 

@@ -80,7 +80,7 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
     assert main(["--config", str(tmp_path / "cfg.json"), "--folds", "3",
                  "--out", str(tmp_path / "cv")]) == 0
     out = json.loads((tmp_path / "cv" / "cv.json").read_text())
-    assert len(out["out_of_fold"]) == 18
+    assert len(out["out_of_fold"]) == 18 and out["operating_point"] == "youden"
     assert all(len(v) == 2 and all(0 <= p <= 1 for p in v) for v in out["out_of_fold"].values())
     # every label head's out-of-fold probabilities too: [epoch][label] per example
     assert set(out["out_of_fold_labels"]) == set(out["out_of_fold"])
@@ -126,7 +126,8 @@ def test_cli_cross_validates_a_tiny_recipe(tmp_path):
     assert main(["--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "cv"),
                  "--refit-to", str(tmp_path / "enc"), "--epoch", "2"]) == 0
     point = json.loads((tmp_path / "enc" / "operating_point.json").read_text())
-    assert point["epochs"] == 2 and point["threshold"] == out["epochs"][1]["threshold"]
+    assert point["epochs"] == 2 and point["operating_point"] == "youden"
+    assert point["threshold"] == pytest.approx(out["epochs"][1]["threshold"], abs=1e-4)
     assert point["calibration"] == platt_scaling(epoch2, y.astype(float))
     fresh = tiny_model()
     before = {k: v.clone() for k, v in fresh.encoder.state_dict().items()}
@@ -194,6 +195,35 @@ def test_apply_operating_point_fits_finding_thresholds_out_of_fold(tmp_path):
     del cv["out_of_fold_labels"]
     assert apply_operating_point(tmp_path / "model", cv, 1, pooled,
                                  splits["val"])["finding_thresholds_from"] == "val"
+
+
+def test_apply_operating_point_takes_the_recipes_rule(tmp_path):
+    """rule="equal_error" (TrainConfig.operating_point): the threshold where out-of-fold
+    sensitivity and specificity cross, not Youden's; None keeps cv.json's own threshold."""
+    from mrg_core.grouped_cv import apply_operating_point
+    from mrg_core.models import ReportModel
+    from mrg_core.operating_point import choose_threshold
+
+    splits, pooled = _glass_model(tmp_path, {"train": 12, "val": 6, "test": 2})
+    cv = _cv_with_glass(pooled, {})
+    cv["epochs"][0]["threshold"] = 0.33
+    kinds = {1: [0.4, 0.5, 0.7, 0.9], 0: [0.1, 0.2, 0.3, 0.6]}  # overlapping classes
+    seen = {0: 0, 1: 0}
+    for ex in pooled:
+        cv["out_of_fold"][ex.id] = [kinds[ex.label][seen[ex.label] % 4]]
+        seen[ex.label] += 1
+    probs = np.array([cv["out_of_fold"][ex.id][0] for ex in pooled])
+    y = np.array([ex.label for ex in pooled])
+    want = {r: choose_threshold(probs, y, r) for r in ("youden", "equal_error")}
+    assert want["youden"] != want["equal_error"]
+    for rule in ("youden", "equal_error"):
+        done = apply_operating_point(tmp_path / "model", cv, 1, pooled, splits["val"],
+                                     rule=rule)
+        assert done["rule"] == rule
+        assert ReportModel.from_pretrained(tmp_path / "model").config.threshold == \
+            pytest.approx(want[rule])
+    apply_operating_point(tmp_path / "model", cv, 1, pooled, splits["val"])
+    assert ReportModel.from_pretrained(tmp_path / "model").config.threshold == 0.33
 
 
 def test_out_of_fold_finding_thresholds_weigh_precision(tmp_path):
