@@ -374,3 +374,27 @@ def lung_phantom(size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray
         img[ellipse(x, y, 2, 2) & lungs] = 200  # vessels
     img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), lungs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(demo, **kwargs) -> None:
+    """demo.queue().launch on a free port of 127.0.0.1 without blocking (demo.local_url says
+    where). Gradio gives up when its own check of the local URL (one HEAD request, 3 s timeout)
+    is slow on a loaded machine: the half-started server is closed (so it does not hold this
+    process's file folders) and started once more, on another port."""
+    for attempt in (1, 2):
+        try:
+            demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                                server_port=free_port(), **kwargs)
+            return
+        except ValueError as exc:
+            demo.close()
+            if attempt == 2 or "localhost is not accessible" not in str(exc):
+                raise

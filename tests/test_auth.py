@@ -3,7 +3,6 @@ refusal, Gradio's login route on a real server, one size limit for upload and lo
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from mrg_core.engine import Engine
 from mrg_core.io import load_study
 from mrg_core.storage import Store
 from ui import handlers as h
+from tests.factories import launch_local
 from ui.state import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,12 +143,6 @@ def test_app_refuses_a_plain_text_auth_file_at_start(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def signed_in_app(tmp_path):
     """The page served as app.py serves it, with an auth file of one user."""
@@ -160,10 +154,8 @@ def signed_in_app(tmp_path):
     engine = Engine(None, Store(f"sqlite:///{tmp_path}/r.db"),
                     app_module().load_limits(3))
     demo = build_app(engine, auth=check)
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1",
-                        server_port=_free_port(), quiet=True, auth=check,
-                        **launch_kwargs(engine))
     try:
+        launch_local(demo, auth=check, **launch_kwargs(engine))
         yield demo, engine, check
     finally:
         demo.close()

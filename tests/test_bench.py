@@ -1,11 +1,11 @@
 """The benchmark scripts run end to end on a tiny model (their figures are not checked here)."""
 import json
-import socket
 
 import pytest
 
 from mrg_core.models import tiny_model
 from mrg_core.paths import SAMPLES_DIR
+from tests.factories import launch_local
 
 
 @pytest.fixture(autouse=True)
@@ -60,12 +60,8 @@ def test_app_load_clients_drive_the_page(model_dir, tmp_path):
     engine = Engine.from_settings(EngineSettings(model_dir=model_dir,
                                                  database_url=f"sqlite:///{tmp_path}/b.db"))
     demo = build_app(engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port,
-                        quiet=True, **launch_kwargs(engine))
     try:
+        launch_local(demo, **launch_kwargs(engine))
         sample = str(SAMPLES_DIR / "ct_phantom_covid.dcm")
         for user in (one_user, one_user_raw):
             out, errors = [], []

@@ -87,8 +87,10 @@ def _file(path: Path, data: bytes = b"x", age_s: float = 0.0) -> str:
 
 @pytest.fixture
 def private(monkeypatch, tmp_path):
-    """A fresh registry of private folders, the upload folder in tmp_path."""
+    """A fresh registry of private folders and of running servers (one another test left
+    running must not keep these folders), the upload folder in tmp_path."""
     monkeypatch.setattr(fa, "_PRIVATE_DIRS", {})
+    monkeypatch.setattr(fa, "_LIVE", set())
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "up"))
     return tmp_path / "up"
 
