@@ -66,8 +66,8 @@ def fold_probabilities(cfg, train: list[Example], held: list[Example], cache, jp
     after every epoch: the decision's, [epochs, len(held)], and every label's (decision, findings,
     lobes), [epochs, len(held), labels]; the share of each held-out slice's Grad-CAM mass in its
     lungs, [epochs, len(held)] (NaN without a lung mask); the seconds taken (nothing held out:
-    the last epoch is kept, no probabilities). keep: write the encoder there (model.safetensors with encoder.* tensors,
-    what init_encoder_from reads)."""
+    the last epoch is kept, no probabilities). keep: write the encoder there (model.safetensors
+    with encoder.* tensors, what init_encoder_from reads)."""
     from accelerate.utils import set_seed
 
     from .models import ReportModel, ReportModelConfig
@@ -209,13 +209,14 @@ def apply_operating_point(folder: str | Path, cv: dict, epoch: int, pooled: list
                           rule: str | None = None) -> dict:
     """Give a saved model the decision threshold (`rule`'s operating point; None: the one cv.json
     holds for that epoch) and the Platt scaling fitted on the out-of-fold probabilities of
-    `epoch` (its own warm-up epoch, same recipe) instead of val's: 540 slices from every source in place of 72 with 9 JPEGs. The finding thresholds
-    (shared, and for a negative decision) come from the out-of-fold finding heads too when cv
-    has them: val's are in-sample for an encoder refitted on train + val, and thresholds fitted
-    there state findings on most unseen slices. Those are F0.5-optimal and state no finding
-    more often than it occurs (FINDING_BETA, FINDING_MAX_RATE): F1 on the weak out-of-fold heads
-    stated "patchy shadow" in 99 % of studies and "cavity" (5 % of reports) in 43 %. Older
-    cv.json files: refitted on val, as the training recipe does."""
+    `epoch` (its own warm-up epoch, same recipe) instead of val's: 540 slices from every source
+    in place of 72 with 9 JPEGs. The finding thresholds (shared, and for a negative decision)
+    come from the out-of-fold finding heads too when cv has them: val's are in-sample for an
+    encoder refitted on train + val, and thresholds fitted there state findings on most unseen
+    slices. Those are F0.5-optimal and state no finding more often than it occurs
+    (FINDING_BETA, FINDING_MAX_RATE): F1 on the weak out-of-fold heads stated "patchy shadow" in
+    99 % of studies and "cavity" (5 % of reports) in 43 %. Older cv.json files: refitted on
+    val, as the training recipe does."""
     from .data import ImageCache
     from .models import ReportModel
     from .training import finding_thresholds, finding_thresholds_from, platt_scaling
