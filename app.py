@@ -126,6 +126,12 @@ def warm_up(engine) -> None:
     log = logging.getLogger("mrg_core.engine")
     try:
         log.info("warm-up took %.2f s", engine.warm_up())
+        from mrg_core.paths import SAMPLES_DIR
+
+        t0 = time.perf_counter()
+        n = engine.seed_drafts(sorted(SAMPLES_DIR.glob("*.dcm")))  # the bundled phantoms
+        log.info("%d sample drafts seeded the draft proposals in %.2f s", n,
+                 time.perf_counter() - t0)
     except Exception:  # a failed warm-up only means a slower first request
         log.exception("warm-up failed")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -28,8 +29,9 @@ from bench.common import emit, free_port  # noqa: E402
 
 
 def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: float = 300) -> dict:
-    """Seconds from spawning `python app.py` to the page's first HTTP 200, and to the log line
-    that says the warm-up finished."""
+    """Seconds from spawning `python app.py` to the page's first HTTP 200, to the log line
+    that says the warm-up finished, and to the one after it that says how many sample drafts
+    seeded the draft proposals (with that count)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
@@ -41,7 +43,7 @@ def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: floa
                                  "--model-dir", str(model_dir), "--db-url",
                                  f"sqlite:///{tmp}/startup.db"], cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-        page = warm = None
+        page = warm = seeded = None
         try:
             while time.perf_counter() - t0 < timeout_s and proc.poll() is None:
                 if page is None:
@@ -51,9 +53,13 @@ def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: floa
                     except OSError:
                         pass
                 log.seek(0)
-                if warm is None and "warm-up took" in log.read():
+                text = log.read()
+                if warm is None and "warm-up took" in text:
                     warm = time.perf_counter() - t0
-                if page is not None and warm is not None:
+                found = re.search(r"(\d+) sample drafts seeded", text)
+                if seeded is None and (found or "warm-up failed" in text):
+                    seeded = (time.perf_counter() - t0, int(found.group(1)) if found else 0)
+                if page is not None and warm is not None and seeded is not None:
                     break
                 time.sleep(0.05)
         finally:
@@ -62,7 +68,9 @@ def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: floa
             log.close()
     if page is None:
         raise RuntimeError("the app did not answer")
-    return {"page_s": round(page, 2), "warm_up_done_s": None if warm is None else round(warm, 2)}
+    return {"page_s": round(page, 2), "warm_up_done_s": None if warm is None else round(warm, 2),
+            "seeded_s": None if seeded is None else round(seeded[0], 2),
+            "seeded_drafts": None if seeded is None else seeded[1]}
 
 
 PHASES = r"""

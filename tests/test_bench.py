@@ -112,6 +112,8 @@ def test_startup_bench_times_the_page_and_the_phases(model_dir):
 
     start = time_to_page(model_dir)
     assert start["page_s"] > 0 and start["warm_up_done_s"] is not None
+    # then the bundled CT phantoms are drafted: the draft proposals start seeded
+    assert start["seeded_drafts"] >= 2 and start["seeded_s"] >= start["warm_up_done_s"]
     ph = phases(model_dir)
     assert {"import gradio", "model load + store", "warm-up (first analysis + draft)",
             "launch"} <= set(ph)

@@ -138,3 +138,31 @@ def test_the_shipped_model_ends_its_draft_where_it_would_without_proposals():
     model.draft_ngrams = DraftNgrams()
     model.draft_ngrams.learn(ref + [eos] + ref[:8])  # after its last words: the end, and more
     assert draft(model, sample, 4) == ref
+
+
+def test_sample_drafts_seed_the_proposals_before_the_first_user(tmp_path):
+    """Engine.seed_drafts (app.py's warm-up, on the bundled phantoms): each sample a model reads
+    is drafted through the users' path and its tokens become proposals, so the first user's
+    draft does not start from an empty table; a file that does not load is skipped."""
+    from mrg_core.engine import Engine
+    from mrg_core.paths import SAMPLES_DIR
+    from mrg_core.storage import Store
+
+    model = guided_llama()
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    engine = Engine(model, store)
+    (tmp_path / "broken.dcm").write_bytes(b"not a DICOM file")
+    samples = [SAMPLES_DIR / "ct_phantom_covid.dcm", tmp_path / "broken.dcm",
+               SAMPLES_DIR / "ct_phantom_normal.dcm"]
+    try:
+        study = engine.load([str(SAMPLES_DIR / "ct_phantom_normal.dcm")])
+        with torch.inference_mode():  # the sample's draft, by a copy (its table learns, not this)
+            made = list(copy.deepcopy(model)._report_tokens(study, GenerationSettings()))
+        n = model.draft_ngrams.n
+        assert model.draft_ngrams.propose(made[:n], 1) == []  # nothing learned yet
+        assert engine.seed_drafts(samples) == 2
+        # the last sample's draft: every run of n tokens proposes what followed it
+        assert len(made) > n + 1
+        assert model.draft_ngrams.propose(made[:n], 1) == made[n:n + 1]
+    finally:
+        store.close()
