@@ -1,18 +1,13 @@
 """Serving the real page in-process for browser tests (used by conftest and test files)."""
-import socket
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.factories import launch_local
 
 
 def serve_app(model_dir, db, extra_model_dirs=None, **build_kw):
-    """(demo, engine): the real page on a free loopback port, its model loaded from a folder.
-    `extra_model_dirs` given: studies are routed between the models as in the app, and one no
-    model reads is refused; None (the other tests' synthetic pictures): the one model reads
-    everything, under a warning when out of its domain.
+    """(demo, engine): the real page on a free loopback port, its model loaded from a folder
+    and warmed up as app.py does at start (the first study then pays no one-off import and
+    kernel costs on the test's clock). `extra_model_dirs` given: studies are routed between the
+    models as in the app, and one no model reads is refused; None (the other tests' synthetic
+    pictures): the one model reads everything, under a warning when out of its domain.
     build_kw go to ui.build_app (auth, model_roots, admin_open); the caller closes both."""
     from mrg_core.engine import Engine, EngineSettings
     from ui import build_app, launch_kwargs
@@ -21,8 +16,11 @@ def serve_app(model_dir, db, extra_model_dirs=None, **build_kw):
                                                  database_url=f"sqlite:///{db}",
                                                  extra_model_dirs=tuple(extra_model_dirs or ()),
                                                  route=extra_model_dirs is not None))
+    engine.warm_up()
     demo = build_app(engine, **build_kw)
-    demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1",
-                        server_port=_free_port(), quiet=True, auth=build_kw.get("auth"),
-                        **launch_kwargs(engine))
+    try:
+        launch_local(demo, auth=build_kw.get("auth"), **launch_kwargs(engine))
+    except BaseException:
+        engine.store.close()
+        raise
     return demo, engine

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from mrg_core.auth import load_auth
-from tests.e2e.serving import _free_port
+from tests.factories import free_port as _free_port
 from tests.e2e.test_browser import WAIT_MS, wait_text
 from ui.file_access import MiB, FilePolicy
 
