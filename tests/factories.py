@@ -13,6 +13,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
+from bench.common import free_port  # noqa: F401 - one helper for benches and tests
 from mrg_core.io.deid import BASIC_PROFILE
 from mrg_core.samples import CR_IMAGE_STORAGE, CT_IMAGE_STORAGE, new_dataset
 
@@ -374,14 +375,6 @@ def lung_phantom(size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray
         img[ellipse(x, y, 2, 2) & lungs] = 200  # vessels
     img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), lungs
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_local(demo, **kwargs) -> None:
