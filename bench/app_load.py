@@ -1,8 +1,10 @@
 """The running app under 1, 4 and 8 concurrent users, driven through gradio_client.
 
 Each user is one browser-like session: load a sample study → analysis (probability + Grad-CAM)
-→ Generate (streamed draft). Latency is measured per user from the load request to the last
-streamed piece; throughput is drafts per second of wall time.
+→ Generate (streamed draft). A round's users all have the page open (client connected) before
+any of them picks a study, as radiologists at their workstations do; latency is measured per
+user from the load request to the last streamed piece; throughput is drafts per second of wall
+time.
 
     python bench/app_load.py --model assets/model --users 1 4 8 --rounds 3 \
         --json bench/results/cpu_app.json
@@ -75,11 +77,19 @@ def _text(update) -> str:
     return update[0] if isinstance(update, (list, tuple)) else update
 
 
-def one_user(url: str, sample: str, out: list, errors: list) -> None:
+def _ready(start: threading.Barrier | None) -> None:
+    """Wait for the round's other users: every page is open before anyone picks a study."""
+    if start is not None:
+        start.wait(timeout=300)
+
+
+def one_user(url: str, sample: str, out: list, errors: list,
+             start: threading.Barrier | None = None) -> None:
     from gradio_client import Client
 
     try:
         client = Client(url, verbose=False)
+        _ready(start)
         t0 = time.perf_counter()
         client.predict(sample, api_name="/load_sample")
         client.predict(api_name="/analyze_sample")
@@ -101,9 +111,12 @@ def one_user(url: str, sample: str, out: list, errors: list) -> None:
                     "total_s": t_end - t0})
     except Exception as err:  # a benchmark reports failures rather than dying mid-run
         errors.append(repr(err))
+        if start is not None:
+            start.abort()  # the others must not wait for a user who is gone
 
 
-def one_user_raw(url: str, sample: str, out: list, errors: list) -> None:
+def one_user_raw(url: str, sample: str, out: list, errors: list,
+                 start: threading.Barrier | None = None) -> None:
     """What the page itself does, over Gradio's queue protocol (httpx, one keep-alive
     connection, messages read as they arrive): load the sample, then every event chained after
     it (view, analysis, view with overlay, history), then Generate."""
@@ -119,6 +132,7 @@ def one_user_raw(url: str, sample: str, out: list, errors: list) -> None:
             comps = {c["id"]: c for c in cfg["components"]}
             by_name = {d["api_name"]: d for d in deps.values() if d.get("api_name")}
             session = uuid.uuid4().hex[:12]
+            _ready(start)
 
             def page_values(dep: dict) -> list:  # what the page sends: widget values
                 return [None if comps[i]["type"] == "state" else
@@ -162,6 +176,8 @@ def one_user_raw(url: str, sample: str, out: list, errors: list) -> None:
                     "total_s": t_end - t0})
     except Exception as err:
         errors.append(repr(err))
+        if start is not None:
+            start.abort()
 
 
 CLIENTS = {"gradio": one_user, "raw": one_user_raw}
@@ -185,8 +201,10 @@ def bench_app(model_dir: Path, users=(1, 4, 8), rounds: int = 2, app_args=(),
                 lat, errors = [], []
                 t0 = time.perf_counter()
                 for _ in range(rounds):
+                    start = threading.Barrier(n)
                     threads = [threading.Thread(target=user, args=(url, ct[i % len(ct)], lat,
-                                                                   errors)) for i in range(n)]
+                                                                   errors, start))
+                               for i in range(n)]
                     for t in threads:
                         t.start()
                     for t in threads:
