@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, machine  # noqa: E402
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -192,7 +192,7 @@ def bench_app(model_dir: Path, users=(1, 4, 8), rounds: int = 2, app_args=(),
     ct = [s for s in samples if "ct_" in Path(s).name] or samples
     user = CLIENTS[client]
     results: dict = {"client": client, "app_args": list(app_args), "rounds": rounds,
-                     "load_average_at_start": os.getloadavg()[0]}
+                     "machine": machine(), "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_app(model_dir, f"sqlite:///{tmp}/bench.db", app_args, app)
         try:

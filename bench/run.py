@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import torch  # noqa: E402
 
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
+from bench.common import machine  # noqa: E402
 from mrg_core.io import load_study  # noqa: E402
 from mrg_core.engine import torch_threads  # noqa: E402
 from mrg_core.models import GenerationSettings, ReportModel  # noqa: E402
@@ -235,11 +235,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads(),
-                       "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                       else None,
-                       "load_average_at_start": _loadavg()}}
+    res = {"machine": machine()}
     if args.sweep:
         res["sweep"] = sweep(args.model, args.studies, settings, args.rounds,
                              tuple(args.precisions))

@@ -37,6 +37,11 @@ def test_run_quick_with_precision_and_threads(model_dir, tmp_path):
     assert res["precision"] == "int8" and res["decode_threads"] == 1
     assert res["tokens_per_s"] > 0 and 0 < res["bandwidth_fraction"]
     assert res["machine"]["load_average_at_start"] is not None
+    import torch  # the figures name the CPU they were measured on (hosts differ 3.5x)
+
+    m = res["machine"]
+    assert m["cpu"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(m["native_bf16"], bool)
 
 
 def test_run_sweep_compares_every_setting(model_dir, tmp_path):
