@@ -37,7 +37,10 @@ def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: floa
         env = os.environ | {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
                             "MRG_UPLOAD_DIR": f"{tmp}/uploads", **(env_extra or {})}
         env.pop("GRADIO_TEMP_DIR", None)
-        log = open(Path(tmp) / "app.log", "w+")
+        # appended by the app, read by name: a read/write handle would share its offset with
+        # the child, and a seek(0) here would send the app's next lines over the file's start
+        log_path = Path(tmp) / "app.log"
+        log = open(log_path, "ab")  # noqa: SIM115 (closed in finally)
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port),
                                  "--model-dir", str(model_dir), "--db-url",
@@ -52,8 +55,7 @@ def time_to_page(model_dir: Path, env_extra: dict | None = None, timeout_s: floa
                             page = time.perf_counter() - t0
                     except OSError:
                         pass
-                log.seek(0)
-                text = log.read()
+                text = log_path.read_text(encoding="utf-8", errors="replace")
                 if warm is None and "warm-up took" in text:
                     warm = time.perf_counter() - t0
                 found = re.search(r"(\d+) sample drafts seeded", text)

@@ -89,7 +89,8 @@ def test_app_serves_page(tmp_path):
     tiny_model(method="prompt", family="gpt2", seed=0).save_pretrained(model_dir)
     port = free_port()
     db = tmp_path / "app.db"
-    log = open(tmp_path / "app.log", "w+")
+    log_path = tmp_path / "app.log"  # appended by the app, read by name (see test_space_start)
+    log = open(log_path, "ab")  # noqa: SIM115 (closed in finally)
     uploads = tmp_path / "uploads"  # the app's own upload folder: emptied at start and stop
     (uploads / "h1").mkdir(parents=True)
     (uploads / "h1" / "previous_run.dcm").write_bytes(b"patient data")
@@ -109,8 +110,7 @@ def test_app_serves_page(tmp_path):
             except OSError:
                 time.sleep(0.5)
         for _ in range(40):  # the address line is printed just after the server answers
-            log.seek(0)
-            output = log.read()
+            output = log_path.read_text(encoding="utf-8", errors="replace")
             if "running on" in output or proc.poll() is not None:
                 break
             time.sleep(0.25)

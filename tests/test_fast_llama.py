@@ -364,7 +364,10 @@ def test_prompts_with_a_shared_beginning_compute_it_once(precision):
         quantize_linear_int8_weights(lm.model)
     dec = FastLlamaDecoder(lm, room=2)
     common, ends = torch.randn(1, 5, 64), [torch.randn(1, 3, 64), torch.randn(1, 1, 64)]
-    tol = 1e-5 if precision == "fp32" else 0.0
+    # int8-weights runs in bf16: the shared beginning's attention is a matmul of another shape,
+    # which an AVX2-only CPU (no native bf16) rounds differently, by one bf16 step (~1e-3 here;
+    # bit for bit on the earlier AVX-512 hosts). A wrong mask or position is off by far more.
+    tol = 1e-5 if precision == "fp32" else 2 ** -8
     with torch.inference_mode():
         logits, shared = dec.prefill_shared(common, ends)
         apart = [dec.prefill(torch.cat([common, e], 1)) for e in ends]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -57,11 +58,19 @@ def test_the_narrowed_environment_really_lacks_the_extras(space_env):
     assert r.returncode != 0 and "network disabled" in r.stderr
 
 
+def _text(log: Path) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")
+
+
 def test_app_starts_analyses_and_drafts_with_runtime_requirements_only(space_env):
     require(MODEL.is_dir(), "the shipped default model (assets/model) is absent")
     env, folder = space_env
     port = free_port()
-    log = open(folder / "app.log", "w+")
+    # The app appends (O_APPEND) to its own handle; the test reads the file by name. A shared
+    # read/write handle shares its offset with the child: the test's seek(0) once sent the app's
+    # next lines over the file's start, cutting a character in half (UnicodeDecodeError).
+    log_path = folder / "app.log"
+    log = open(log_path, "ab")  # noqa: SIM115 (closed in finally)
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--db-url",
                              f"sqlite:///{folder / 'space.db'}"],
                             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -73,8 +82,7 @@ def test_app_starts_analyses_and_drafts_with_runtime_requirements_only(space_env
                     body = r.read().decode("utf-8", "replace")
             except OSError:
                 time.sleep(0.5)
-        log.seek(0)
-        assert body is not None, f"the app did not answer; log:\n{log.read()[-3000:]}"
+        assert body is not None, f"the app did not answer; log:\n{_text(log_path)[-3000:]}"
         assert "ephemeral" in body.lower() or "lost" in body.lower()  # SPACE_ID, no /data
 
         from gradio_client import Client
@@ -86,8 +94,7 @@ def test_app_starts_analyses_and_drafts_with_runtime_requirements_only(space_env
                    for o in outputs), outputs
         draft = client.predict("", api_name="/generate")[0]
         assert len(str(draft).split()) >= 5, draft
-        log.seek(0)
-        output = log.read()
+        output = _text(log_path)
         assert "Traceback" not in output, output
     finally:
         proc.terminate()
