@@ -41,6 +41,7 @@ def default_host() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     from mrg_core.engine import EngineSettings
+    from mrg_core.paths import SERVING_PRECISION
 
     env = os.environ.get
     p = argparse.ArgumentParser(description="MRG Studio: chest study → probability, Grad-CAM "
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "limit (env MRG_MAX_UPLOAD_MB; default 256)")
     p.add_argument("--precision", choices=["fp32", "fp32-merged", "bf16", "int8", "int8-weights",
                                           "int4-weights"],
-                   default=(env("MRG_PRECISION") or "int8-weights").lower(),
+                   default=(env("MRG_PRECISION") or SERVING_PRECISION).lower(),
                    help="inference form of the report language model (env MRG_PRECISION; "
                         "default int8-weights: LoRA folded in, int8 weights with bf16 "
                         "activations, 2.6x faster drafts than fp32-merged and no worse on "

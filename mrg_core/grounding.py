@@ -23,6 +23,7 @@ model) has no grounding: `ground_sentences` says so instead of inventing maps.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -97,6 +98,34 @@ def _statement_ids(model, draft: str, spans) -> tuple[list[int], list[int]]:
     return ids[: model.config.max_report_tokens], owner[: model.config.max_report_tokens]
 
 
+@contextlib.contextmanager
+def _head_in_grad_dtype(lm):
+    """The LM's output layer computed in models.quantize.grad_dtype() while grounding runs, when
+    that differs from the layer's own dtype (a bf16 LM on a CPU without native bf16). The
+    49,152-token output layer's backward in bf16 took 21 s a statement on an AVX2-only CPU, in
+    float32 well under a second; elsewhere nothing changes. Only this call sees the swap: every
+    pass runs on the model thread, one after another, and the layer is put back before the next."""
+    from .models.quantize import grad_dtype
+
+    head = lm.get_output_embeddings()
+    dt = grad_dtype()
+    if head is None or head.weight.dtype == dt:
+        yield
+        return
+    weight = head.weight.detach().to(dt)  # per pass: ~0.05 s beside the pass itself
+    bias = None if head.bias is None else head.bias.detach().to(dt)
+
+    class Head(torch.nn.Module):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h.to(dt), weight, bias)
+
+    lm.set_output_embeddings(Head())
+    try:
+        yield
+    finally:
+        lm.set_output_embeddings(head)
+
+
 def ground_sentences(model, study, draft: str, decision: int | None = None,
                      lungs: bool = True, findings=None,
                      run=None) -> list[GroundedStatement]:
@@ -129,7 +158,8 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
         enc = model.encoder(px)
         prefix = model._visual_prefix(model._lm_features(enc, px))
         embeds = torch.cat([prefix, model._embed(seq).to(prefix.dtype)], dim=1)
-        logits = model.lm(inputs_embeds=embeds).logits[:, prefix.shape[1]:-1].float()
+        with _head_in_grad_dtype(model.lm):
+            logits = model.lm(inputs_embeds=embeds).logits[:, prefix.shape[1]:-1].float()
         # position t predicts token t + 1; the report's tokens start after the head
         logp = F.log_softmax(logits[:, len(head) - 1:], dim=-1)
         tok = logp.gather(-1, seq[:, len(head):, None])[..., 0]  # [1, T]

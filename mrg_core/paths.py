@@ -10,6 +10,9 @@ DEFAULT_MODEL_DIR = ASSETS_DIR / "model"
 # the chest radiograph model the engine routes radiographs to (issue 15)
 DEFAULT_CXR_MODEL_DIR = ASSETS_DIR / "cxr_model"
 SAMPLES_DIR = ASSETS_DIR / "samples"
+# the language model's inference form the app and the report CLI use unless told otherwise
+# (models/quantize.PRECISIONS; here, not there, so that --help needs no torch import)
+SERVING_PRECISION = "int8-weights"
 
 
 def data_dir() -> Path:

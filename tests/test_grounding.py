@@ -103,3 +103,31 @@ def test_each_sentence_peaks_on_its_own_finding_in_synthetic_studies():
     got = localisation(model, n=20)
     assert got["sentences"] == 40
     assert got["in_own_quadrant"] >= 0.75, got
+
+
+def test_without_native_bf16_grounding_runs_a_bf16_lms_output_layer_in_float32(monkeypatch):
+    """On a CPU without native bf16 (quantize.grad_dtype: float32) the output layer of an
+    int8-weights LM runs in float32 while a statement is grounded (its bf16 backward took 21 s a
+    statement on an AVX2 host), and is put back afterwards; the maps are those of the bf16
+    pass up to rounding."""
+    import mrg_core.models.quantize as quantize
+    from mrg_core.models import tiny_model
+    from mrg_core.models.quantize import apply_precision
+    from mrg_core.io import load_study
+
+    model = apply_precision(tiny_model(method="medvlm", family="llama", seed=1), "int8-weights")
+    study = load_study([SAMPLES_DIR / "ct_phantom_covid.dcm"])
+    draft = "Patchy shadow in the right lung. No pleural effusion."
+    head = model.lm.get_output_embeddings()
+    assert head.weight.dtype == torch.bfloat16
+    maps, dtypes = {}, []
+    model.lm.register_forward_hook(lambda m, a, out: dtypes.append(out.logits.dtype))
+    for dt in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(quantize, "grad_dtype", lambda dt=dt: dt)
+        dtypes.clear()
+        got = ground_sentences(model, study, draft, lungs=False)
+        assert set(dtypes) == {dt}  # every pass: the scores and each statement's map
+        assert model.lm.get_output_embeddings() is head  # put back
+        maps[dt] = np.stack([g.maps[0] for g in got])
+    a, b = maps[torch.bfloat16].ravel(), maps[torch.float32].ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.98

@@ -209,10 +209,16 @@ def test_torch_threads_restores():
     assert torch.get_num_threads() == before
 
 
-def test_int8_weight_linear_matches_its_dequantised_weights_and_has_a_gradient():
+@pytest.mark.parametrize("grad_dt", [torch.bfloat16, torch.float32])
+def test_int8_weight_linear_matches_its_dequantised_weights_and_has_a_gradient(grad_dt,
+                                                                               monkeypatch):
     """The weight-only kernel computes x (q · scale)ᵀ; with a gradient asked for (sentence
-    grounding through the LM) the same product runs as a plain matmul that autograd follows."""
+    grounding through the LM) the same product runs as a plain matmul that autograd follows,
+    in bf16 where the CPU has it natively and in float32 where not (quantize.grad_dtype)."""
+    import mrg_core.models.quantize as quantize
     from mrg_core.models.quantize import Int8WeightLinear
+
+    monkeypatch.setattr(quantize, "grad_dtype", lambda: grad_dt)
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 96)

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from mrg_core.paths import DEFAULT_MODEL_DIR
+from mrg_core.paths import DEFAULT_MODEL_DIR, SERVING_PRECISION
 
 # models.quantize.PRECISIONS, spelled here so that --help needs no torch import (a test checks
 # that the two agree)
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
                     help="torch CPU threads (env MRG_DECODE_THREADS; default auto: every "
                          "core, as in the app)")
     ap.add_argument("--precision", choices=PRECISIONS, type=str.lower,
-                    default=(os.environ.get("MRG_PRECISION") or "int8-weights").lower(),
+                    default=(os.environ.get("MRG_PRECISION") or SERVING_PRECISION).lower(),
                     help="inference form of the report language model (env MRG_PRECISION; "
                          "default int8-weights, as in the app; README, Speed)")
     args = ap.parse_args(argv)

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from mrg_core.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR
+from mrg_core.paths import DEFAULT_MODEL_DIR, SAMPLES_DIR, SERVING_PRECISION
 from tests.e2e.serving import serve_app
 from tests.e2e.test_browser import WAIT_MS, download_fhir, upload, wait_text
 
@@ -19,7 +19,7 @@ MINE = "Compare with the prior CT of May."
 @contextlib.contextmanager
 def ct_sample_page(browser, db, height: int = 1200):
     """(page, engine): the app with the shipped model, the CT sample loaded and analysed."""
-    demo, engine = serve_app(DEFAULT_MODEL_DIR, db)
+    demo, engine = serve_app(DEFAULT_MODEL_DIR, db, precision=SERVING_PRECISION)  # as the app
     page = browser.new_page(viewport={"width": 1400, "height": height})
     try:
         page.goto(demo.local_url)

@@ -4,7 +4,7 @@ probability means; a picture that is neither is refused."""
 import pytest
 
 from conftest import require
-from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, SAMPLES_DIR
+from mrg_core.paths import DEFAULT_CXR_MODEL_DIR, DEFAULT_MODEL_DIR, SAMPLES_DIR, SERVING_PRECISION
 from tests.e2e.serving import serve_app
 from tests.e2e.test_browser import WAIT_MS, upload, wait_text
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 def test_page_routes_radiographs_and_ct_to_their_models(browser, tmp_path, artifacts):
     require((DEFAULT_CXR_MODEL_DIR / "config.json").is_file(), "no shipped CXR model")
     demo, engine = serve_app(DEFAULT_MODEL_DIR, tmp_path / "r.db",
-                             extra_model_dirs=[DEFAULT_CXR_MODEL_DIR])
+                             extra_model_dirs=[DEFAULT_CXR_MODEL_DIR], precision=SERVING_PRECISION)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(demo.local_url)
