@@ -109,7 +109,7 @@ def _head_in_grad_dtype(lm):
 
     head = lm.get_output_embeddings()
     dt = grad_dtype()
-    if head is None or head.weight.dtype == dt:
+    if head is None or head.weight.dtype == dt or head.weight.device.type != "cpu":
         yield
         return
     weight = head.weight.detach().to(dt)  # per pass: ~0.05 s beside the pass itself
