@@ -98,32 +98,41 @@ def _statement_ids(model, draft: str, spans) -> tuple[list[int], list[int]]:
     return ids[: model.config.max_report_tokens], owner[: model.config.max_report_tokens]
 
 
-@contextlib.contextmanager
 def _head_in_grad_dtype(lm):
-    """The LM's output layer computed in models.quantize.grad_dtype() while grounding runs, when
-    that differs from the layer's own dtype (a bf16 LM on a CPU without native bf16). The
+    """The LM's output layer as a float copy in models.quantize.grad_dtype(), when that differs
+    from the layer's own dtype (a bf16 LM on a CPU without native bf16), else None. The
     49,152-token output layer's backward in bf16 took 21 s a statement on an AVX2-only CPU, in
-    float32 well under a second; elsewhere nothing changes. Only this call sees the swap: every
-    pass runs on the model thread, one after another, and the layer is put back before the next."""
+    float32 well under a second; elsewhere nothing changes. Made once per grounding."""
     from .models.quantize import grad_dtype
 
     head = lm.get_output_embeddings()
     dt = grad_dtype()
     if head is None or head.weight.dtype == dt or head.weight.device.type != "cpu":
-        yield
-        return
-    weight = head.weight.detach().to(dt)  # per pass: ~0.05 s beside the pass itself
+        return None
+    weight = head.weight.detach().to(dt)
     bias = None if head.bias is None else head.bias.detach().to(dt)
 
     class Head(torch.nn.Module):
         def forward(self, h: torch.Tensor) -> torch.Tensor:
             return F.linear(h.to(dt), weight, bias)
 
-    lm.set_output_embeddings(Head())
+    return Head()
+
+
+@contextlib.contextmanager
+def _output_layer(lm, head):
+    """`head` (None: the LM's own) as the LM's output layer inside the block. Only one pass sees
+    the swap: every pass runs on the model thread, one after another, and the layer is put
+    back before the next (another user's draft may run between two statements)."""
+    if head is None:
+        yield
+        return
+    own = lm.get_output_embeddings()
+    lm.set_output_embeddings(head)
     try:
         yield
     finally:
-        lm.set_output_embeddings(head)
+        lm.set_output_embeddings(own)
 
 
 def ground_sentences(model, study, draft: str, decision: int | None = None,
@@ -152,13 +161,14 @@ def ground_sentences(model, study, draft: str, decision: int | None = None,
     seq = torch.tensor([head + ids], device=model.device)
     owner_t = torch.tensor(owner, device=model.device)
     n = len(spans)
+    grad_head = _head_in_grad_dtype(model.lm)
 
     def statement_scores(px: torch.Tensor) -> torch.Tensor:
         """[1, n] log-likelihood of each statement's tokens (teacher-forced)."""
         enc = model.encoder(px)
         prefix = model._visual_prefix(model._lm_features(enc, px))
         embeds = torch.cat([prefix, model._embed(seq).to(prefix.dtype)], dim=1)
-        with _head_in_grad_dtype(model.lm):
+        with _output_layer(model.lm, grad_head):
             logits = model.lm(inputs_embeds=embeds).logits[:, prefix.shape[1]:-1].float()
         # position t predicts token t + 1; the report's tokens start after the head
         logp = F.log_softmax(logits[:, len(head) - 1:], dim=-1)

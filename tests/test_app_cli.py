@@ -47,11 +47,14 @@ def test_help():
 def test_flags_fall_back_to_environment(monkeypatch, tmp_path):
     app = load_app_module()
     for k in ("MRG_HOST", "MRG_PORT", "GRADIO_SERVER_PORT", "MRG_MODEL_DIR", "MRG_DB_URL",
-              "MRG_AUTH_FILE", "SPACE_ID"):
+              "MRG_AUTH_FILE", "SPACE_ID", "MRG_PRECISION"):
         monkeypatch.delenv(k, raising=False)
     a = app.parse_args([])
     assert (a.host, a.port, a.model_dir, a.auth_file) == ("127.0.0.1", 7860,
                                                           Path("assets/model"), None)
+    assert a.precision == "int8-weights"  # the app's serving form (as the report CLI's)
+    monkeypatch.setenv("MRG_PRECISION", "INT4-Weights")
+    assert app.parse_args([]).precision == "int4-weights"
     monkeypatch.setenv("SPACE_ID", "user/space")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7001")
     monkeypatch.setenv("MRG_DB_URL", "sqlite:///x.db")

@@ -258,3 +258,18 @@ def test_engine_decodes_in_bf16_where_int8_cannot_run(monkeypatch):
     monkeypatch.setattr(ReportModel, "device", property(lambda self: torch.device("cuda")))
     engine = Engine(tiny_model(method="medvlm", seed=0), None, precision="int8-weights")
     assert engine.draft_record("x", None, GenerationSettings()).settings["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("native,want", [(True, torch.bfloat16), (False, torch.float32)])
+def test_grad_dtype_follows_the_cpus_native_bf16(native, want, monkeypatch):
+    """Under gradient the weight-only layers compute in bf16 only where the CPU has it natively:
+    without it (an AVX2-only host) bf16 matmuls and their backward ran 13x slower."""
+    from mrg_core.models.quantize import grad_dtype
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    grad_dtype.cache_clear()
+    try:
+        assert grad_dtype() == want
+    finally:
+        monkeypatch.undo()
+        grad_dtype.cache_clear()  # the real host's answer for the other tests

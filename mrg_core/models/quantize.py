@@ -170,7 +170,8 @@ def grad_dtype() -> torch.dtype:
 
 
 def _grad_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """flat @ weight.T in grad_dtype(), returned as bfloat16 like the kernels' output."""
+    """flat @ weight.T in grad_dtype(), returned as bfloat16 like the kernels' output (an int8
+    weight times its bf16 scale is exact in float32, so its bf16 rounding is the one product's)."""
     dt = grad_dtype()
     return (flat.to(dt) @ weight.to(dt).t()).to(torch.bfloat16)
 
@@ -193,8 +194,7 @@ class Int8WeightLinear(nn.Module):
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if torch.is_grad_enabled() and flat.requires_grad:  # the kernel has no backward:
             # sentence grounding differentiates through the LM to the image, with these weights
-            dt = grad_dtype()
-            y = _grad_matmul(flat, self.weight_int8.to(dt) * self.scales[:, None].to(dt))
+            y = _grad_matmul(flat, self.weight_int8 * self.scales[:, None].float())
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales)
         if self.bias is not None:
