@@ -40,9 +40,11 @@ def machine() -> dict:
     slower than the earlier hosts, so a result is only comparable with the CPU it names."""
     import torch
 
+    from mrg_core.models.quantize import native_bf16
+
     return {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "native_bf16": native_bf16(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_average_at_start": os.getloadavg()[0]}

@@ -159,6 +159,12 @@ def quantize_linear_int8(module: nn.Module) -> nn.Module:
                                 dtype=torch.qint8, inplace=True)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Without it, bf16 math is
+    emulated: a matmul and its backward ran 13x slower than float32 on an AVX2-only host."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @functools.cache
 def grad_dtype() -> torch.dtype:
     """The dtype of a weight-only layer's matmul when gradients flow through it (sentence
@@ -166,7 +172,7 @@ def grad_dtype() -> torch.dtype:
     CPU computes it natively; float32 elsewhere: on an AVX2-only CPU a bf16 matmul and its
     backward ran 13x slower than float32's (150 x 576 x 1536: 199 against 15 ms), and grounding
     one draft took 442 s instead of seconds."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def _grad_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
