@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     keys = ("first_token_s", "tokens_per_s", "draft_tokens", "lm_weight_mb",
-            "bandwidth_fraction", "hf_generate_tokens_per_s")
+            "bandwidth_fraction", "hf_generate_tokens_per_s", "packaged_lm_load_s")
     res: dict = {"precision": args.precision, "trained_weights": False, "candidates": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:

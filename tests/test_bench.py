@@ -36,6 +36,7 @@ def test_run_quick_with_precision_and_threads(model_dir, tmp_path):
     res = json.loads(out.read_text())
     assert res["precision"] == "int8" and res["decode_threads"] == 1
     assert res["tokens_per_s"] > 0 and 0 < res["bandwidth_fraction"]
+    assert res["packaged_lm_load_s"] is None  # the tiny model's LM is in its own folder
     assert res["machine"]["load_average_at_start"] is not None
     import torch  # the figures name the CPU they were measured on (hosts differ 3.5x)
 
@@ -293,6 +294,7 @@ def test_candidate_speed_builds_a_candidate_as_training_does(tmp_path):
     # (draft_tokens re-tokenizes the lower-cased text: it may read fewer than were written)
     assert 0 < row["draft_tokens"] <= 6 and row["tokens_per_s"] > 0
     assert 50 < row["lm_weight_mb"] < 150  # SmolLM2 in int8 with the restricted output layer
+    assert row["packaged_lm_load_s"] > 0  # SmolLM2 from its converted cache folder, timed
 
 
 def test_decode_steps_times_each_precision_and_row_count(tmp_path):
