@@ -265,6 +265,29 @@ def test_cpu_bf16_switches_mixed_precision_on_the_cpu_only_when_asked_and_native
     assert ("no native bfloat16" in capsys.readouterr().err) == (not native)
 
 
+def test_param_groups_give_each_parameter_its_deepest_modules_rate():
+    """P-Tuning v2's prefixes live inside the LM (lm.prompt_encoder...): with a rate of their
+    own they take it, whichever key the config lists first; the frozen LM gets no group."""
+    from mrg_core.models import tiny_model
+    from mrg_core.training import TrainConfig, param_groups
+
+    model = tiny_model("medvlm", family="llama", adapter="prefix")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for lr in ({"lm": 5e-4, "prompt_encoder": 5e-3, "encoder": 1e-4, "default": 2e-3},
+               {"prompt_encoder": 5e-3, "encoder": 1e-4, "lm": 5e-4, "default": 2e-3}):
+        groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=lr))}
+        prefix = [names[id(p)] for p in groups["prompt_encoder"]["params"]]
+        assert prefix and all(".prompt_encoder." in n for n in prefix), prefix
+        assert groups["prompt_encoder"]["lr"] == 5e-3
+        assert "lm" not in groups  # the LLM's own weights are frozen: nothing else under lm
+        encoder = [names[id(p)] for p in groups["encoder"]["params"]]
+        assert encoder and all(n.split(".")[0] in ("encoder", "report_encoder")
+                               or ".encoder." in n for n in encoder)
+        assert groups["encoder"]["lr"] == 1e-4
+        assert sum(len(g["params"]) for g in groups.values()) == sum(
+            p.requires_grad for p in model.parameters())
+
+
 def test_init_encoder_reuses_a_finding_models_encoder_without_its_finding_head(tmp_path):
     """A plain model can start from a finding model's encoder (the token head is left out);
     a finding model started from a plain one gets a fresh token head."""
