@@ -80,6 +80,7 @@ def method_check(name: str, tok, lm, method: str, adapter: str) -> dict:
     model = ReportModel.build(cfg, tok, lm=copy.deepcopy(lm)).train()
     frozen = {n: p.detach().clone() for n, p in model.base_lm.named_parameters()
               if "lora_" not in n}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randn(2, 1, 1, 64, 64)
     losses = []
@@ -91,6 +92,9 @@ def method_check(name: str, tok, lm, method: str, adapter: str) -> dict:
         losses.append(round(out["loss"].item(), 3))
     identical = all(torch.equal(p, frozen[n]) for n, p in model.base_lm.named_parameters()
                     if n in frozen)
+    # a frozen LLM proves nothing unless the steps changed what is trained
+    moved = any(not torch.equal(p, trained[n]) for n, p in model.named_parameters()
+                if n in trained)
     model.eval()
     study, settings = make_study(seed=1), GenerationSettings(max_new_tokens=8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +104,8 @@ def method_check(name: str, tok, lm, method: str, adapter: str) -> dict:
         same = (abs(again.predict(study).probability - model.predict(study).probability) < 1e-6
                 and again.generate_report(study, settings) == model.generate_report(study,
                                                                                     settings))
-    return {"losses": losses, "llm_bit_identical": identical, "saved_mb": round(size / 1e6, 2),
+    return {"losses": losses, "trained_parts_moved": moved, "llm_bit_identical": identical,
+            "saved_mb": round(size / 1e6, 2),
             "save_load_same": same}
 
 
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
         method, adapter = key.split("-")
         res["methods"][key] = method_check(args.package, tok, lm, method, adapter)
     res["ok"] = res["text_ok"] and all(
-        m["llm_bit_identical"] and m["save_load_same"] for m in res["methods"].values())
+        m["trained_parts_moved"] and m["llm_bit_identical"] and m["save_load_same"]
+        for m in res["methods"].values())
     res["machine"] = machine()
     emit(res, args.json)
     return 0 if res["ok"] else 1

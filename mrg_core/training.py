@@ -414,15 +414,13 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """One optimizer group per `cfg.lr` key, named after a module path segment. A parameter
     goes to the deepest segment that has a rate, whatever the keys' order: P-Tuning v2's
     prefixes (lm.prompt_encoder...) take "prompt_encoder"'s rate over "lm"'s."""
-    keys = [k for k in cfg.lr if k != "default"]
+    keys = set(cfg.lr) - {"default"}
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        segments = name.split(".")  # "lm" is the segment lm, not the end of "...elm"
-        depth = {k: max(i for i, s in enumerate(segments) if s == k)
-                 for k in keys if k in segments}
-        key = max(depth, key=depth.get) if depth else "default"
+        # whole segments ("lm", not the end of "...elm"), the deepest first
+        key = next((s for s in reversed(name.split(".")) if s in keys), "default")
         groups.setdefault(key, []).append(p)
     default = cfg.lr.get("default", 1e-3)
     return [{"params": ps, "lr": cfg.lr.get(k, default), "name": k} for k, ps in groups.items()]

