@@ -23,6 +23,7 @@ fails ends early, and only its log tells it from a fast one.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import socket
@@ -45,15 +46,43 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+# The app's own log lines that end its start-up work (app.py: warm_up). Until then its
+# warm-up thread drafts the bundled samples on the same cores as the users' drafts: on a 2-core
+# AVX2 host that took ~10 s and made a lone user's draft 7 s instead of 3.7 s.
+WARM_UP_DONE = (b"sample drafts seeded", b"warm-up failed")
+WARM_UP_WAIT_S = 300.0  # an older app without the line (--baseline-app) is waited for this long
+
+
+def wait_for_warm_up(log: Path, since: int, timeout_s: float = WARM_UP_WAIT_S,
+                     poll_s: float = 0.2) -> float | None:
+    """Seconds until the app's log `log` (from byte `since`) says its warm-up ended, or None
+    when it has not said so within `timeout_s`."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        with open(log, "rb") as f:
+            f.seek(since)
+            if any(line in f.read() for line in WARM_UP_DONE):
+                return time.perf_counter() - t0
+        time.sleep(poll_s)
+    return None
+
+
 def start_app(model_dir: Path, db_url: str, app_args=(), app: Path | None = None
               ) -> tuple[subprocess.Popen, str]:
     """app.py of this repository (or `app`, e.g. an older checkout's, to compare) on a free
-    port; returns the process and its URL once it answers."""
+    port; returns the process and its URL once it answers and its warm-up has ended (the
+    time waited for that is `proc.warm_up_wait_s`, None where the app never said so)."""
     port = free_port()
     app = Path(app) if app else REPO / "app.py"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    log = os.environ.get("MRG_BENCH_APP_LOG")  # the app's own log (errors), appended here
-    err = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the app's lifetime)
+    # the app's own log (errors, the end of its warm-up): appended to MRG_BENCH_APP_LOG
+    log = os.environ.get("MRG_BENCH_APP_LOG")
+    if not log:
+        log = tempfile.NamedTemporaryFile(prefix="mrg-app-", suffix=".log", delete=False).name
+        atexit.register(Path(log).unlink, missing_ok=True)
+    log = Path(log)
+    since = log.stat().st_size if log.exists() else 0
+    err = open(log, "ab")  # noqa: SIM115 (the app's lifetime)
     proc = subprocess.Popen([sys.executable, str(app), "--port", str(port),
                              "--model-dir", str(model_dir), "--db-url", db_url, *app_args],
                             cwd=app.parent, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -62,7 +91,7 @@ def start_app(model_dir: Path, db_url: str, app_args=(), app: Path | None = None
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                time.sleep(1.0)
+                proc.warm_up_wait_s = wait_for_warm_up(log, since)
                 return proc, url
         except OSError:
             time.sleep(0.3)
@@ -195,6 +224,7 @@ def bench_app(model_dir: Path, users=(1, 4, 8), rounds: int = 2, app_args=(),
                      "machine": machine(), "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_app(model_dir, f"sqlite:///{tmp}/bench.db", app_args, app)
+        results["app_warm_up_wait_s"] = proc.warm_up_wait_s
         try:
             user(url, ct[0], [], [])  # warm-up
             for n in users:

@@ -324,3 +324,36 @@ def test_packaged_lm_check_runs_a_method_on_the_packaged_llm(tmp_path):
     row = res["methods"]["promptbook-none"]
     assert row["trained_parts_moved"] and row["llm_bit_identical"] and row["save_load_same"]
     assert len(row["losses"]) == 2
+
+
+def test_app_load_measures_after_the_apps_warm_up(model_dir, tmp_path):
+    """bench/app_load.py waits for the end of the app's start-up work (its warm-up thread
+    drafts the bundled samples on the users' cores) by the line app.py logs for it, read only
+    from where this app's log began."""
+    import logging
+
+    import app
+    from bench.app_load import wait_for_warm_up
+    from mrg_core.engine import Engine, EngineSettings
+
+    log = tmp_path / "app.log"
+    log.write_text("... 3 sample drafts seeded the draft proposals in 1.00 s (an earlier app)\n")
+    since = log.stat().st_size
+    assert wait_for_warm_up(log, since, timeout_s=0.5, poll_s=0.05) is None
+    handler = logging.FileHandler(log)
+    logging.getLogger("mrg_core.engine").addHandler(handler)
+    engine = Engine.from_settings(EngineSettings(model_dir=model_dir, extra_model_dirs=(),
+                                                 database_url=f"sqlite:///{tmp_path}/b.db"))
+    was = logging.getLogger("mrg_core.engine").level
+    logging.getLogger("mrg_core.engine").setLevel(logging.INFO)
+    try:
+        worker = threading.Thread(target=app.warm_up, args=(engine,))
+        worker.start()
+        waited = wait_for_warm_up(log, since, timeout_s=120, poll_s=0.05)
+        handler.flush()
+        # it returned because the samples were drafted, not before
+        assert waited is not None and "sample drafts seeded" in log.read_text()[since:]
+    finally:
+        worker.join()
+        logging.getLogger("mrg_core.engine").removeHandler(handler)
+        logging.getLogger("mrg_core.engine").setLevel(was)

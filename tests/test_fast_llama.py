@@ -380,3 +380,71 @@ def test_prompts_with_a_shared_beginning_compute_it_once(precision):
             (logits, shared), (ref, joined) = dec.step(toks, shared), dec.step(toks, joined)
             toks = ref.argmax(-1)
     assert shared.lengths == [12, 10]
+
+
+def _prefix_tuned(lm, n_virtual: int = 5, seed: int = 8):
+    """peft prefix tuning (P-Tuning v2) on `lm` with learned-looking (random, non-zero) keys
+    and values, and the lean decoder's copy of them ([L, H_kv, P, D] each)."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    peft_lm = get_peft_model(lm, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                    num_virtual_tokens=n_virtual)).eval()
+    with torch.no_grad():
+        emb = peft_lm.prompt_encoder["default"].embedding.weight
+        emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)))
+        past = peft_lm.get_prompt(batch_size=1)
+    return peft_lm, (torch.stack([x.keys[0] for x in past.layers]),
+                     torch.stack([x.values[0] for x in past.layers]))
+
+
+def test_learned_prefix_gives_the_logits_of_peft_prefix_tuning():
+    """P-Tuning v2 on the lean decoder: the learned keys and values sit before the prompt,
+    unrotated, and the prompt takes the rotary positions after them. Prefill and every step
+    agree with peft's forward (the prefix as transformers' past) to float32 rounding, for a
+    batch of two (grouped-query attention: 4 heads, 2 key/value heads)."""
+    from mrg_core.models.generation import KVDecoder
+
+    base = _llama(seed=9)
+    peft_lm, prefix = _prefix_tuned(base)
+    assert prefix[0].shape == (3, 2, 5, 16)
+    fast, ref = FastLlamaDecoder(base, room=3, prefix=prefix), KVDecoder(peft_lm, base)
+    embeds = torch.randn(2, 6, 64)
+    with torch.inference_mode():
+        (logits, cache), (want, past) = fast.prefill(embeds), ref.prefill(embeds)
+        assert cache.lengths == [11, 11]
+        assert not torch.allclose(want, FastLlamaDecoder(base).prefill(embeds)[0], atol=1e-2)
+        tok = torch.tensor([5, 9])
+        for _ in range(6):
+            assert torch.allclose(logits, want, atol=1e-5)
+            (logits, cache), (want, past) = fast.step(tok, cache), ref.step(tok, past)
+            tok = want.argmax(-1)
+        assert torch.allclose(logits, want, atol=1e-5)
+        # a guided pair's shared beginning goes after the prefix too
+        common, ends = embeds[:1, :4], [embeds[:1, 4:], embeds[1:, 4:5]]
+        shared, _ = fast.prefill_shared(common, ends)
+        apart = torch.cat([ref.prefill(torch.cat([common, e], 1))[0] for e in ends])
+        assert torch.allclose(shared, apart, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+def test_p_tuning_v2_drafts_like_the_transformers_path(guidance):
+    """A MedVLM with P-Tuning v2 (a tiny Llama, trained-looking prefix) decodes on the lean
+    decoder, with the transformers path's tokens, with and without label guidance."""
+    from mrg_core.models import GenerationSettings
+    from mrg_core.models.factory import tiny_model
+    from mrg_core.samples import make_ct_phantom
+    from mrg_core.study import study_from_arrays
+
+    study = study_from_arrays([make_ct_phantom(seed=4, covid=True)])
+    m = tiny_model("medvlm", family="llama", seed=1, adapter="prefix")
+    m.config.label_prompt, m.config.label_guidance = True, guidance
+    with torch.no_grad():
+        emb = m.lm.prompt_encoder["default"].embedding.weight
+        emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(2)) * 2)
+    s = GenerationSettings(max_new_tokens=30, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    drafts = []
+    for fast in (False, True):
+        m.fast_decode = fast
+        assert isinstance(m._decoder(), FastLlamaDecoder) == fast
+        drafts.append(list(m._report_tokens(study, s)))
+    assert len(drafts[0]) >= 10 and drafts[0] == drafts[1]

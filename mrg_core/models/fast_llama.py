@@ -20,8 +20,10 @@ kernel calls around them, so this decoder
   are unchanged whenever the best token is a report token, which the decoder's training makes
   the rule; tests/test_fast_llama.py compares drafts with and without it.
 
-Used only where it is exact arithmetic: a plain LlamaForCausalLM (LoRA merged; a peft wrapper
-or prefix tuning keeps the transformers path). tests/test_fast_llama.py checks the logits
+Used only where it is exact arithmetic: a plain LlamaForCausalLM (LoRA merged; a LoRA wrapper
+keeps the transformers path). P-Tuning v2's learned keys and values (peft prefix tuning) are
+`prefix`: they fill the first positions of every cache, unrotated, and the prompt takes the
+rotary positions after them, as transformers does with peft's prefix as its past. tests/test_fast_llama.py checks the logits
 against transformers. A shared beginning gives each prompt's logits to float rounding; in
 bf16 that rounding changed words in 26 of 72 val drafts of the shipped model, with the same
 scores (README, Speed).
@@ -278,7 +280,8 @@ def token_step():
 class FastLlamaDecoder:
     """KVDecoder interface: prefill(embeds) -> (logits, cache); step(tokens, cache)."""
 
-    def __init__(self, lm, head_ids: list[int] | torch.Tensor | None = None, room: int = 160):
+    def __init__(self, lm, head_ids: list[int] | torch.Tensor | None = None, room: int = 160,
+                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.lm, self.model = lm, lm.model
         c = lm.config
         self.n_head, self.n_kv = c.num_attention_heads, c.num_key_value_heads
@@ -297,6 +300,21 @@ class FastLlamaDecoder:
         # layers, with q, k, v in one kernel call and gate, up in another (7 calls become 4)
         self._quantized = quantized_layer_weights(self.model)
         self._inter = self.model.layers[0].mlp.gate_proj.out_features
+        # P-Tuning v2: keys and values [L, H_kv, P, D] before every prompt (none: P = 0)
+        self.prefix = None if prefix is None else tuple(
+            t.detach().to(self.dtype) for t in prefix)
+
+    def _new_cache(self, rows: int, capacity: int, like: torch.Tensor) -> LlamaKV:
+        """An empty cache for `rows` prompts of up to `capacity` positions, after the learned
+        prefix when there is one (its positions come first and count in every row's length)."""
+        n_prefix = 0 if self.prefix is None else self.prefix[0].shape[2]
+        cache = LlamaKV.empty(len(self.model.layers), rows, self.n_kv, n_prefix + capacity,
+                              self.head_dim, like.new_zeros((), dtype=self.dtype))
+        if n_prefix:
+            cache.k[:, :, :, :n_prefix] = self.prefix[0][:, None]
+            cache.v[:, :, :, :n_prefix] = self.prefix[1][:, None]
+            cache.lengths = [n_prefix] * rows
+        return cache
 
     def _rope_tables(self, n: int):
         if self._cos is None or self._cos.shape[0] < n:
@@ -457,8 +475,7 @@ class FastLlamaDecoder:
 
     def prefill(self, embeds: torch.Tensor):
         b, t, _ = embeds.shape
-        cache = LlamaKV.empty(len(self.model.layers), b, self.n_kv, t + self.room, self.head_dim,
-                              embeds.new_zeros((), dtype=self.dtype))
+        cache = self._new_cache(b, t + self.room, embeds)
         return self._logits(self._forward(embeds.to(self.dtype), cache)), cache
 
     def prefill_shared(self, common: torch.Tensor, ends: list[torch.Tensor]):
@@ -472,11 +489,10 @@ class FastLlamaDecoder:
         if common.shape[0] != 1 or min(lens) < 1:
             raise ValueError("one shared beginning, and at least one position of each end")
         tc, n, tmax = common.shape[1], len(ends), max(lens)
-        one = LlamaKV.empty(len(self.model.layers), 1, self.n_kv, tc + tmax + self.room,
-                            self.head_dim, common.new_zeros((), dtype=self.dtype))
+        one = self._new_cache(1, tc + tmax + self.room, common)
         self._forward(common.to(self.dtype), one)
         cache = LlamaKV(one.k.expand(-1, n, -1, -1, -1).clone(),
-                        one.v.expand(-1, n, -1, -1, -1).clone(), [tc] * n)
+                        one.v.expand(-1, n, -1, -1, -1).clone(), one.lengths * n)
         x = torch.cat([F.pad(e, (0, 0, 0, tmax - e.shape[1])) for e in ends]).to(self.dtype)
         return self._logits(self._forward(x, cache, real=lens)), cache
 
