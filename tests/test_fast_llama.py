@@ -387,14 +387,14 @@ def _prefix_tuned(lm, n_virtual: int = 5, seed: int = 8):
     and values, and the lean decoder's copy of them ([L, H_kv, P, D] each)."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
+    from mrg_core.models.adapters import learned_prefix
+
     peft_lm = get_peft_model(lm, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                     num_virtual_tokens=n_virtual)).eval()
     with torch.no_grad():
         emb = peft_lm.prompt_encoder["default"].embedding.weight
         emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)))
-        past = peft_lm.get_prompt(batch_size=1)
-    return peft_lm, (torch.stack([x.keys[0] for x in past.layers]),
-                     torch.stack([x.values[0] for x in past.layers]))
+    return peft_lm, learned_prefix(peft_lm)
 
 
 def test_learned_prefix_gives_the_logits_of_peft_prefix_tuning():

@@ -5,6 +5,7 @@ own weights stay frozen except where the method unfreezes them on purpose.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
@@ -34,6 +35,15 @@ def add_prefix(lm, cfg: MedVLMConfig, family: str):
     # P-Tuning v2: learned key/value prefixes in every layer (peft prefix tuning)
     conf = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.prefix_length)
     return get_peft_model(freeze(lm), conf)
+
+
+def learned_prefix(peft_lm) -> tuple[torch.Tensor, torch.Tensor]:
+    """P-Tuning v2's keys and values of every layer ([L, H_kv, P, D] each), as peft puts them
+    before the prompt (its get_prompt): what the lean decoder copies into its caches."""
+    with torch.no_grad():
+        past = peft_lm.get_prompt(batch_size=1)
+    return (torch.stack([layer.keys[0] for layer in past.layers]),
+            torch.stack([layer.values[0] for layer in past.layers]))
 
 
 def unfreeze_layers(lm, cfg: MedVLMConfig, family: str):

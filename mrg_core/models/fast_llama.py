@@ -23,8 +23,8 @@ kernel calls around them, so this decoder
 Used only where it is exact arithmetic: a plain LlamaForCausalLM (LoRA merged; a LoRA wrapper
 keeps the transformers path). P-Tuning v2's learned keys and values (peft prefix tuning) are
 `prefix`: they fill the first positions of every cache, unrotated, and the prompt takes the
-rotary positions after them, as transformers does with peft's prefix as its past. tests/test_fast_llama.py checks the logits
-against transformers. A shared beginning gives each prompt's logits to float rounding; in
+rotary positions after them, as transformers does with peft's prefix as its past.
+tests/test_fast_llama.py checks the logits against transformers. A shared beginning gives each prompt's logits to float rounding; in
 bf16 that rounding changed words in 26 of 72 val drafts of the shipped model, with the same
 scores (README, Speed).
 """

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import PeftModel
 
-from mrg_core.models.adapters import apply_adapter, freeze
+from mrg_core.models.adapters import apply_adapter, freeze, learned_prefix
 from mrg_core.models.config import ReportModelConfig
 from mrg_core.models.encoder import EncoderOutput, VisualEncoder
 from mrg_core.models.fast_decode import FastGPT2Decoder, supports_fast_step
@@ -508,26 +508,17 @@ class ReportModel(nn.Module):
 
     def _decoder(self):
         """The lean decoder where it is exact (a merged GPT-2 or Llama LM, or a Llama with
-        P-Tuning v2's learned prefix: models/fast_decode, models/fast_llama), else transformers' forward with its cache. Made per draft: it
-        holds views of the LM's current weights (cheap to take)."""
+        P-Tuning v2's learned prefix: models/fast_decode, models/fast_llama), else
+        transformers' forward with its cache. Made per draft: it holds views of the LM's
+        current weights (cheap to take)."""
         if self.fast_decode and supports_fast_step(self.lm):
             return FastGPT2Decoder(self.lm)
-        prefix = self._learned_prefix()
-        lm = self.lm if prefix is None else self.base_lm
-        if self.fast_decode and supports_fast_llama(lm):
-            return FastLlamaDecoder(lm, self.config.head_vocab,
-                                    room=self.config.max_report_tokens + 8, prefix=prefix)
+        prefixed = self.n_virtual_tokens > 0  # P-Tuning v2: the peft wrapper around a plain LM
+        if self.fast_decode and supports_fast_llama(self.base_lm if prefixed else self.lm):
+            return FastLlamaDecoder(self.base_lm, self.config.head_vocab,
+                                    room=self.config.max_report_tokens + 8,
+                                    prefix=learned_prefix(self.lm) if prefixed else None)
         return KVDecoder(self.lm, self.base_lm)
-
-    def _learned_prefix(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """P-Tuning v2's keys and values of every layer ([L, H_kv, P, D] each), as peft puts
-        them before the prompt (its get_prompt), or None for the other methods."""
-        if not self.n_virtual_tokens:
-            return None
-        with torch.no_grad():
-            past = self.lm.get_prompt(batch_size=1)
-        return (torch.stack([layer.keys[0] for layer in past.layers]),
-                torch.stack([layer.values[0] for layer in past.layers]))
 
     def step_batcher(self, run=None):
         """A StepBatcher that lets overlapping drafts of this model share decode steps
