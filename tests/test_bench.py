@@ -357,3 +357,40 @@ def test_app_load_measures_after_the_apps_warm_up(model_dir, tmp_path):
         worker.join()
         logging.getLogger("mrg_core.engine").removeHandler(handler)
         logging.getLogger("mrg_core.engine").setLevel(was)
+
+
+def test_unpredicted_findings_removes_only_the_clauses_the_heads_did_not_predict(tmp_path):
+    """bench/unpredicted_findings.py: a clause stating a finding whose chip is off goes (for a
+    negative call only in the negative-call variant), a clause stating a predicted one stays,
+    and the extra findings are counted against the reference."""
+    from bench.unpredicted_findings import (chips_of, extra_precision, main,
+                                            without_unpredicted)
+    from mrg_core.evaluation.clinical import extract_findings
+    from mrg_core.paths import DEFAULT_MODEL_DIR
+
+    chips, phrases, findings_only = chips_of(json.loads(
+        (DEFAULT_MODEL_DIR / "config.json").read_text()))
+    assert "patchy_shadow" in findings_only and "RLL" in chips and "RLL" not in findings_only
+    draft = ("The texture of both lungs was enhanced, ground glass density shadow was seen in "
+             "the lower lobe of the right lung, small lamellar shadow was seen in the upper lobe "
+             "of the left lung, no pleural effusion was seen.")
+    rec = {"id": "a", "label": 0, "report": draft, "predicted_label": 0,
+           "findings": ["ground_glass", "RLL"],
+           "reference": "Small patchy shadow was seen in the upper lobe of the left lung."}
+    got = without_unpredicted(rec, chips, phrases, findings_only, True, False)
+    assert "patchy_shadow" not in extract_findings(got)
+    assert "ground glass density shadow was seen in the lower lobe of the right lung" in got
+    assert "no pleural effusion was seen" in got
+    positive = dict(rec, predicted_label=1)
+    assert without_unpredicted(positive, chips, phrases, findings_only, True, False) == draft
+    assert without_unpredicted(positive, chips, phrases, findings_only, False, False) == got
+    assert without_unpredicted(dict(rec, findings=["ground_glass", "patchy_shadow"]), chips,
+                               phrases, findings_only, False, False) == draft
+    counts = extra_precision([rec], chips, findings_only)
+    assert counts == {"unpredicted_stated": 1, "unpredicted_in_reference": 1.0,
+                      "predicted_stated": 1, "predicted_in_reference": 0.0}
+    # drafts of test are refused: test is scored once, by evaluate
+    (tmp_path / "generations.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"split": "test"}))
+    with pytest.raises(SystemExit, match="val drafts only"):
+        main([str(tmp_path / "generations.jsonl")])
