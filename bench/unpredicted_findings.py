@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import emit, machine  # noqa: E402
 from mrg_core.evaluation.clinical import LOBE_NAMES, extract_findings  # noqa: E402
 from mrg_core.finding_chips import follow_chips  # noqa: E402
 
@@ -35,26 +37,25 @@ VARIANTS = {"as drafted": None,
 
 
 def chips_of(config: dict) -> tuple[list[str], dict[str, str], list[str]]:
-    """(chip names in label order, their phrases, those that are findings, not lobes)."""
-    phrases = config.get("finding_phrases") or {}
-    chips = [n for n in config["labels"] if n in phrases]
-    return chips, phrases, [n for n in chips if n not in LOBE_NAMES]
+    """(chip names in label order, their phrases, those that are findings, not lobes): the
+    model's own finding names (ReportModel.finding_names), read from its config alone."""
+    from mrg_core.models.config import ReportModelConfig
+    from mrg_core.models.report_model import ReportModel
 
-
-def unpredicted(report: str, predicted, chips, findings_only, lobes: bool) -> set[str]:
-    """The chips the report states that the heads did not predict (lobes only if `lobes`)."""
-    said = extract_findings(report) & set(chips)
-    return (said - set(predicted or ())) & set(chips if lobes else findings_only)
+    cfg = ReportModelConfig.from_dict(config)
+    chips = ReportModel._finding_names(cfg)
+    return chips, dict(cfg.finding_phrases), [n for n in chips if n not in LOBE_NAMES]
 
 
 def without_unpredicted(rec: dict, chips, phrases, findings_only, negative_only: bool,
                         lobes: bool) -> str:
-    """The draft with the clauses stating unpredicted chips removed, as the page's edit for
-    unticking them (what the removed clauses also stated is kept, stated plainly)."""
-    extra = unpredicted(rec["report"], rec.get("findings"), chips, findings_only, lobes)
+    """The draft with the clauses stating chips the heads did not predict removed (lobes only
+    if `lobes`), as the page's edit for unticking them (what the removed clauses also stated
+    is kept, stated plainly)."""
+    said = extract_findings(rec["report"]) & set(chips)
+    extra = (said - set(rec.get("findings") or ())) & set(chips if lobes else findings_only)
     if not extra or (negative_only and rec["predicted_label"] == 1):
         return rec["report"]
-    said = extract_findings(rec["report"]) & set(chips)
     keep = [n for n in chips if n in said - extra]
     return follow_chips(rec["report"], sorted(said), rec["report"], keep, chips, phrases,
                         findings_only)
@@ -116,10 +117,11 @@ def main(argv=None) -> int:
     recs = [json.loads(x) for x in Path(args.generations).read_text().splitlines() if x]
     recs = [r for r in recs if "error" not in r and r.get("report") is not None]
     written = Path(args.generations).with_name("metrics.json")  # evaluate's, beside them
-    if written.is_file() and json.loads(written.read_text()).get("split") == "test":
+    run = json.loads(written.read_text()) if written.is_file() else {}
+    if run.get("split") == "test":
         raise SystemExit("val drafts only: test is scored once, by evaluate")
-    chips, phrases, findings_only = chips_of(
-        json.loads((Path(args.model) / "config.json").read_text()))
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    chips, phrases, findings_only = chips_of(config)
     if not chips:
         raise SystemExit(f"{args.model} states no findings before its drafts: nothing to measure")
     variants = {}
@@ -127,12 +129,13 @@ def main(argv=None) -> int:
         variants[name] = {r["id"]: r["report"] if how is None else
                           without_unpredicted(r, chips, phrases, findings_only, *how)
                           for r in recs}
-    result = {"generations": Path(args.generations).name, "studies": len(recs),
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+              "split": run.get("split"), "precision": run.get("precision"),
+              "model": {k: config.get(k) for k in ("name", "version")},
+              "generations": Path(args.generations).name, "studies": len(recs),
               "extra_findings": extra_precision(recs, chips, findings_only),
               "variants": score(variants, recs, load_covctr(data_dir() / "covctr")["train"])}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    emit(result, Path(args.json) if args.json else None)
     return 0
 
 
