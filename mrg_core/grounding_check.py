@@ -29,13 +29,14 @@ from mrg_core.study import study_from_arrays
 PLACES = [("upper", "right", 0.3, 0.3), ("upper", "left", 0.3, 0.7),  # (lobe, side, row, col)
           ("lower", "right", 0.7, 0.3), ("lower", "left", 0.7, 0.7)]
 SIZE = 64
+YY, XX = np.mgrid[:SIZE, :SIZE]
+# the two dark lungs, the same in every slice (drawn once: a tenth of a training step)
+LUNGS = sum(40 * (((XX - cx) / (SIZE * 0.2)) ** 2 + ((YY - SIZE / 2) / (SIZE * 0.4)) ** 2 < 1)
+            for cx in (SIZE * 0.3, SIZE * 0.7))
 
 
 def _image(nodule: int | None, cavity: int | None, rng: np.random.Generator) -> np.ndarray:
-    img = rng.normal(60, 10, (SIZE, SIZE))
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    for cx in (SIZE * 0.3, SIZE * 0.7):
-        img -= 40 * (((xx - cx) / (SIZE * 0.2)) ** 2 + ((yy - SIZE / 2) / (SIZE * 0.4)) ** 2 < 1)
+    img = rng.normal(60, 10, (SIZE, SIZE)) - LUNGS
     for kind, place in (("nodule", nodule), ("cavity", cavity)):
         if place is None:
             continue
@@ -43,7 +44,7 @@ def _image(nodule: int | None, cavity: int | None, rng: np.random.Generator) -> 
         # jitter the spot within its quadrant
         cy = SIZE * (r + rng.uniform(-0.07, 0.07))
         cx = SIZE * (c + rng.uniform(-0.07, 0.07))
-        d = np.hypot(yy - cy, xx - cx)
+        d = np.hypot(YY - cy, XX - cx)
         if kind == "nodule":
             img += 150 * (d < SIZE * 0.07)
         else:

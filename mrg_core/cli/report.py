@@ -160,6 +160,7 @@ def main(argv: list[str]) -> int:
                       flush=True)
                 continue
             text = "".join(engine.stream_report(study, settings, findings=stated))
+            own = None
             if stated is not None:  # as the page: the flips edit the model's own draft
                 own = "".join(engine.stream_report(study, settings))
                 text = engine.follow_chips(study, text, stated, own,
@@ -186,6 +187,8 @@ def main(argv: list[str]) -> int:
                 # every finding the draft can state: probability, predicted, and stated here
                 finding_chips=[{**c.to_dict(), "stated": c.predicted if stated is None
                                 else c.name in stated} for c in a.chips],
+                # with --finding: the model's own draft, before the chips edited it
+                **({} if own is None else {"model_report": own}),
                 # the model that read it (routed by the domain) and why, in words
                 model={"name": a.model.get("name"), "version": a.model.get("version")},
                 routing=a.routing or None,
