@@ -66,12 +66,13 @@ def make_study_files(folder: Path, n: int) -> list[Path]:
 def lm_weight_bytes(model: ReportModel) -> int:
     """Bytes of LM weights read per decoded token (tied embeddings counted once; int8 layers
     at one byte per weight). With a restricted output layer (config.head_vocab, used by the lean
-    Llama decoder) only its rows are read: the rest of the output matrix is left out."""
+    Llama decoder) only its rows are read: the rest of the output matrix is left out. The lean
+    decoder reads its output layer in float32 (FastLlamaDecoder.head_w)."""
     from mrg_core.models.fast_llama import FastLlamaDecoder
 
     total = weight_bytes(model.base_lm)
     dec = model._decoder()  # the decoder a draft uses
-    if isinstance(dec, FastLlamaDecoder) and dec.head_ids is not None:
+    if isinstance(dec, FastLlamaDecoder):
         head = model.base_lm.lm_head.weight
         total -= head.numel() * head.element_size() - dec.head_w.numel() * dec.head_w.element_size()
     return total

@@ -130,33 +130,34 @@ def test_default_model_says_what_its_probability_is_of(default_model, pinned_stu
     assert f"The model's label: {a.label_meaning}" in analysis_text(a, study)
 
 
-def test_default_model_restricted_output_layer_keeps_val_drafts(default_model):
+def test_default_model_restricted_output_layer_keeps_val_drafts(serving_model):
     """The shipped model scores only its report vocabulary (config head_vocab) in the lean
-    decoder: on val studies the drafts are those of the whole vocabulary, token for token, in
-    float32 (fp32-merged). Not checked at the app's int8-weights: there the output layer's
-    logits are rounded to bf16, and on an AVX2 host 1 of 8 val drafts (1577.png) took another
-    word at token 13 with the whole vocabulary (README, Speed)."""
+    decoder: on val studies its drafts, as the app writes them (int8-weights), are those of the
+    whole vocabulary, token for token. 1577.png: with the output layer's logits rounded to bf16
+    (before 2026-12-03) its draft took another word at token 13 on an AVX2 host."""
     from mrg_core.data import load_covctr
     from mrg_core.io import load_study
-    from mrg_core.models import GenerationSettings, ReportModel
+    from mrg_core.models import GenerationSettings
     from mrg_core.models.fast_llama import FastLlamaDecoder
-    from mrg_core.models.quantize import apply_precision
 
     root = data_dir() / "covctr"
     require((root / "images").is_dir(), f"shared COV-CTR folder {root} is absent")
-    vocab = default_model.config.head_vocab
-    assert vocab and len(vocab) < 0.05 * default_model.base_lm.config.vocab_size
-    merged = apply_precision(ReportModel.from_pretrained(DEFAULT_MODEL_DIR), "fp32-merged")
-    assert isinstance(merged._decoder(), FastLlamaDecoder)
-    val = load_covctr(root)["val"]
+    model = serving_model
+    vocab = model.config.head_vocab
+    assert vocab and len(vocab) < 0.05 * model.base_lm.config.vocab_size
+    assert isinstance(model._decoder(), FastLlamaDecoder)
+    val = {ex.id: ex for ex in load_covctr(root)["val"]}
     settings = GenerationSettings(max_new_tokens=60)
-    for ex in (val[0], val[len(val) // 2], val[-1]):
-        study = load_study([str(p) for p in ex.image_paths])
-        merged.config.head_vocab = vocab
-        restricted = list(merged._report_tokens(study, settings))
-        merged.config.head_vocab = None
-        assert restricted == list(merged._report_tokens(study, settings)), ex.id
-        assert set(restricted) <= set(vocab)
+    try:
+        for image_id in (next(iter(val)), "1577.png", next(reversed(val))):
+            study = load_study([str(p) for p in val[image_id].image_paths])
+            model.config.head_vocab = vocab
+            restricted = list(model._report_tokens(study, settings))
+            model.config.head_vocab = None
+            assert restricted == list(model._report_tokens(study, settings)), image_id
+            assert set(restricted) <= set(vocab)
+    finally:
+        model.config.head_vocab = vocab
 
 
 def test_default_model_folder_holds_only_what_was_trained():

@@ -255,6 +255,29 @@ def test_restricted_head_scores_only_its_rows():
     assert (part[:, others] == MASKED).all()
 
 
+def test_a_bf16_lms_output_layer_computes_in_float32():
+    """int8-weights runs the layers in bf16, but the output layer in float32: logits rounded to
+    bf16 (steps of 0.06 at 10) made near ties, and a restricted layer's draft parted from the
+    whole vocabulary's on a val study. Restricted rows are the whole layer's to float32
+    rounding, and a row's logits do not depend on how many rows the call holds, bit for bit
+    (extend's passes rely on it)."""
+    from mrg_core.models.quantize import quantize_linear_int8_weights
+
+    lm = _llama(seed=5).to(torch.bfloat16)
+    quantize_linear_int8_weights(lm.model)
+    keep = [3, 17, 42, 299]
+    full, part = FastLlamaDecoder(lm), FastLlamaDecoder(lm, keep)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        logits = full._logits(x)
+        assert logits.dtype == torch.float32
+        assert not torch.equal(logits, logits.to(torch.bfloat16).float())  # not bf16 numbers
+        ref = x.float() @ lm.lm_head.weight.float().t()
+        assert torch.allclose(logits, ref, atol=1e-5, rtol=0)
+        assert torch.allclose(part._logits(x)[:, keep], logits[:, keep], atol=1e-6, rtol=0)
+        assert all(torch.equal(full._logits(x[:n]), logits[:n]) for n in (1, 2, 3))
+
+
 def test_peft_wrapped_and_gpt2_models_take_other_paths():
     from mrg_core.models.factory import tiny_model
 
