@@ -276,6 +276,48 @@ def test_a_bf16_lms_output_layer_computes_in_float32():
         assert torch.allclose(logits, ref, atol=1e-5, rtol=0)
         assert torch.allclose(part._logits(x)[:, keep], logits[:, keep], atol=1e-6, rtol=0)
         assert all(torch.equal(full._logits(x[:n]), logits[:n]) for n in (1, 2, 3))
+        assert all(torch.equal(full._logits(x[k:k + 1]), logits[k:k + 1]) for k in range(6))
+        threads = torch.get_num_threads()
+        try:  # a shared step may run on a thread with another count than a lone draft's
+            torch.set_num_threads(1 if threads > 1 else 2)
+            assert torch.equal(full._logits(x), logits)
+            assert torch.equal(full._logits(x[:1]), logits[:1])
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_a_bf16_lms_attention_reads_a_float32_cache_with_a_bf16_products_roundings():
+    """A bf16 LM's keys and values are kept in float32 (exact: no conversion per step) and
+    attention computes in float32, rounding the scores, the weights and the output where a bf16
+    product rounds them: the bf16 product's numbers but for the order of the sums (a last-bit
+    difference in a few elements), and far from float32 attention without those roundings,
+    which changed 30 of 72 val drafts. A float32 LM's attention is plain float32."""
+    from mrg_core.models.fast_llama import _attend
+
+    lm = _llama(seed=3).to(torch.bfloat16)
+    dec = FastLlamaDecoder(lm)
+    with torch.inference_mode():
+        _, cache = dec.prefill(torch.randn(2, 5, 64))
+        dec.step(torch.tensor([7, 9]), cache)
+    assert cache.k.dtype == cache.v.dtype == torch.float32
+    filled = cache.k[:, :, :, :6]
+    assert filled.abs().sum() > 0 and torch.equal(filled, filled.bfloat16().float())
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(16, 3, n, 64, generator=gen).mul(2).bfloat16() for n in (3, 90, 90))
+    mask = torch.zeros(16, 1, 1, 90).masked_fill_(torch.rand(16, 1, 1, 90, generator=gen) < 0.2,
+                                                  float("-inf"))
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * 64 ** -0.5  # the bf16 product's form
+    ref = torch.matmul(torch.softmax(s + mask, -1).bfloat16(), v)
+    got = _attend(q, k.float(), v.float(), mask, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    unrounded = _attend(q, k.float(), v.float(), mask, torch.float32)
+    differ = lambda a: (a.float() != ref.float()).float().mean().item()  # noqa: E731
+    assert differ(got) < 0.01 and differ(unrounded.bfloat16()) > 0.1
+    assert torch.allclose(got.float(), ref.float(), atol=0, rtol=2 ** -7)
+    plain = torch.softmax(torch.matmul(q.float(), k.float().transpose(-1, -2)) * 64 ** -0.5
+                          + mask, -1) @ v.float()
+    assert torch.allclose(unrounded, plain, atol=1e-6)
 
 
 def test_peft_wrapped_and_gpt2_models_take_other_paths():

@@ -198,6 +198,23 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + x.unflatten(-1, (2, half)).flip(-2).flatten(-2) * sin_signed
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for grouped queries q [B, H_kv, G, D] against the
+    cache's float32 keys and values [B, H_kv, S, D], rounded where a `dtype` matmul rounds:
+    the scores and the output to `dtype`, the weights to `dtype` before the second product.
+    In float32 arithmetic because a bf16 product of these small, ever-longer shapes costs
+    more than its conversions: a 30-layer step's attention 7.7 -> 3.4 ms at 1 row and
+    24 -> 13 ms at 16 (AVX-512 without native bf16 products); bf16 values are exact in
+    float32 and their products too, so only the order of the sums differs from a bf16 matmul
+    (15 of 1.8 million scores a bf16 step apart in random trials)."""
+    s = torch.matmul(q.float(), keys.transpose(-1, -2)).to(dtype).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        s = s + mask
+    w = torch.softmax(s, dim=-1)
+    return torch.matmul(w.to(dtype).float(), values).to(dtype)
+
+
 def _qmm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, int4_group: int
          ) -> torch.Tensor:
     """x @ w.T for a weight-only quantised w: int8 per output row (int4_group 0) or int4."""
@@ -217,8 +234,8 @@ def quantized_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                          int4_groups: List[int], eps: float, h_q: int, h_kv: int, d: int,
                          inter: int) -> torch.Tensor:
     """One token per row through every weight-only quantised layer: the arithmetic of
-    FastLlamaDecoder's layer loop (x [B, 1, C] bf16; keys/values the cache's [L, B, H_kv,
-    capacity, D]; `pos` each row's position when rows differ in length, else all at `start`;
+    FastLlamaDecoder's layer loop (x [B, 1, C] bf16; keys/values the cache's float32 [L, B,
+    H_kv, capacity, D]; `pos` each row's position when rows differ in length, else all at `start`;
     `int4_groups` the int4 group size of q/k/v, o, gate/up and down, 0 for int8). Run as
     TorchScript (token_step()), so the GIL is free while it runs and the web server's threads
     do not stall the model between kernels."""
@@ -237,14 +254,10 @@ def quantized_token_step(x: torch.Tensor, keys: torch.Tensor, values: torch.Tens
             keys[i, :, :, start:start + 1] = k
             values[i, :, :, start:start + 1] = v
         else:
-            keys[i, rows, :, pos] = k[:, :, 0]
-            values[i, rows, :, pos] = v[:, :, 0]
-        ks, vs = keys[i, :, :, :start + 1], values[i, :, :, :start + 1]
-        s = torch.matmul(q.reshape(b, h_kv, group, d), ks.transpose(-1, -2)).float() * d ** -0.5
-        if mask is not None:
-            s = s + mask
-        w = torch.softmax(s, dim=-1)
-        y = torch.matmul(w.to(vs.dtype), vs).reshape(b, h_q * d)
+            keys[i, rows, :, pos] = k[:, :, 0].to(keys.dtype)
+            values[i, rows, :, pos] = v[:, :, 0].to(values.dtype)
+        y = _attend(q.reshape(b, h_kv, group, d), keys[i, :, :, :start + 1],
+                    values[i, :, :, :start + 1], mask, x.dtype).reshape(b, h_q * d)
         x = x + _qmm(y, o_w[i], o_s[i], int4_groups[1]).view(b, 1, -1)
         h = ln2[i] * F.rms_norm(x.float(), [x.shape[-1]], eps=eps).to(x.dtype)
         gate_up = _qmm(h.view(b, -1), gate_up_w[i], gate_up_s[i], int4_groups[2])
@@ -311,10 +324,12 @@ class FastLlamaDecoder:
 
     def _new_cache(self, rows: int, capacity: int, like: torch.Tensor) -> LlamaKV:
         """An empty cache for `rows` prompts of up to `capacity` positions, after the learned
-        prefix when there is one (its positions come first and count in every row's length)."""
+        prefix when there is one (its positions come first and count in every row's length).
+        Float32 whatever the LM's dtype (bf16 keys and values are exact in it): attention then
+        reads it without a conversion per step (_attend)."""
         n_prefix = 0 if self.prefix is None else self.prefix[0].shape[2]
         cache = LlamaKV.empty(len(self.model.layers), rows, self.n_kv, n_prefix + capacity,
-                              self.head_dim, like.new_zeros((), dtype=self.dtype))
+                              self.head_dim, like.new_zeros((), dtype=torch.float32))
         if n_prefix:
             cache.k[:, :, :, :n_prefix] = self.prefix[0][:, None]
             cache.v[:, :, :, :n_prefix] = self.prefix[1][:, None]
@@ -335,9 +350,14 @@ class FastLlamaDecoder:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # one product per row (a batch of 1-row products against the same weight): a row's
         # logits do not depend on how many rows the call holds, so a pass of several positions
-        # (extend) gives those of one-token steps bit for bit, as the layers below do
+        # (extend) gives those of one-token steps bit for bit, as the layers below do. Never a
+        # batch of one: on an AVX-512 host it took another kernel than batches of 2 or more
+        # (a last-bit difference); nor torch.mv per row, whose sums follow the thread count.
         xf = x.float()[:, None]
-        part = torch.bmm(xf, self._head_t.expand(xf.shape[0], -1, -1))[:, 0]
+        n = xf.shape[0]
+        if n == 1:
+            xf = xf.expand(2, -1, -1)
+        part = torch.bmm(xf, self._head_t.expand(xf.shape[0], -1, -1))[:n, 0]
         if self.head_ids is None:
             return part
         full = part.new_full((part.shape[0], self.vocab), MASKED)
@@ -402,8 +422,8 @@ class FastLlamaDecoder:
             att = layer.self_attn
             q, k, v = self._qkv(layer, x, cos, sin)
             if ragged:
-                cache.k[i, rows, :, pos] = k[:, :, 0]
-                cache.v[i, rows, :, pos] = v[:, :, 0]
+                cache.k[i, rows, :, pos] = k[:, :, 0].float()
+                cache.v[i, rows, :, pos] = v[:, :, 0].float()
             else:
                 cache.k[i, :, :, start:start + t] = k
                 cache.v[i, :, :, start:start + t] = v
@@ -412,11 +432,10 @@ class FastLlamaDecoder:
                 # (F.scaled_dot_product_attention measured in a whole int8-weights step: the
                 # same 10.9 ms at 2 rows, 40 ms against 25 at 16; it keeps the scores in float32
                 # where this rounds them to bf16, so 30 of 72 val drafts changed words)
-                qg = q.reshape(b, h_kv, group, d)
-                s = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5
-                w = torch.softmax(s + mask if ragged else s, dim=-1)
-                y = (w.to(vals.dtype) @ vals).reshape(b, 1, h_q * d)
-            else:  # a prompt
+                y = _attend(q.reshape(b, h_kv, group, d), keys, vals, mask if ragged else None,
+                            x.dtype).reshape(b, 1, h_q * d)
+            else:  # a prompt (the cache's float32 keys and values back in the LM's dtype: exact)
+                keys, vals = keys.to(x.dtype), vals.to(x.dtype)
                 y = F.scaled_dot_product_attention(
                     q, keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1),
                     attn_mask=causal, is_causal=causal is None
@@ -450,14 +469,12 @@ class FastLlamaDecoder:
         for i, layer in enumerate(self.model.layers):
             att = layer.self_attn
             q, k, v = self._qkv(layer, x, cos, sin)
-            cache.k[i, rows, :, pos] = k.transpose(1, 2)  # [B, T, H_kv, D] at [row, pos]
-            cache.v[i, rows, :, pos] = v.transpose(1, 2)
-            keys, vals = cache.k[i, :, :, :need], cache.v[i, :, :, :need]
+            cache.k[i, rows, :, pos] = k.transpose(1, 2).float()  # [B, T, H_kv, D] at [row, pos]
+            cache.v[i, rows, :, pos] = v.transpose(1, 2).float()
             # the one-token step's grouped attention, T queries per group at once
-            qg = q.reshape(b, h_kv, group * t, d)
-            sc = (qg @ keys.transpose(-1, -2)).float() * d ** -0.5
-            w = torch.softmax(sc + mask, dim=-1)
-            y = (w.to(vals.dtype) @ vals).reshape(b, h_q, t, d).transpose(1, 2)
+            y = _attend(q.reshape(b, h_kv, group * t, d), cache.k[i, :, :, :need],
+                        cache.v[i, :, :, :need], mask, x.dtype)
+            y = y.reshape(b, h_q, t, d).transpose(1, 2)
             x = self._mlp(layer, x + att.o_proj(y.reshape(b, t, h_q * d)))
         cache.lengths = [n + t for n in cache.lengths]
         return _rms(x, self.model.norm.weight, self.eps)
