@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import emit  # noqa: E402
+from bench.common import emit, machine  # noqa: E402
 
 
 def _user(engine, source: str) -> float:
@@ -39,7 +39,8 @@ def bench(model_dir: Path, users=(1, 4, 8), precision: str = "int8-weights",
 
     samples = [v for _, v in list_samples(REPO / "assets" / "samples")]
     ct = [s for s in samples if "ct_" in Path(s).name] or samples
-    out: dict = {"precision": precision, "threads": threads, "samples": [Path(s).name for s in ct]}
+    out: dict = {"machine": machine(), "precision": precision, "threads": threads,
+                 "samples": [Path(s).name for s in ct]}
     with tempfile.TemporaryDirectory() as tmp:
         settings = EngineSettings(model_dir=model_dir, database_url=f"sqlite:///{tmp}/b.db",
                                   precision=precision, decode_threads=threads)
