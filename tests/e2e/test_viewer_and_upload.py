@@ -347,10 +347,23 @@ def assert_fits(g: dict, what: str):
     assert box_w >= 0.9 * view_w and box_h >= 0.9 * view_h, f"the <img> box is small: {g}"
 
 
+# The viewer and everything around it drawn opaque and still: while an event that updates
+# the viewer runs (the analysis after an upload), Gradio draws it at opacity 0.2 or flashing
+# (`.pending`), and a screenshot then shows a checkerboard's white squares grey (CI, once).
+SETTLED_JS = """() => {
+    for (let e = document.querySelector('#viewer img'); e; e = e.parentElement) {
+        const s = getComputedStyle(e);
+        if (s.opacity !== '1' || s.animationName !== 'none') return false;
+    }
+    return document.querySelector('#viewer img') !== null;
+}"""
+
+
 def screen_grey(page, g: dict) -> np.ndarray:
     """The screen's grey levels over the painted picture (a viewport screenshot, at 1 device px
-    per CSS px, cropped inward to whole pixels)."""
+    per CSS px, cropped inward to whole pixels), once the viewer is drawn opaque and still."""
     assert page.evaluate("devicePixelRatio") == 1
+    page.wait_for_function(SETTLED_JS, timeout=WAIT_MS)
     shot = np.asarray(Image.open(BytesIO(page.screenshot())).convert("L"))
     x0, y0 = int(np.ceil(g["left"])), int(np.ceil(g["top"]))
     x1, y1 = int(np.floor(g["left"] + g["width"])), int(np.floor(g["top"] + g["height"]))
