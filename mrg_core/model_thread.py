@@ -64,6 +64,9 @@ class ModelThread:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # the thread's start and end
         self._thread: threading.Thread | None = None
+        # seconds spent in jobs: with a benchmark's wall time, how much of it the model
+        # thread was computing (bench/concurrent_drafts.py); only this thread adds to it
+        self.busy_s = 0.0
         _model_threads.add(self)
 
     def run(self, fn: Callable, /, *args, **kwargs):
@@ -100,11 +103,13 @@ class ModelThread:
                 continue
             if job is None:  # put by _finish_at_exit after the last job it lets in
                 return
+            t0 = time.perf_counter()
             try:
                 job.result = job.fn(*job.args, **job.kwargs)
             except BaseException as exc:  # raised again in the caller's thread
                 job.error = exc
             finally:
+                self.busy_s += time.perf_counter() - t0
                 job.done.set()
 
     def _end_for_exit(self) -> threading.Thread | None:

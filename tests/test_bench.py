@@ -111,9 +111,26 @@ def test_concurrent_drafts_bench_runs_users_together_and_one_after_another(tmp_p
         assert r["together_s"] > 0 and r["one_after_another_s"] > 0 and r["user_max_s"] > 0
     assert res["users_1"]["drafts_per_step"] == 1.0
     assert res["users_3"]["drafts_per_step"] > 1.0  # the three drafts shared steps
+    for n in (1, 3):  # where the time went: the model thread's seconds, steps and the rest
+        r = res[f"users_{n}"]
+        assert 0 < r["model_busy_s"] <= r["together_s"]
+        assert r["model_busy_share"] == pytest.approx(r["model_busy_s"] / r["together_s"])
+        assert 0 < r["step_s"] < r["model_busy_s"]
+        assert r["other_model_jobs_s"] == pytest.approx(r["model_busy_s"] - r["step_s"])
+        assert r["steps"] > 0 and r["rows_per_step"] >= r["drafts_per_step"]
     import torch  # the figures name the CPU they were measured on (hosts differ 3.5x)
 
     assert res["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # an A/B of the step batcher's gather share: each share run in turn, with its medians
+    assert concurrent_drafts.main(["--model", str(d), "--users", "2", "--precision",
+                                   "fp32-merged", "--threads", "1", "--gather-shares", "0",
+                                   "0.25", "--repeat", "2", "--json", str(out)]) == 0
+    by = json.loads(out.read_text())["users_2"]["by_gather_share"]
+    assert set(by) == {"0.0", "0.25"}
+    for g in by.values():
+        assert len(g["runs"]) == 2 and g["median"]["steps"] > 0
+        assert g["median"]["together_s"] == pytest.approx(
+            sum(r["together_s"] for r in g["runs"]) / 2)  # the median of two runs
 
 
 def test_timing_limits_measures_what_the_tests_no_longer_assert(tmp_path):

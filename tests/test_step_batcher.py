@@ -85,6 +85,8 @@ def test_drafts_in_one_step_see_the_logits_of_their_own_decode():
     for t in runs:
         t.join(60)
     assert batcher.steps == n_steps and batcher.most_drafts_in_a_step == 3
+    # what benchmarks read: rows 0-3 computed every step (1 + 1 + the pair's 2), and time
+    assert batcher.rows_stepped == 4 * n_steps and batcher.step_s > 0
     refs = [_alone(dec, e1, toks[0]), _alone(dec, e2, toks[1])]
     ref_a, ref_b = _alone(dec, e3, toks[2]), _alone(dec, c3, toks[2])
     refs.append([torch.cat([a, b]) for a, b in zip(ref_a, ref_b)])
@@ -173,6 +175,50 @@ def test_a_draft_not_waiting_keeps_its_place_while_others_step():
             assert torch.allclose(g, r, atol=1e-5)
 
 
+class _SlowSteps(FastLlamaDecoder):
+    """Steps as slow as a 16-row step on a slow 2-core host, relative to a draft's Python."""
+    step_s = 0.6
+
+    def step(self, tokens, cache):
+        time.sleep(self.step_s)
+        return super().step(tokens, cache)
+
+
+def test_a_step_waits_a_share_of_the_last_steps_time_for_a_draft_still_in_python():
+    """A draft that hands in its tokens 30 ms after the others (its thread busy in Python)
+    would miss every step that starts at once, its rows computed and thrown away. After the
+    first step (0.6 s) a step waits up to a quarter of that (0.15 s) for it: A's first step
+    alone, then the two drafts together, 7 steps for 6 tokens each (9 when a step starts at
+    once); each still sees its own decode's logits."""
+    lm = _llama(seed=3)
+    dec, fast = _SlowSteps(lm), FastLlamaDecoder(lm)  # the references computed at full speed
+    batcher = StepBatcher(dec, gather_s=0.0, gather_share=0.25, gather_max_s=1.0)
+    e_a, e_b = torch.randn(1, 5, 64), torch.randn(1, 7, 64)
+    t_a, t_b = [torch.tensor([i + 5]) for i in range(6)], [torch.tensor([i + 60]) for i in range(6)]
+    a_dec, b_dec = batcher.decoder(), batcher.decoder()
+    admitted = [_admit(a_dec, e_a), _admit(b_dec, e_b)]
+    out_a, out_b = [], []
+
+    def late(tokens):  # B's tokens, each handed in 30 ms after its logits came
+        for t in tokens:
+            time.sleep(0.03)
+            yield t
+
+    runs = [threading.Thread(target=_steps, args=(a_dec, admitted[0], t_a, out_a)),
+            threading.Thread(target=_steps, args=(b_dec, admitted[1], late(t_b), out_b))]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(60)
+    assert batcher.most_drafts_in_a_step == 2 and batcher.steps <= 7
+    for got, ref in ((out_a, _alone(fast, e_a, t_a)), (out_b, _alone(fast, e_b, t_b))):
+        assert len(got) == 7
+        for g, r in zip(got, ref):
+            assert torch.allclose(g, r, atol=1e-5)
+    batcher._last_step_s = 60.0  # a pathological step: the wait stays bounded
+    assert batcher._gather_wait() == 1.0
+
+
 def test_a_failing_step_raises_in_every_waiting_draft():
     dec = FastLlamaDecoder(_llama())
     batcher = StepBatcher(dec)
@@ -214,6 +260,24 @@ def test_model_thread_runs_jobs_in_arrival_order_on_one_thread():
     assert order == ["a", "b", "c", "d"]
     assert len(set(seen)) == 1 and seen[0] is not threading.current_thread()
     assert runner.run(lambda: runner.run(job, "inner")) == "inner"  # a job's own call: inline
+
+
+def test_model_thread_counts_the_seconds_its_jobs_computed():
+    """busy_s (benchmarks: how much of a run's wall time the model thread computed) adds
+    every job's duration, a failing one's too, and a job's own inline call only once."""
+    runner = ModelThread(threads=1)
+
+    def fail():
+        time.sleep(0.1)
+        raise ValueError("bad study")
+
+    t0 = time.perf_counter()
+    runner.run(time.sleep, 0.15)
+    runner.run(lambda: runner.run(time.sleep, 0.1))  # 0.1 s, counted in the outer job
+    with pytest.raises(ValueError):
+        runner.run(fail)
+    wall = time.perf_counter() - t0
+    assert 0.35 <= runner.busy_s <= wall
 
 
 def test_model_thread_raises_a_jobs_error_in_its_caller_and_restarts_after_idle():

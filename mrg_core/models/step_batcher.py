@@ -14,8 +14,13 @@ step (models/fast_llama.py) for every draft waiting, then gives each its logits 
 - A draft decoding alone may hand in several tokens per row (speculative decoding: proposals
   from earlier drafts, models/generation.py); the step is then one pass of that many
   positions (FastLlamaDecoder.extend), and rewind() drops the proposals not taken.
-- A step runs as soon as every admitted draft is waiting, or `gather_s` after the first one
-  started waiting: a slow draft (its thread busy in Python) delays the others by at most that.
+- A step runs as soon as every admitted draft is waiting, or when the first one has waited
+  `gather_s` or a quarter of the last step's time if that is longer (at most `gather_max_s`):
+  a slow draft (its thread busy in Python) delays the others by at most that. The rows of a
+  draft that is not waiting are computed anyway (and thrown away), so waiting a little for it
+  costs less than leaving it a step behind: on a 2-core host whose 16-row steps took 75-90 ms,
+  8 users' drafts handed in within 4 ms too rarely (5.8 of 8 drafts per step, 95 steps); a
+  quarter of a step (~20 ms) gathered 7.9 in 70 steps, 13.3 -> 10.1 s (README, Speed).
 - Each step and each prefill runs through `run` (the engine's model thread, jobs in arrival
   order: mrg_core/model_thread.py): another user's analysis waits for one step, never for a
   whole draft.
@@ -33,7 +38,9 @@ import torch
 
 from mrg_core.models.fast_llama import FastLlamaDecoder, LlamaKV
 
-GATHER_S = 0.004  # the longest a step waits for a draft that has not handed in its tokens
+GATHER_S = 0.004  # how long a step waits for a draft that has not handed in its tokens ...
+GATHER_SHARE = 0.25  # ... or this share of the last step's time, if longer ...
+GATHER_MAX_S = 0.25  # ... but never longer than this
 IDLE_S = 2.0  # the step thread ends after this long without work (started again on demand)
 
 
@@ -49,9 +56,12 @@ class _Member:
 
 class StepBatcher:
     def __init__(self, decoder: FastLlamaDecoder, run: Callable | None = None,
-                 gather_s: float = GATHER_S):
+                 gather_s: float = GATHER_S, gather_share: float = GATHER_SHARE,
+                 gather_max_s: float = GATHER_MAX_S):
         """`run(fn)`: calls fn where model work runs (default: here, in the step thread)."""
         self.dec, self.gather_s = decoder, gather_s
+        self.gather_share, self.gather_max_s = gather_share, gather_max_s
+        self._last_step_s = 0.0
         self.run = run or (lambda fn: fn())
         self._cond = threading.Condition()  # members, pending tokens, the step thread
         self._members: set[_Member] = set()
@@ -64,6 +74,8 @@ class StepBatcher:
         self.steps = 0
         self.drafts_stepped = 0
         self.most_drafts_in_a_step = 0
+        self.rows_stepped = 0  # pool rows computed, summed over steps (free ones included)
+        self.step_s = 0.0  # seconds spent computing steps
 
     def decoder(self) -> BatchedDecoder:
         """A decoder for one draft (the KVDecoder interface), stepping through this batcher."""
@@ -137,7 +149,7 @@ class StepBatcher:
                     if not self._cond.wait(IDLE_S) and not self._pending:
                         self._thread = None
                         return
-                deadline = time.monotonic() + self.gather_s
+                deadline = time.monotonic() + self._gather_wait()
                 while len(self._pending) < len(self._members):
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -154,9 +166,19 @@ class StepBatcher:
                     m.error = exc
                     m.done.set()
 
+    def _gather_wait(self) -> float:
+        """How long a step may wait for the admitted drafts that have not handed in."""
+        share = min(self.gather_share * self._last_step_s, self.gather_max_s)
+        return max(self.gather_s, share)
+
     def _locked_step(self, batch):
         with self._pool_lock:
-            return self._step(batch)
+            t0 = time.perf_counter()
+            try:
+                return self._step(batch)
+            finally:
+                self._last_step_s = time.perf_counter() - t0
+                self.step_s += self._last_step_s
 
     @torch.inference_mode()
     def _step(self, batch: dict[_Member, torch.Tensor]) -> dict[_Member, torch.Tensor]:
@@ -185,6 +207,7 @@ class StepBatcher:
             for r in m.rows:
                 pool.lengths[r] += t.shape[1]
         self.steps += 1
+        self.rows_stepped += high
         self.drafts_stepped += len(batch)
         self.most_drafts_in_a_step = max(self.most_drafts_in_a_step, len(batch))
         # each draft's logits in the shape it handed its tokens in
