@@ -54,6 +54,7 @@ def _together(engine, sources: list[str]) -> dict:
     done = {k: (getattr(batcher, k) if batcher else 0) - before[k] for k in counters}
     steps = done["steps"]
     return {
+        "gather_share": batcher.gather_share if batcher else None,  # the setting it ran with
         "together_s": together, "user_p50_s": statistics.median(times),
         "user_max_s": max(times),
         "drafts_per_step": done["drafts_stepped"] / steps if steps else None,

@@ -127,8 +127,9 @@ def test_concurrent_drafts_bench_runs_users_together_and_one_after_another(tmp_p
                                    "0.25", "--repeat", "2", "--json", str(out)]) == 0
     by = json.loads(out.read_text())["users_2"]["by_gather_share"]
     assert set(by) == {"0.0", "0.25"}
-    for g in by.values():
+    for share, g in by.items():
         assert len(g["runs"]) == 2 and g["median"]["steps"] > 0
+        assert all(r["gather_share"] == float(share) for r in g["runs"])
         assert g["median"]["together_s"] == pytest.approx(
             sum(r["together_s"] for r in g["runs"]) / 2)  # the median of two runs
 

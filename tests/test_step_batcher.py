@@ -188,8 +188,9 @@ def test_a_step_waits_a_share_of_the_last_steps_time_for_a_draft_still_in_python
     """A draft that hands in its tokens 30 ms after the others (its thread busy in Python)
     would miss every step that starts at once, its rows computed and thrown away. After the
     first step (0.6 s) a step waits up to a quarter of that (0.15 s) for it: A's first step
-    alone, then the two drafts together, 7 steps for 6 tokens each (9 when a step starts at
-    once); each still sees its own decode's logits."""
+    alone, then the two drafts together, 7 steps for 6 tokens each (when a step starts at
+    once they never share one: the late draft steps alone between the other's); each still
+    sees its own decode's logits."""
     lm = _llama(seed=3)
     dec, fast = _SlowSteps(lm), FastLlamaDecoder(lm)  # the references computed at full speed
     batcher = StepBatcher(dec, gather_s=0.0, gather_share=0.25, gather_max_s=1.0)
